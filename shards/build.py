@@ -1,0 +1,235 @@
+"""The driver every dataset shares: plan shards, process items in parallel, write, record, resume.
+
+A dataset is a `Source`: it validates its root and lists its work items per split (raising
+`UserError` before anything is written), and turns one item (an image, a video) into samples or
+skip records. Items are assigned to shards before any is processed, so a shard's content depends
+only on the input and the arguments: shards can be written in parallel, checked and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from tqdm import tqdm
+
+import shards
+from pipeline.fsutil import remove_stale_tmp, write_json_atomic
+from shards.manifest import FORMAT_VERSION, manifest_path, read_previous, shard_is_intact
+from shards.tarwriter import Sample, write_shard
+
+SPLITS = ("train", "val", "test")
+SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemResult:
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"file", "reason", ...}
+
+
+class Source(Protocol):
+    dataset: str  # the output folder's name: "celeba", "celebdf"
+    item_unit: str  # what the progress bar counts: "img", "video"
+    items_per_shard: int
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the manifest: root, layout found, and so on."""
+
+    def content_args(self) -> dict[str, Any]:
+        """The arguments that change the shards' bytes (not --workers)."""
+
+    def plan(self) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+        """Items per split in their final order, and the skips found while listing."""
+
+    def item_id(self, item: Any) -> str:
+        """A stable text naming the item and its input (path and size), for the plan checksum."""
+
+    def process(self, item: Any) -> ItemResult: ...
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    name: str  # "train-000003"
+    items: list[Any]
+    plan_sha256: str
+
+
+@dataclass
+class BuildReport:
+    out_dir: Path
+    manifest: dict[str, Any]
+    shards_written: int
+    shards_reused: int
+    items_processed: int
+    seconds: float
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items_processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_plans(source: Source, items_by_split: dict[str, list[Any]]) -> list[ShardPlan]:
+    header = json.dumps(
+        {"dataset": source.dataset, "version": shards.__version__, **source.content_args()}, sort_keys=True
+    )
+    plans = []
+    for split in SPLITS:
+        items = items_by_split.get(split, [])
+        for n, start in enumerate(range(0, len(items), source.items_per_shard)):
+            chunk = items[start : start + source.items_per_shard]
+            h = hashlib.sha256(header.encode())
+            for item in chunk:
+                h.update(b"\n" + source.item_id(item).encode())
+            plans.append(ShardPlan(split, f"{split}-{n:06d}", chunk, h.hexdigest()))
+    return plans
+
+
+# Worker processes get the source once, through the pool initializer, not with every item.
+_worker_source: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _worker_source
+    _worker_source = source
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the processes; threads inside them only contend
+
+
+def _process(task: tuple[int, Any]) -> tuple[int, ItemResult]:
+    shard_no, item = task
+    assert _worker_source is not None
+    return shard_no, _worker_source.process(item)
+
+
+def _results(source: Source, tasks: list[tuple[int, Any]], workers: int) -> Iterator[tuple[int, ItemResult]]:
+    if workers <= 1:
+        _init_worker(source)
+        yield from map(_process, tasks)
+        return
+    # spawn, not fork: forked children inherit OpenCV's and dlib's thread pools in unknown states.
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
+        chunk = max(1, min(64, len(tasks) // (workers * 8)))
+        yield from pool.imap(_process, tasks, chunksize=chunk)
+
+
+def _summary(shard_entries: list[dict[str, Any]], plan_skips: list[dict[str, Any]]) -> tuple[dict, dict]:
+    splits: dict[str, dict[str, Any]] = {}
+    for e in shard_entries:
+        s = splits.setdefault(e["split"], {"shards": 0, "samples": 0, "bytes": 0, "labels": Counter()})
+        s["shards"] += e["samples"] > 0
+        s["samples"] += e["samples"]
+        s["bytes"] += e["bytes"]
+        s["labels"].update(e["labels"])
+    for s in splits.values():
+        s["labels"] = dict(sorted(s["labels"].items()))
+    items = plan_skips + [k for e in shard_entries for k in e["skipped"]]
+    by_reason = dict(sorted(Counter(k["reason"] for k in items).items()))
+    return splits, {"total": len(items), "by_reason": by_reason, "items": items}
+
+
+def build(
+    source: Source,
+    out_root: Path,
+    *,
+    workers: int = 1,
+    arguments: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Write `out_root/<dataset>/`, reusing the shards a previous run finished."""
+    t0 = time.perf_counter()
+    items_by_split, plan_skips = source.plan()  # raises UserError before anything is written
+    plans = make_plans(source, items_by_split)
+    out = Path(out_root) / source.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_tmp(out):
+        log.info("removed %s, left by an interrupted run", stale.name)
+
+    previous = read_previous(out) or {}
+    old_entries = {e["file"]: e for e in previous.get("shards", [])}
+    entries: dict[int, dict[str, Any]] = {}
+    for n, plan in enumerate(plans):
+        old = old_entries.get(f"{plan.name}.tar")
+        if old and old.get("plan_sha256") == plan.plan_sha256 and shard_is_intact(out, old):
+            entries[n] = old
+    reused = len(entries)
+
+    planned_files = {f"{p.name}.{ext}" for p in plans for ext in ("tar", "idx")}
+    for f in sorted(out.iterdir()):
+        if SHARD_FILE.match(f.name) and f.name not in planned_files:
+            log.info("removed %s: no longer part of this dataset's plan", f.name)
+            f.unlink()
+
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "dataset": source.dataset,
+        "tool": {"name": "deepfake-shards", "version": shards.__version__},
+        "source": source.describe(),
+        "arguments": arguments or {},
+        "complete": False,
+    }
+
+    def save(complete: bool) -> None:
+        done = [entries[n] for n in sorted(entries)]
+        manifest["complete"] = complete
+        manifest["splits"], manifest["skipped"] = _summary(done, plan_skips)
+        manifest["shards"] = done
+        write_json_atomic(manifest_path(out), manifest)
+
+    save(complete=False)
+    tasks = [(n, item) for n, p in enumerate(plans) if n not in entries for item in p.items]
+    pending = {n: len(p.items) for n, p in enumerate(plans) if n not in entries}
+    collected: dict[int, ItemResult] = {n: ItemResult() for n in pending}
+    bar = tqdm(total=len(tasks), unit=source.item_unit, desc=source.dataset, disable=not progress, mininterval=1.0)
+    with bar:
+        for n, result in _results(source, tasks, workers):
+            collected[n].samples += result.samples
+            collected[n].skipped += result.skipped
+            pending[n] -= 1
+            bar.update()
+            if pending[n] == 0:
+                entries[n] = _write(out, plans[n], collected.pop(n))
+                save(complete=False)
+    save(complete=True)
+    return BuildReport(out, manifest, len(plans) - reused, reused, len(tasks), time.perf_counter() - t0)
+
+
+def _write(out: Path, plan: ShardPlan, result: ItemResult) -> dict[str, Any]:
+    if result.samples:
+        info = asdict(write_shard(out / f"{plan.name}.tar", result.samples))
+    else:
+        info = {"file": f"{plan.name}.tar", "index": f"{plan.name}.idx", "samples": 0, "bytes": 0, "sha256": "", "labels": {}}
+    return {"split": plan.split, **info, "plan_sha256": plan.plan_sha256, "skipped": result.skipped}
+
+
+def format_report(report: BuildReport, unit: str) -> str:
+    """The end-of-run summary a person reads."""
+    m = report.manifest
+    lines = [f"{m['dataset']}: {report.out_dir} (layout: {m['source']['layout']})"]
+    for split in SPLITS:
+        s = m["splits"].get(split)
+        if s:
+            labels = ", ".join(f"label {k}: {v}" for k, v in s["labels"].items())
+            lines.append(f"  {split:5s} {s['samples']:7d} samples in {s['shards']} shards ({labels}), {s['bytes'] / 1e6:.1f} MB")
+    skipped = m["skipped"]
+    if skipped["total"]:
+        reasons = ", ".join(f"{v} {k}" for k, v in skipped["by_reason"].items())
+        lines.append(f"  skipped {skipped['total']}: {reasons} (each listed in manifest.json)")
+    lines.append(
+        f"  {report.shards_written} shards written, {report.shards_reused} reused; "
+        f"{report.items_processed} {unit} in {report.seconds:.1f} s ({report.items_per_s:.1f} {unit}/s)"
+    )
+    lines.append(f"  manifest: {manifest_path(report.out_dir)}")
+    return "\n".join(lines)

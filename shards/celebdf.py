@@ -1,0 +1,232 @@
+"""Celeb-DF (v1 or v2) as users have it: face crops from evenly spaced frames of every video.
+
+Labels come from the folder (`*-real` real, `Celeb-synthesis` fake; `cls` 1 = fake) and are checked
+against `List_of_testing_videos.txt`, where 1 means REAL. The videos in that list are the test split;
+the rest are split into train and val by identity, so that no person is on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from pipeline.errors import UserError
+from pipeline.faces import crop_face, shared_detector
+from shards.build import ItemResult
+from shards.tarwriter import Sample
+from shards.video import VideoError, sample_frames
+
+# canonical folder name -> label in our convention (1 = fake)
+FOLDERS = {"Celeb-real": 0, "YouTube-real": 0, "Celeb-synthesis": 1}
+TEST_LIST = "List_of_testing_videos.txt"
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+CELEB_REAL = re.compile(r"^(id\d+)_\d+$")
+CELEB_FAKE = re.compile(r"^(id\d+)_(id\d+)_\d+$")
+
+
+@dataclass(frozen=True)
+class Video:
+    folder: str  # canonical name, e.g. "YouTube-real"
+    name: str  # file name, e.g. "00170.mp4"
+    path: str
+    size: int
+    label: int  # 1 = fake
+    identities: tuple[str, ...]  # (person,) for real, (target, donor) for fakes
+
+    @property
+    def rel(self) -> str:
+        return f"{self.folder}/{self.name}"
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+
+def identities_of(folder: str, stem: str) -> tuple[str, ...]:
+    """Celebrities are named in the file names; each YouTube video is its own unknown person."""
+    if m := CELEB_FAKE.match(stem):
+        return m.group(1), m.group(2)
+    if m := CELEB_REAL.match(stem):
+        return (m.group(1),)
+    return (f"{folder.lower()}/{stem}",)
+
+
+def _child_ci(folder: Path, name: str) -> Path | None:
+    """The entry of `folder` called `name`, ignoring case (`Youtube-real` appears in the wild)."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name.lower() == name.lower():
+            return entry
+    return None
+
+
+def find_videos(root: Path) -> tuple[dict[str, Path], str]:
+    """Video folder per canonical folder name, and which placement was found."""
+    if not root.is_dir():
+        raise UserError(f"Celeb-DF root {root} is not a folder: pass the folder that holds Celeb-real/ and Celeb-synthesis/.")
+    found = {}
+    for canonical in FOLDERS:
+        folder = _child_ci(root, canonical)
+        if folder is not None and folder.is_dir():
+            videos = _child_ci(folder, "videos")
+            found[canonical] = videos if videos is not None and videos.is_dir() else folder
+    if not found:
+        raise UserError(
+            f"{root} matches no Celeb-DF layout: expected the folders Celeb-real/, YouTube-real/ and "
+            "Celeb-synthesis/ (videos directly inside or in <folder>/videos/)."
+        )
+    placements = {"<folder>/videos/*.mp4" if p.name.lower() == "videos" else "<folder>/*.mp4" for p in found.values()}
+    return found, " and ".join(sorted(placements))
+
+
+def read_test_list(path: Path, videos: dict[tuple[str, str], Video]) -> set[str]:
+    """The `rel` of every listed video, after checking each exists and agrees with its folder."""
+    listed = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[0] not in ("0", "1") or "/" not in fields[1]:
+            raise UserError(f"{path} line {n} is {line.strip()!r}, not '<1 real|0 fake> <folder>/<video>': fix that line.")
+        folder, name = fields[1].split("/", 1)
+        video = videos.get((folder.lower(), name.split("/")[-1]))
+        if video is None:
+            raise UserError(f"{path} line {n} names {fields[1]}, which is not among the videos under {path.parent}: restore that video or the original list.")
+        list_says_real = fields[0] == "1"
+        if list_says_real != (video.label == 0):
+            raise UserError(
+                f"{path} line {n} labels {fields[1]} {'real' if list_says_real else 'fake'} (1 means real in this file), "
+                f"but its folder {video.folder} holds {'fake' if video.label else 'real'} videos: correct the line or move the video."
+            )
+        listed.add(video.rel)
+    return listed
+
+
+def split_identities(people: set[str], val_fraction: float, seed: int, min_val: int) -> set[str]:
+    """The people who go to val: a seeded draw, at least `min_val`, never everyone."""
+    ordered = sorted(people)
+    random.Random(seed).shuffle(ordered)
+    if len(ordered) < 2:
+        return set()
+    n_val = min(len(ordered) - 1, max(min_val, round(val_fraction * len(ordered))))
+    return set(ordered[:n_val])
+
+
+class CelebDFSource:
+    dataset = "celebdf"
+    item_unit = "video"
+
+    def __init__(
+        self,
+        root: Path,
+        frames_per_video: int = 32,
+        face_size: int = 256,
+        face_scale: float = 1.3,
+        maxcount: int = 10_000,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        upsample: int = 1,
+    ):
+        self.root = Path(root).resolve()
+        self.frames_per_video = frames_per_video
+        self.face_size = face_size
+        self.face_scale = face_scale
+        self.maxcount = maxcount
+        self.items_per_shard = max(1, maxcount // frames_per_video)  # videos, so shards stay under maxcount frames
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.upsample = upsample
+        self.placement = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"root": str(self.root), "layout": f"Celeb-DF, {self.placement}", "test_list": str(self.root / TEST_LIST)}
+
+    def content_args(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in
+                ("frames_per_video", "face_size", "face_scale", "maxcount", "val_fraction", "seed", "upsample")}
+
+    def _list_videos(self, folders: dict[str, Path]) -> tuple[dict[tuple[str, str], Video], list[dict[str, Any]]]:
+        videos, skipped = {}, []
+        for canonical, folder in folders.items():
+            for p in sorted(folder.iterdir()):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                if p.suffix.lower() not in VIDEO_SUFFIXES:
+                    skipped.append({"file": f"{canonical}/{p.name}", "reason": "not a video file"})
+                    continue
+                stem = p.name.rsplit(".", 1)[0]
+                v = Video(canonical, p.name, str(p), p.stat().st_size, FOLDERS[canonical], identities_of(canonical, stem))
+                videos[(canonical.lower(), p.name)] = v
+        return videos, skipped
+
+    def plan(self) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+        folders, self.placement = find_videos(self.root)
+        test_list = _child_ci(self.root, TEST_LIST)
+        if test_list is None or not test_list.is_file():
+            raise UserError(f"{self.root / TEST_LIST} is missing: Celeb-DF's test split is defined by that file; restore it from the download.")
+        videos, skipped = self._list_videos(folders)
+        test = read_test_list(test_list, videos)
+
+        pool = [v for v in videos.values() if v.rel not in test]
+        celebs = {p for v in pool for p in v.identities if p.startswith("id")}
+        others = {p for v in pool for p in v.identities if not p.startswith("id")}
+        # Two celebrities at least, so that val can hold fakes: a fake needs its target and its donor there.
+        val_people = split_identities(celebs, self.val_fraction, self.seed, min_val=2 if len(celebs) >= 4 else 1)
+        val_people |= split_identities(others, self.val_fraction, self.seed, min_val=1)
+
+        items: dict[str, list[Any]] = {"train": [], "val": [], "test": []}
+        for key in sorted(videos, key=lambda k: videos[k].rel):
+            v = videos[key]
+            sides = {p in val_people for p in v.identities}
+            if v.rel in test:
+                items["test"].append((v, "test"))
+            elif len(sides) > 1:
+                skipped.append({"file": v.rel, "reason": "target and donor on different sides of the identity split"})
+            else:
+                split = "val" if sides == {True} else "train"
+                items[split].append((v, split))
+        return items, skipped
+
+    def item_id(self, item: Any) -> str:
+        video, split = item
+        return f"{video.rel} {video.size} {split}"
+
+    def process(self, item: Any) -> ItemResult:
+        video, split = item
+        if video.size == 0:
+            return ItemResult(skipped=[{"file": video.rel, "reason": "empty video file"}])
+        try:
+            sampled = sample_frames(video.path, self.frames_per_video)
+        except VideoError as e:
+            return ItemResult(skipped=[{"file": video.rel, "reason": e.reason}])
+        detector = shared_detector(self.upsample, True)
+        result = ItemResult()
+        for index, rgb in sampled.frames:
+            faces = detector.detect(rgb)
+            if not faces:
+                result.skipped.append({"file": video.rel, "frame": index, "reason": "no face in frame"})
+                continue
+            crop = crop_face(rgb, faces[0], self.face_size, self.face_scale)
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(crop.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            assert ok, "OpenCV failed to encode a JPEG"
+            meta = {
+                "source": "celebdf", "split": split, "video": video.rel, "folder": video.folder,
+                "identity": video.identities[0], "frame": index, "frames_decoded": sampled.decoded,
+                "fps": round(sampled.fps, 3), "width": sampled.width, "height": sampled.height,
+                "faces_in_frame": len(faces), **crop.to_json(),
+            }
+            if video.label:
+                meta["donor"] = video.identities[1] if len(video.identities) > 1 else None
+            key = f"{video.folder}_{video.stem}_{index:04d}".replace(".", "_")
+            fields = {
+                "jpg": jpg.tobytes(),
+                "cls": str(video.label).encode(),
+                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+            }
+            result.samples.append(Sample(key, fields, video.label))
+        return result

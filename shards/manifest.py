@@ -1,0 +1,77 @@
+"""`<out>/<dataset>/manifest.json`: what a dataset's shards hold, and the record that resumption trusts.
+
+The manifest is rewritten (atomically) after every finished shard, so an interrupted run leaves a
+manifest that lists exactly the shards that are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from shards.tarwriter import file_sha256
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+
+def manifest_path(dataset_dir: Path) -> Path:
+    return Path(dataset_dir) / MANIFEST_NAME
+
+
+def read_previous(dataset_dir: Path) -> dict[str, Any] | None:
+    """The manifest a previous run left, or None; an unreadable one is ignored with a warning."""
+    path = manifest_path(dataset_dir)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {manifest.get('format_version')!r}")
+        return manifest
+    except (ValueError, OSError) as e:
+        log.warning("ignoring unreadable %s (%s): every shard will be written again", path, e)
+        return None
+
+
+def shard_is_intact(dataset_dir: Path, entry: dict[str, Any]) -> bool:
+    """True when the shard that `entry` describes is on disk with its index, size and checksum."""
+    if entry["samples"] == 0:
+        return True  # every item of this shard was skipped; nothing was written for it
+    tar = Path(dataset_dir) / entry["file"]
+    idx = Path(dataset_dir) / entry["index"]
+    return (
+        tar.is_file()
+        and idx.is_file()
+        and tar.stat().st_size == entry["bytes"]
+        and file_sha256(tar) == entry["sha256"]
+    )
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """A finished dataset's manifest, for readers of the shards."""
+    path = manifest_path(Path(dataset_dir))
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: point to a folder written by `python -m shards`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): write the shards again with `python -m shards`.") from e
+    if not manifest.get("complete"):
+        raise UserError(f"{path} describes an unfinished run: run the same `python -m shards` command again to finish it.")
+    return manifest
+
+
+def shard_paths(dataset_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(tar, index) paths of one split's non-empty shards, in order."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    entries = [e for e in manifest["shards"] if e["split"] == split and e["samples"] > 0]
+    if not entries:
+        raise UserError(f"{manifest_path(dataset_dir)} lists no samples in split {split!r}: choose one of {sorted(manifest['splits'])}.")
+    return [(dataset_dir / e["file"], dataset_dir / e["index"]) for e in entries]

@@ -1,0 +1,76 @@
+"""Evenly spaced frames from a video with OpenCV, trusting only the frames that really decode.
+
+Container frame counts can be wrong (Celeb-DF has such files). We plan from the container's count,
+decode to the end (so the real count is known), and in the rare case the two differ, decode again
+for the indices the real count gives. The field's spacing is `np.linspace(0, n - 1, k, dtype=int)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+class VideoError(Exception):
+    """A video that gives no frames; `reason` is the short text counted in the manifest."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SampledFrames:
+    frames: list[tuple[int, np.ndarray]]  # (frame index, [H, W, 3] uint8 RGB), in order
+    decoded: int  # frames that actually decoded
+    container_count: int  # what the container claimed
+    fps: float
+    width: int
+    height: int
+
+
+def even_indices(n_frames: int, k: int) -> list[int]:
+    if n_frames <= 0:
+        return []
+    return sorted(set(np.linspace(0, n_frames - 1, k, dtype=int).tolist()))
+
+
+def _decode(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames (BGR) and the number of frames decoded, reading to the end."""
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise VideoError("unreadable video")
+    frames, n = {}, 0
+    try:
+        while cap.grab():  # grab() decodes; retrieve() only converts, so call it for wanted frames alone
+            if n in wanted:
+                ok, frame = cap.retrieve()
+                if ok:
+                    frames[n] = frame
+            n += 1
+    finally:
+        cap.release()
+    return frames, n
+
+
+def sample_frames(path: str, k: int) -> SampledFrames:
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise VideoError("unreadable video")
+    claimed = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    cap.release()
+
+    frames, decoded = _decode(path, set(even_indices(claimed, k)))
+    if decoded == 0:
+        raise VideoError("no frame decoded")
+    wanted = even_indices(decoded, k)
+    if set(wanted) != set(frames):
+        frames, decoded_again = _decode(path, set(wanted))
+        if decoded_again != decoded:
+            raise VideoError("frame count differs between two decodes")
+    rgb = [(i, cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)) for i in wanted if i in frames]
+    return SampledFrames(rgb, decoded, claimed, fps, width, height)

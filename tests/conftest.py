@@ -1,0 +1,66 @@
+"""Synthetic datasets in the real layouts, and their shards, made once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shards.build import build
+from shards.celeba import CelebASource
+from shards.celebdf import CelebDFSource
+from shards.synth.celeba import write_celeba
+from shards.synth.celebdf import write_celebdf
+
+REPO = Path(__file__).resolve().parents[1]
+CELEBA_IMAGES = 60
+CELEBDF_VIDEOS = 12
+CELEBDF_ARGS = dict(frames_per_video=6, face_size=128, maxcount=12)  # two videos a shard
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_shards(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`python -m shards ARGS` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "shards", *map(str, args)], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="session")
+def celeba_root(tmp_path_factory) -> Path:
+    return write_celeba(tmp_path_factory.mktemp("data") / "celeba", CELEBA_IMAGES, seed=1)
+
+
+@pytest.fixture(scope="session")
+def celebdf_root(tmp_path_factory) -> Path:
+    return write_celebdf(tmp_path_factory.mktemp("data") / "celebdf", CELEBDF_VIDEOS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def celeba_shards(celeba_root, tmp_path_factory):
+    """The BuildReport of sharding the synthetic CelebA, 16 images a shard."""
+    return build(CelebASource(celeba_root, maxcount=16), tmp_path_factory.mktemp("shards"), workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def celebdf_shards(celebdf_root, tmp_path_factory):
+    return build(CelebDFSource(celebdf_root, **CELEBDF_ARGS), tmp_path_factory.mktemp("shards"), workers=2, progress=False)
+
+
+def shard_bytes(dataset_dir: Path) -> dict[str, bytes]:
+    """Every tar and index file of a dataset folder, by name."""
+    return {p.name: p.read_bytes() for p in sorted(dataset_dir.iterdir()) if p.suffix in (".tar", ".idx")}

@@ -1,0 +1,159 @@
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import pytest
+from conftest import CELEBA_IMAGES, run_shards, shard_bytes
+
+from shards.build import build
+from shards.celeba import CelebASource, read_partition
+from shards.synth.celeba import write_celeba
+
+
+def _members(dataset_dir):
+    """member name -> bytes over every tar of the folder."""
+    out = {}
+    for tar_path in sorted(dataset_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar})
+    return out
+
+
+def test_counts_per_split_match_the_partition_file(celeba_root, celeba_shards):
+    expected = Counter(read_partition(celeba_root / "list_eval_partition.txt").values())
+    splits = celeba_shards.manifest["splits"]
+    assert {s: splits[s]["samples"] for s in splits} == dict(expected)
+    assert sum(expected.values()) == CELEBA_IMAGES
+    for split, n in expected.items():
+        assert splits[split]["labels"] == {"0": n}
+    assert celeba_shards.manifest["complete"] is True
+    assert celeba_shards.manifest["skipped"]["total"] == 0
+
+
+def test_jpeg_bytes_go_in_unchanged(celeba_root, celeba_shards):
+    members = _members(celeba_shards.out_dir)
+    for jpg in sorted((celeba_root / "img_align_celeba").glob("*.jpg")):
+        assert members[f"{jpg.stem}.jpg"] == jpg.read_bytes()
+        assert members[f"{jpg.stem}.cls"] == b"0"
+
+
+def test_sample_json_carries_split_identity_attributes_and_landmarks(celeba_root, celeba_shards):
+    meta = json.loads(_members(celeba_shards.out_dir)["000002.json"])
+    partition = read_partition(celeba_root / "list_eval_partition.txt")
+    identity = dict(line.split() for line in (celeba_root / "identity_CelebA.txt").read_text().splitlines())
+    marks = (celeba_root / "list_landmarks_align_celeba.txt").read_text().splitlines()[3].split()
+    assert meta["source"] == "celeba" and meta["file"] == "000002.jpg"
+    assert meta["split"] == partition["000002.jpg"]
+    assert meta["identity"] == int(identity["000002.jpg"])
+    assert len(meta["attributes"]) == 40 and set(meta["attributes"].values()) <= {-1, 1}
+    assert meta["landmarks"]["lefteye"] == [int(marks[1]), int(marks[2])]
+    assert (meta["width"], meta["height"]) == (178, 218)
+
+
+def test_the_manifest_records_each_shard_with_checksums(celeba_shards):
+    m = celeba_shards.manifest
+    assert m["source"]["layout"] == "official"
+    assert m["arguments"] == {} and m["tool"]["name"] == "deepfake-shards"
+    import hashlib
+
+    for entry in m["shards"]:
+        data = (celeba_shards.out_dir / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (celeba_shards.out_dir / entry["index"]).read_text().startswith(f"v1.2 {entry['samples']}\n")
+    assert [e["file"] for e in m["shards"]][:2] == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_the_kaggle_layout_gives_the_same_shards(tmp_path, celeba_shards):
+    root = write_celeba(tmp_path / "kaggle", CELEBA_IMAGES, seed=1, layout="kaggle")
+    assert (root / "img_align_celeba" / "img_align_celeba" / "000001.jpg").is_file()
+    assert (root / "list_eval_partition.csv").read_text().startswith("image_id,partition\n")
+    report = build(CelebASource(root, maxcount=16), tmp_path / "out", progress=False)
+    assert report.manifest["source"]["layout"] == "kaggle"
+    kaggle, official = _members(report.out_dir), _members(celeba_shards.out_dir)
+    assert kaggle.keys() == official.keys()
+    for name in official:
+        if name.endswith(".json"):  # the Kaggle mirror has no identity_CelebA file
+            expected = {k: v for k, v in json.loads(official[name]).items() if k != "identity"}
+            assert json.loads(kaggle[name]) == expected
+        else:
+            assert kaggle[name] == official[name]
+
+
+def test_list_files_with_windows_line_endings_and_trailing_spaces_are_read(tmp_path, celeba_root, celeba_shards):
+    root = tmp_path / "crlf"
+    shutil.copytree(celeba_root, root)
+    for lst in root.glob("*.txt"):
+        lst.write_bytes(b"".join(line.rstrip() + b"   \r\n" for line in lst.read_bytes().splitlines()))
+    report = build(CelebASource(root, maxcount=16), tmp_path / "out", progress=False)
+    assert shard_bytes(report.out_dir) == shard_bytes(celeba_shards.out_dir)
+
+
+def test_bad_images_are_skipped_counted_and_named(tmp_path, celeba_root):
+    root = tmp_path / "bad"
+    shutil.copytree(celeba_root, root)
+    images = root / "img_align_celeba"
+    good = (images / "000001.jpg").read_bytes()
+    (images / "000001.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (images / "000002.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)  # corrupt scan data
+    (images / "000003.jpg").write_bytes(b"")
+    (images / "000004.jpg").unlink()  # listed but missing
+    (images / "999999.jpg").write_bytes(good)  # present but not listed
+    (images / "000005.jpg").write_bytes(b"GIF89a not a jpeg")
+
+    report = build(CelebASource(root, maxcount=16), tmp_path / "out", progress=False)
+    skipped = report.manifest["skipped"]
+    assert skipped["by_reason"] == {
+        "corrupt JPEG": 2, "empty file": 1, "image not in partition file": 1,
+        "listed in partition file but missing": 1, "not a JPEG": 1,
+    }
+    by_file = {s["file"]: s["reason"] for s in skipped["items"]}
+    assert by_file["000001.jpg"] == by_file["000002.jpg"] == "corrupt JPEG"
+    assert by_file["999999.jpg"] == "image not in partition file"
+    assert sum(s["samples"] for s in report.manifest["splits"].values()) == CELEBA_IMAGES - 5
+    members = _members(report.out_dir)
+    assert not any(name.startswith(("000001.", "000002.", "000003.", "000005.", "999999.")) for name in members)
+
+
+def test_the_cli_summarizes_skips_and_exits_0(tmp_path, celeba_root):
+    root = tmp_path / "bad"
+    shutil.copytree(celeba_root, root)
+    (root / "img_align_celeba" / "000007.jpg").write_bytes(b"")
+    result = run_shards("celeba", "--root", root, "--out", tmp_path / "out", "--maxcount", 16, "--workers", 2, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1: 1 empty file" in result.stdout
+    assert "layout: official" in result.stdout
+    assert json.loads((tmp_path / "out/celeba/manifest.json").read_text())["arguments"]["workers"] == 2
+
+
+def test_a_root_matching_neither_layout_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "root" / "images").mkdir(parents=True)
+    result = run_shards("celeba", "--root", tmp_path / "root", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "matches neither CelebA layout" in result.stderr
+    assert str(tmp_path / "root") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_partition_file_exits_2_and_writes_nothing(tmp_path, celeba_root):
+    root = tmp_path / "nopart"
+    shutil.copytree(celeba_root, root)
+    (root / "list_eval_partition.txt").unlink()
+    result = run_shards("celeba", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{root / 'list_eval_partition.txt'} is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line", ["000001.jpg 7", "000001.jpg"])
+def test_a_malformed_partition_line_exits_2_naming_file_and_line(tmp_path, celeba_root, line):
+    root = tmp_path / "badline"
+    shutil.copytree(celeba_root, root)
+    lines = (root / "list_eval_partition.txt").read_text().splitlines()
+    lines[0] = line
+    (root / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    result = run_shards("celeba", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "list_eval_partition.txt line 1" in result.stderr
+    assert not (tmp_path / "out").exists()

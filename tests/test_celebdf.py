@@ -1,0 +1,170 @@
+import json
+import shutil
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CELEBDF_ARGS, run_shards
+
+from shards.build import build
+from shards.celebdf import CelebDFSource, identities_of
+from shards.synth.celebdf import write_celebdf, write_video
+from shards.video import even_indices, sample_frames
+
+
+def _metas(dataset_dir, split=None):
+    """(key, cls, json) of every sample, optionally of one split."""
+    out = []
+    for tar_path in sorted(dataset_dir.glob(f"{split or '*'}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar}
+        for name in sorted(files):
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                out.append((key, int(files[f"{key}.cls"]), json.loads(files[name])))
+    return out
+
+
+def _test_list(root):
+    return {line.split()[1]: line.split()[0] for line in (root / "List_of_testing_videos.txt").read_text().splitlines()}
+
+
+def test_the_test_split_is_exactly_the_test_list_with_labels_from_folders(celebdf_root, celebdf_shards):
+    listed = _test_list(celebdf_root)
+    test = _metas(celebdf_shards.out_dir, "test")
+    assert {m["video"] for _, _, m in test} == set(listed)
+    for key, cls, meta in test:
+        assert cls == (1 if meta["folder"] == "Celeb-synthesis" else 0)
+        assert listed[meta["video"]] == ("0" if cls else "1")  # the list's own convention: 1 is real
+        assert key == f"{meta['folder']}_{meta['video'].split('/')[1][:-4]}_{meta['frame']:04d}"
+    others = _metas(celebdf_shards.out_dir, "train") + _metas(celebdf_shards.out_dir, "val")
+    assert not {m["video"] for _, _, m in others} & set(listed)
+
+
+def test_no_person_is_on_both_sides_of_train_and_val(celebdf_shards):
+    def people(split):
+        return {p for _, _, m in _metas(celebdf_shards.out_dir, split) for p in (m["identity"], m.get("donor")) if p}
+
+    train, val = people("train"), people("val")
+    assert train and val
+    assert not train & val
+    reasons = celebdf_shards.manifest["skipped"]["by_reason"]
+    assert set(reasons) <= {"target and donor on different sides of the identity split"}
+
+
+def test_frames_are_evenly_spaced_face_crops_with_landmarks(celebdf_shards):
+    by_video = {}
+    for _, _, meta in _metas(celebdf_shards.out_dir):
+        by_video.setdefault(meta["video"], []).append(meta)
+    for metas in by_video.values():
+        frames = sorted(m["frame"] for m in metas)
+        assert frames == even_indices(metas[0]["frames_decoded"], CELEBDF_ARGS["frames_per_video"])
+        for m in metas:
+            marks = np.array(m["landmarks"])
+            assert marks.shape == (68, 2)
+            inner = marks[17:]  # brows, eyes, nose, mouth; the jaw may run past a 1.3x crop of dlib's tight box
+            assert (inner >= 0).all() and (inner < CELEBDF_ARGS["face_size"]).all()
+            assert m["fps"] == 25.0 and m["crop"]["side"] >= m["box"][2] - m["box"][0]
+
+
+def test_key_names_and_identities_follow_the_file_names():
+    assert identities_of("Celeb-synthesis", "id0_id16_0000") == ("id0", "id16")
+    assert identities_of("Celeb-real", "id3_0007") == ("id3",)
+    assert identities_of("YouTube-real", "00170") == ("youtube-real/00170",)
+
+
+def test_videos_subfolders_and_other_folder_case_are_accepted(tmp_path, celebdf_shards):
+    root = write_celebdf(tmp_path / "nested", 12, seed=1, placement="videos")
+    (root / "YouTube-real").rename(root / "Youtube-real")
+    assert (root / "Celeb-real" / "videos").is_dir()
+    report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
+    assert report.manifest["source"]["layout"] == "Celeb-DF, <folder>/videos/*.mp4"
+    keys = lambda d: [k for k, _, _ in _metas(d)]  # noqa: E731
+    assert keys(report.out_dir) == keys(celebdf_shards.out_dir)
+
+
+def _copy(root, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def test_unreadable_and_empty_videos_and_faceless_frames_are_skipped_and_counted(tmp_path, celebdf_root):
+    root = _copy(celebdf_root, tmp_path)
+    (root / "Celeb-real" / "id0_0007.mp4").write_bytes(b"")
+    (root / "Celeb-real" / "id1_0007.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    rng = np.random.default_rng(0)
+    write_video(root / "Celeb-real" / "id2_0007.mp4", [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(20)])
+    (root / "Celeb-real" / "notes.txt").write_text("not a video")
+
+    report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
+    items = report.manifest["skipped"]["items"]
+    by_file = {}
+    for s in items:
+        by_file.setdefault(s["file"], []).append(s)
+    assert [s["reason"] for s in by_file["Celeb-real/id0_0007.mp4"]] == ["empty video file"]
+    assert [s["reason"] for s in by_file["Celeb-real/id1_0007.mp4"]] == ["unreadable video"]
+    faceless = by_file["Celeb-real/id2_0007.mp4"]
+    assert [s["frame"] for s in faceless] == even_indices(20, CELEBDF_ARGS["frames_per_video"])
+    assert {s["reason"] for s in faceless} == {"no face in frame"}
+    assert [s["reason"] for s in by_file["Celeb-real/notes.txt"]] == ["not a video file"]
+    assert report.manifest["complete"]
+
+
+def test_frames_come_from_the_frames_that_really_decode(tmp_path):
+    writer = cv2.VideoWriter(str(tmp_path / "v.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    for i in range(40):
+        writer.write(np.full((120, 160, 3), 6 * i, np.uint8))
+    writer.release()
+    data = (tmp_path / "v.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])  # the header still claims 40 frames
+
+    full = sample_frames(str(tmp_path / "v.avi"), 5)
+    cut = sample_frames(str(tmp_path / "cut.avi"), 5)
+    assert full.container_count == full.decoded == 40
+    assert [i for i, _ in full.frames] == [0, 9, 19, 29, 39]
+    assert cut.container_count == 40 and 0 < cut.decoded < 40
+    assert [i for i, _ in cut.frames] == even_indices(cut.decoded, 5)
+    for i, frame in cut.frames:  # the pixels are those of frame i, not of another one
+        assert abs(int(frame.mean()) - 6 * i) <= 3
+
+
+def _edit_test_list(root, edit):
+    path = root / "List_of_testing_videos.txt"
+    path.write_text(edit(path.read_text()))
+    return path
+
+
+def test_a_test_list_naming_a_missing_video_exits_2_and_writes_nothing(tmp_path, celebdf_root):
+    root = _copy(celebdf_root, tmp_path)
+    path = _edit_test_list(root, lambda t: t + "1 Celeb-real/id9_0099.mp4\n")
+    result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{path} line {len(path.read_text().splitlines())} names Celeb-real/id9_0099.mp4" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_test_list_label_that_disagrees_with_its_folder_exits_2(tmp_path, celebdf_root):
+    root = _copy(celebdf_root, tmp_path)
+    path = _edit_test_list(root, lambda t: t.replace("0 Celeb-synthesis/", "1 Celeb-synthesis/", 1))
+    result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "labels Celeb-synthesis/" in result.stderr and "1 means real" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["no test list", "no folders"])
+def test_a_root_without_the_celebdf_layout_exits_2(tmp_path, celebdf_root, damage):
+    root = _copy(celebdf_root, tmp_path)
+    if damage == "no test list":
+        (root / "List_of_testing_videos.txt").unlink()
+        expected = "List_of_testing_videos.txt is missing"
+    else:
+        for folder in ("Celeb-real", "YouTube-real", "Celeb-synthesis"):
+            shutil.rmtree(root / folder)
+        expected = "matches no Celeb-DF layout"
+    result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2 and expected in result.stderr
+    assert not (tmp_path / "out").exists()
