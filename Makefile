@@ -22,6 +22,7 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m bench.shards --out bench/results
+	$(PY) -m bench.loader --out bench/results
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

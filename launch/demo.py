@@ -1,4 +1,4 @@
-"""The main job, end to end, on the synthetic default: make the datasets, shard them, say where it all is.
+"""The main job, end to end, on the synthetic default: make the datasets, shard them, load them, say where.
 
     python launch/demo.py --out demo            # what `make demo` runs
     python launch/demo.py --out demo --images 20000 --videos 60 --workers 8
@@ -9,14 +9,29 @@ Re-running reuses what exists: datasets are generated once, finished shards are 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
+import torch
+
+from pipeline.data import DataConfig, build_loader
 from pipeline.errors import UserError
 from shards.build import build, format_report
 from shards.celeba import CelebASource
 from shards.celebdf import CelebDFSource
 from shards.synth.celeba import write_celeba
 from shards.synth.celebdf import write_celebdf
+
+
+def read_one_epoch(shards: Path, threads: int) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = DataConfig(shards=str(shards), split="train", loader="dali", batch_size=128, threads=threads)
+    with build_loader(cfg, rank=0, world_size=1, device=device) as loader:
+        t0 = time.perf_counter()
+        shapes = {tuple(batch.images.shape) for batch in loader}
+        seconds = time.perf_counter() - t0
+    print(f"DALI loader ({device}): {len(loader)} batches of {sorted(shapes)[0]} in [-1, 1], "
+          f"{len(loader) * cfg.batch_size / seconds:.0f} images/s", flush=True)
 
 
 def main() -> int:
@@ -37,6 +52,7 @@ def main() -> int:
         for source in (CelebASource(data / "celeba"), CelebDFSource(data / "celebdf")):
             report = build(source, shards_dir, workers=args.workers, arguments={"demo": True})
             print(format_report(report, source.item_unit), flush=True)
+        read_one_epoch(shards_dir / "celeba", args.workers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

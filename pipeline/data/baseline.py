@@ -1,0 +1,98 @@
+"""The baseline loader: the same shards through torch DataLoader workers and PIL/torchvision decoding.
+
+For machines without DALI, and as the point of comparison. Samples are read by the offsets in the
+shards' index files, so any sample is one seek away: each epoch is a seeded permutation of the whole
+split cut into equal parts per rank, which gives the same guarantees as the DALI loader (equal batch
+counts, each sample at most once per epoch) and makes resuming free (skip indices, decode nothing).
+webdataset's streaming reader splits by shard, which cannot give every rank the same count.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from pipeline.config import DataConfig
+from pipeline.data.common import Batch, ShardLoader, SplitInfo, epoch_rng, finish_images
+from pipeline.errors import UserError
+
+
+class IndexedShards(Dataset):
+    """Sample i of a split, decoded and transformed; the flip is decided by the sampler."""
+
+    def __init__(self, split: SplitInfo, image_size: int, center_crop: bool):
+        self.entries = [(tar, e) for (tar, _), entries in zip(split.shards, split.entries) for e in entries]
+        self.image_size, self.center_crop = image_size, center_crop
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, i: int, ext: str) -> bytes:
+        tar, entry = self.entries[i]
+        offset, size = entry.members[ext]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def __getitem__(self, item: tuple[int, bool]):
+        i, flip = item
+        tar, entry = self.entries[i]
+        try:
+            image = Image.open(io.BytesIO(self.read(i, "jpg"))).convert("RGB")
+        except Exception as e:
+            raise UserError(f"{tar} holds sample {entry.key}, whose JPEG does not decode: remove it or write the shard again with `python -m shards`.") from e
+        if self.center_crop:
+            image = v2.functional.center_crop(image, min(image.size))
+        image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, S, S] uint8
+        if flip:
+            x = x.flip(-1)
+        x = x.float().sub_(127.5).div_(127.5)
+        label = int(self.read(i, "cls"))
+        return x, label, f"{tar.name}/{entry.key}"
+
+
+class BaselineLoader(ShardLoader):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+        super().__init__(cfg, rank, world_size, device)
+        self.dataset = IndexedShards(self.split, cfg.image_size, self.center_crop)
+        self._workers = None  # the epoch's DataLoader iterator, which owns the worker processes
+
+    def _indices(self, epoch: int) -> list[tuple[int, bool]]:
+        """This rank's (sample, flip) pairs for the epoch, in order."""
+        n = len(self.dataset)
+        rng = epoch_rng(self.cfg.seed, epoch)
+        order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
+        per_rank = self.batches * self.cfg.batch_size
+        mine = order[self.rank * (n // self.world_size):][:per_rank]
+        flips = np.random.default_rng([self.cfg.seed, epoch, self.rank]).random(per_rank) < 0.5
+        return [(int(i), bool(f) and self.cfg.flip) for i, f in zip(mine, flips)]
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        items = self._indices(epoch)[start * self.cfg.batch_size:]
+        loader = DataLoader(
+            self.dataset, batch_size=self.cfg.batch_size, sampler=items, num_workers=self.cfg.threads,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+        )
+        self._workers = iter(loader)
+        try:
+            for images, labels, keys in self._workers:
+                batch = Batch(finish_images(images, self.cfg, self.device, hwc=False))
+                if self.cfg.with_meta:
+                    batch.labels, batch.keys = labels.to(self.device), list(keys)
+                yield batch
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        # An epoch left half-way would otherwise keep its workers until garbage collection.
+        shutdown = getattr(self._workers, "_shutdown_workers", None)  # absent with threads=0
+        if shutdown is not None:
+            shutdown()
+        self._workers = None

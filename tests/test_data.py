@@ -1,0 +1,225 @@
+"""The loaders on the CPU (DALI in CPU mode and the baseline), over deliberately uneven shards."""
+
+import multiprocessing
+import shutil
+import tarfile
+import threading
+import time
+
+import pytest
+import torch
+
+from pipeline.data import DataConfig, build_loader
+from pipeline.errors import UserError
+from shards.build import build
+from shards.celeba import CelebASource
+from shards.tarwriter import Sample, write_shard
+
+LOADERS = ["dali", "baseline"]
+
+
+@pytest.fixture(scope="module")
+def uneven(celeba_root, tmp_path_factory):
+    """CelebA shards of 10, 10, 10, 10 and 8 training images."""
+    report = build(CelebASource(celeba_root, maxcount=10), tmp_path_factory.mktemp("uneven"), progress=False)
+    assert [e["samples"] for e in report.manifest["shards"] if e["split"] == "train"] == [10, 10, 10, 10, 8]
+    return report.out_dir
+
+
+def _cfg(shards, loader, **kw):
+    base = dict(shards=str(shards), loader=loader, batch_size=4, threads=2, with_meta=True, shuffle_buffer=64)
+    return DataConfig(**{**base, **kw})
+
+
+def _epoch_keys(loader):
+    return [k for b in loader for k in b.keys]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_batches_have_the_promised_shape_dtype_and_range(uneven, loader):
+    with build_loader(_cfg(uneven, loader)) as data:
+        batch = next(iter(data))
+    assert batch.images.shape == (4, 3, 64, 64) and batch.images.dtype == torch.float32
+    assert -1 <= batch.images.min() < -0.5 and 0.5 < batch.images.max() <= 1
+    assert batch.labels.tolist() == [0, 0, 0, 0] and len(batch.keys) == 4
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_and_channels_last(uneven, loader, dtype):
+    with build_loader(_cfg(uneven, loader, dtype=dtype, channels_last=True, image_size=32)) as data:
+        images = next(iter(data)).images
+    assert images.shape == (4, 3, 32, 32) and images.dtype == getattr(torch, dtype)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world_size):
+    per_rank = []
+    for rank in range(world_size):
+        with build_loader(_cfg(uneven, loader), rank, world_size) as data:
+            keys = _epoch_keys(data)
+            assert len(keys) == len(data) * 4
+            per_rank.append(keys)
+    assert len({len(k) for k in per_rank}) == 1  # the same number of batches on every rank
+    assert len(per_rank[0]) == (48 // world_size) // 4 * 4
+    everything = [k for keys in per_rank for k in keys]
+    assert len(set(everything)) == len(everything)  # no sample twice in an epoch, across ranks
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_the_order_is_a_function_of_seed_and_epoch(uneven, loader):
+    def two_epochs(seed):
+        with build_loader(_cfg(uneven, loader, seed=seed)) as data:
+            return _epoch_keys(data), _epoch_keys(data)
+
+    a, b, c = two_epochs(0), two_epochs(0), two_epochs(1)
+    assert a == b
+    assert a[0] != a[1]  # a new order each epoch
+    assert a != c
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_the_same_seed_gives_the_same_pixels_and_flips(uneven, loader):
+    def first(seed):
+        with build_loader(_cfg(uneven, loader, seed=seed)) as data:
+            return next(iter(data)).images
+
+    assert torch.equal(first(3), first(3))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_restored_position_sees_exactly_the_batches_of_an_uninterrupted_run(uneven, loader):
+    with build_loader(_cfg(uneven, loader)) as data:
+        uninterrupted = [b.keys for _ in range(2) for b in data]
+    with build_loader(_cfg(uneven, loader)) as data:
+        seen = [b.keys for b in data]
+        it = iter(data)
+        seen += [next(it).keys, next(it).keys]
+        state = data.state_dict()
+        it.close()
+    assert state == {"epoch": 1, "batch": 2, "world_size": 1, "batch_size": 4, "seed": 0}
+    with build_loader(_cfg(uneven, loader)) as resumed:
+        resumed.load_state_dict(state)
+        seen += [b.keys for b in resumed]
+        assert resumed.state_dict()["epoch"] == 2
+    assert seen == uninterrupted
+
+
+def test_resuming_with_another_world_size_keeps_the_share_of_the_epoch_seen(uneven):
+    with build_loader(_cfg(uneven, "baseline"), 0, 2) as data:
+        data.load_state_dict({"epoch": 3, "batch": 4, "world_size": 1, "batch_size": 4, "seed": 0})
+        assert (data.epoch, data.batch) == (3, 2)
+        assert len(list(data)) == len(data) - 2
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_dali_and_the_baseline_give_the_same_pixels(celeba_shards, celebdf_shards, split):
+    for shards, size in ((celeba_shards.out_dir, 64), (celebdf_shards.out_dir, 96)):
+        out = {}
+        for loader in LOADERS:
+            cfg = _cfg(shards, loader, split=split, shuffle=False, flip=False, batch_size=2, image_size=size)
+            with build_loader(cfg) as data:
+                out[loader] = {k: img for b in data for k, img in zip(b.keys, b.images)}
+        assert out["dali"].keys() == out["baseline"].keys() and out["dali"]
+        diff = torch.stack([out["dali"][k] - out["baseline"][k] for k in out["dali"]]).abs() * 127.5  # grey levels
+        assert diff.mean() < 0.5 and diff.flatten().quantile(0.99) <= 2, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_loaders_shut_down_cleanly_and_a_second_one_works(uneven, loader):
+    threads_before = threading.active_count()
+    with build_loader(_cfg(uneven, loader)) as data:
+        next(iter(data))  # an epoch left half-way
+    with build_loader(_cfg(uneven, loader)) as data:
+        assert len(_epoch_keys(data)) == 48
+    assert multiprocessing.active_children() == []
+    deadline = time.monotonic() + 5  # queue feeder threads end on their own once their queue is closed
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= threads_before, [t.name for t in threading.enumerate()]
+
+
+# ---------------------------------------------------------------- bad input
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "shards"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(tar_path, edit):
+    """Rewrite a shard (and its index) from its samples after `edit(samples)`, as another tool might."""
+    with tarfile.open(tar_path) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    samples = {}
+    for name, data in files.items():
+        key, ext = name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
+    edited = edit([Sample(k, v, 0) for k, v in sorted(samples.items())])
+    write_shard(tar_path, edited)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_corrupt_jpeg_in_a_shard_is_named_by_shard_and_key(uneven, tmp_path, loader):
+    shards = _copy(uneven, tmp_path)
+
+    def corrupt(samples):
+        samples[3].fields["jpg"] = samples[3].fields["jpg"][:200] + bytes(range(256)) * 4
+        return samples
+
+    _rewrite(shards / "train-000002.tar", corrupt)
+    with pytest.raises(UserError, match=r"train-000002.tar holds sample 000024, whose JPEG does not decode"):
+        with build_loader(_cfg(shards, loader, shuffle=False, threads=1)) as data:
+            list(data)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_shard_without_an_index_is_named(uneven, tmp_path, loader):
+    shards = _copy(uneven, tmp_path)
+    (shards / "train-000001.idx").unlink()
+    with pytest.raises(UserError, match=r"train-000001.tar has no index file train-000001.idx"):
+        build_loader(_cfg(shards, loader))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_sample_without_cls_is_named(uneven, tmp_path, loader):
+    shards = _copy(uneven, tmp_path)
+
+    def drop_cls(samples):
+        del samples[5].fields["cls"]
+        return samples
+
+    _rewrite(shards / "train-000000.tar", drop_cls)
+    with pytest.raises(UserError, match=r"sample 000006 in .*train-000000.tar has no cls"):
+        build_loader(_cfg(shards, loader))
+
+
+def test_an_empty_split_and_too_small_a_split_are_clear_errors(celeba_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(celeba_root, root)
+    for line in (root / "list_eval_partition.txt").read_text().splitlines():
+        name, part = line.split()
+        if part == "1":
+            (root / "img_align_celeba" / name).unlink()
+    out = build(CelebASource(root), tmp_path / "out", progress=False).out_dir
+    with pytest.raises(UserError, match=r"lists no samples in split 'val'"):
+        build_loader(_cfg(out, "dali", split="val"))
+    with pytest.raises(UserError, match=r"split 'test' has 6 samples, fewer than world size 2 x batch_size 4"):
+        build_loader(_cfg(out, "dali", split="test"), 0, 2)
+    with pytest.raises(UserError, match=r"data.loader 'torch' is neither"):
+        build_loader(_cfg(out, "torch"))
+
+
+@pytest.mark.gpu
+def test_dali_decodes_on_the_gpu_like_on_the_cpu(uneven):
+    out = {}
+    for device in ("cpu", "cuda"):
+        with build_loader(_cfg(uneven, "dali", shuffle=False, flip=False), device=device) as data:
+            batch = next(iter(data))
+            assert batch.images.device.type == device
+            out[device] = dict(zip(batch.keys, batch.images.cpu()))
+    assert out["cpu"].keys() == out["cuda"].keys()
+    diff = torch.stack([out["cpu"][k] - out["cuda"][k] for k in out["cpu"]]).abs() * 127.5
+    assert diff.mean() < 1.0
