@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import DataConfig, build_loader
+from pipeline.config import load_config
+from pipeline.data import build_loader
 from pipeline.errors import UserError
 from shards.build import build, format_report
 from shards.celeba import CelebASource
@@ -23,9 +24,12 @@ from shards.synth.celeba import write_celeba
 from shards.synth.celebdf import write_celebdf
 
 
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
 def read_one_epoch(shards: Path, threads: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = DataConfig(shards=str(shards), split="train", loader="dali", batch_size=128, threads=threads)
+    cfg = load_config(BASE_CONFIG, [f"data.shards={shards}", f"data.threads={threads}"]).data
     with build_loader(cfg, rank=0, world_size=1, device=device) as loader:
         t0 = time.perf_counter()
         shapes = {tuple(batch.images.shape) for batch in loader}

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config, parse_override, to_dict
+from pipeline.errors import UserError
+
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    (tmp_path / "exp.yaml").write_text("data:\n  batch_size: 32\n  image_size: 128\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["data.batch_size=16", "data.center_crop=false", "data.hw_decoder_load=1"])
+    assert (cfg.data.batch_size, cfg.data.image_size, cfg.data.center_crop) == (16, 128, False)
+    assert cfg.data.hw_decoder_load == 1.0 and isinstance(cfg.data.hw_decoder_load, float)
+    assert cfg.data.loader == Config().data.loader  # untouched keys keep their defaults
+
+
+def test_the_shipped_base_config_loads():
+    assert to_dict(load_config(BASE))["data"]["batch_size"] == 128
+
+
+def test_an_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
+    (tmp_path / "exp.yaml").write_text("data:\n  batchsize: 32\n")
+    with pytest.raises(UserError, match=r"exp.yaml: unknown key data.batchsize; the keys here are data.shards, "):
+        load_config(tmp_path / "exp.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=big", r"override 'data.batch_size=big': data.batch_size must be int, not 'big'"),
+    ("data.flip=1", r"data.flip must be bool, not 1"),
+    ("data.batch_size=true", r"data.batch_size must be int, not True"),
+    ("model.nz=100", r"unknown key model; the keys here are data"),
+    ("data=3", r"data must be a mapping"),
+    ("data.batch_size", r"is not key=value"),
+    ("data..x=1", r"is not key=value"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_a_missing_or_broken_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [1,\n")
+    with pytest.raises(UserError, match=r"bad.yaml is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("data.shards=/a/b=c") == {"data": {"shards": "/a/b=c"}}
+    assert parse_override("data.center_crop=null") == {"data": {"center_crop": None}}
