@@ -23,6 +23,7 @@ demo: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m bench.shards --out bench/results
 	$(PY) -m bench.loader --out bench/results
+	$(PY) -m bench.train --device cpu --batch 32 --steps 8 --warmup 2 --out bench/results
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

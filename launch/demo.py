@@ -1,13 +1,16 @@
-"""The main job, end to end, on the synthetic default: make the datasets, shard them, load them, say where.
+"""The main job, end to end, on the synthetic default: datasets, shards, a loader pass, training.
 
     python launch/demo.py --out demo            # what `make demo` runs
     python launch/demo.py --out demo --images 20000 --videos 60 --workers 8
 
-Re-running reuses what exists: datasets are generated once, finished shards are checked and kept.
+Re-running reuses what exists: datasets are generated once, finished shards are checked and kept, and
+training continues from its checkpoint (a finished smoke run starts again in a fresh run folder).
 """
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,9 +63,26 @@ def main() -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    run = args.out / "runs" / "smoke"
+    if returncode := train_smoke(shards_dir / "celeba", args.out / "runs"):
+        return returncode
     print(f"\nsynthetic datasets (not CelebA or Celeb-DF): {data}/celeba, {data}/celebdf")
     print(f"shards, index files and manifests: {shards_dir}/celeba, {shards_dir}/celebdf")
+    print(f"checkpoints: {run}/checkpoints   sample grids: {run}/samples   resolved config: {run}/config.yaml")
+    print(f"TensorBoard: tensorboard --logdir {run}")
+    print(f"wandb offline run: {sorted(run.glob('wandb/offline-run-*'))[-1]} (upload with: wandb sync <that folder>)")
     return 0
+
+
+def train_smoke(shards: Path, runs: Path) -> int:
+    """The smoke config under torchrun with 2 CPU processes, as users launch training."""
+    if (runs / "smoke" / "checkpoints").is_dir():
+        shutil.rmtree(runs / "smoke")  # a finished smoke run would only resume and stop at once
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py",
+               "--config", "configs/smoke.yaml", f"data.shards={shards}", f"train.runs_dir={runs}"]
+    print("training:", " ".join(command[2:]), flush=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the demo's 2 processes run on the CPU, with gloo
+    return subprocess.call(command, cwd=Path(__file__).resolve().parents[1], env=env)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,60 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    nz: int = 100  # length of the noise vector z
+    ngf: int = 64  # generator width: channels of its last hidden layer
+    ndf: int = 64  # discriminator width: channels of its first layer
+    # The image side is data.image_size (64 or 128): one number, so model and data cannot disagree.
+
+
+@dataclass
+class TrainConfig:
+    name: str = "dcgan"  # the run folder: <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    epochs: int = 10
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps; None: run all epochs
+    lr_D: float = 2e-4
+    lr_G: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # Adam's, as in the DCGAN paper
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 scales the loss; the scaler's state is checkpointed)
+    channels_last: bool = False  # models and batches in NHWC memory layout
+    compile: bool = False  # torch.compile G and D
+    ema_beta: float = 0.999  # G_ema <- beta * G_ema + (1 - beta) * G; beta warms up as (1 + step) / (10 + step)
+    seed: int = 0  # weights, noise and data order derive from (seed, rank)
+    log_every_steps: int = 50  # status line and scalars
+    sample_every_steps: int = 500  # G_ema sample grids from fixed noise (also at every epoch's end)
+    ckpt_every_steps: int = 1000  # and at every epoch's end, and on SIGTERM or SIGUSR1
+    ckpt_keep_last: int = 3
+    resume: str = "auto"  # auto: newest intact checkpoint of the run, if any | never | a checkpoint path
+    max_nonfinite_steps: int = 20  # consecutive skipped steps with a non-finite loss before the run stops
+    val_every_epochs: int = 1  # D's accuracy and loss on data.val_split; 0 turns it off
+    val_split: str = "val"
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # event files in the run folder
+    wandb: str = "offline"  # offline | online | disabled; `wandb sync` uploads offline runs later
+    project: str = "deepfake-gan"
+    group: str | None = None  # W&B group, e.g. a sweep's name
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)  # what the loader reads and how
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _allowed(hint: Any) -> tuple[type, ...]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return tuple(t for arg in typing.get_args(hint) for t in _allowed(arg))
+    if typing.get_origin(hint) is list:
+        return (list,)
     return (type(None),) if hint is type(None) else (hint,)
 
 
@@ -52,6 +99,11 @@ def _check(value: Any, hint: Any, key: str, source: str) -> Any:
     allowed = _allowed(hint)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads 5e-4 (no dot) as text; everyone writes learning rates so
+        except ValueError:
+            pass
     # bool is an int to isinstance; a flag given as 1, or a count given as true, is a mistake.
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
@@ -87,17 +139,25 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML file, after the file its `inherit:` key names (relative to it)."""
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: pass one of the files in configs/.")
+    if path.resolve() in seen:
+        raise UserError(f"{path} inherits from itself through {seen[-1]}: remove that inherit line.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
+    if isinstance(values, dict) and "inherit" in values:
+        _merge_file(cfg, path.parent / str(values.pop("inherit")), seen + (path.resolve(),))
+    _merge(cfg, values, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist: pass one of the files in configs/.")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
-        _merge(cfg, values, str(path))
+        _merge_file(cfg, Path(path))
     for text in overrides:
         _merge(cfg, parse_override(text), f"override {text!r}")
     return cfg
@@ -105,3 +165,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr_G": 2e-4}} -> {"train.lr_G": 2e-4}, for hyperparameter tables."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -30,7 +30,7 @@ def test_an_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("data.batch_size=big", r"override 'data.batch_size=big': data.batch_size must be int, not 'big'"),
     ("data.flip=1", r"data.flip must be bool, not 1"),
     ("data.batch_size=true", r"data.batch_size must be int, not True"),
-    ("model.nz=100", r"unknown key model; the keys here are data"),
+    ("optim.lr=1", r"unknown key optim; the keys here are data, model, train, log"),
     ("data=3", r"data must be a mapping"),
     ("data.batch_size", r"is not key=value"),
     ("data..x=1", r"is not key=value"),
@@ -46,6 +46,14 @@ def test_a_missing_or_broken_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [1,\n")
     with pytest.raises(UserError, match=r"bad.yaml is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_learning_rates_in_exponent_notation_are_floats(tmp_path):
+    (tmp_path / "exp.yaml").write_text("train:\n  lr_D: 2e-4\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["train.lr_G=5e-4"])
+    assert (cfg.train.lr_D, cfg.train.lr_G) == (2e-4, 5e-4)
+    with pytest.raises(UserError, match=r"train.lr_G must be float, not 'fast'"):
+        load_config(None, ["train.lr_G=fast"])
 
 
 def test_override_values_are_read_as_yaml():

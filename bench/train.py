@@ -1,0 +1,108 @@
+"""Training throughput: images/s of the trainer's own step, fed by the DALI loader or by a batch
+already on the device (so the loader's cost shows), across precision, channels-last and torch.compile.
+
+    python -m bench.train --device cpu --batch 32 --steps 10            # what the CPU table used
+    python -m bench.train --device cuda --batch 128 --steps 200 --compile 0 1
+
+One process, one rank: multiply by the GPUs for a node only if the loader keeps up (see bench.loader).
+Without --shards it trains on 4,000 synthetic CelebA images it makes first. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.dist import init_distributed
+from pipeline.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision: str, channels_last: bool,
+            compile_: bool, inputs: str, warmup: int, steps: int) -> dict:
+    overrides = [
+        f"data.shards={shards}", f"data.batch_size={batch}", f"data.channels_last={channels_last}",
+        f"data.threads={os.cpu_count()}", f"model.ngf={ngf}", f"model.ndf={ngf}", f"train.precision={precision}",
+        f"train.channels_last={channels_last}", f"train.compile={compile_}", "train.val_every_epochs=0",
+        f"train.runs_dir={runs}", "train.resume=never", "train.epochs=1000", "log.wandb=disabled", "log.tensorboard=false",
+    ]
+    cfg = load_config(REPO / "configs" / "base.yaml", overrides)
+    info = init_distributed()
+    info = type(info)(0, 0, 1, torch.device(device))
+    trainer = Trainer(cfg, info)
+    try:
+        if inputs == "tensors":
+            fixed = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
+            if channels_last:
+                fixed = fixed.contiguous(memory_format=torch.channels_last)
+            batches = itertools.repeat(fixed)
+        else:
+            batches = (b.images for _ in itertools.count() for b in trainer.loader)
+        for _ in range(warmup):
+            trainer.train_step(next(batches))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        trainer.close()
+    return {"precision": precision, "channels_last": channels_last, "compile": compile_, "inputs": inputs,
+            "seconds": round(seconds, 3), "images_per_s": round(steps * batch / seconds, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", help="a CelebA shards folder (default: synthetic ones)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ngf", type=int, default=64, help="model width (ngf = ndf)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--channels-last", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--compile", nargs="+", type=int, default=[0])
+    parser.add_argument("--inputs", nargs="+", default=["tensors", "dali"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            from shards.build import build
+            from shards.celeba import CelebASource
+            from shards.synth.celeba import write_celeba
+
+            root = write_celeba(Path(tmp) / "celeba", 4000)
+            shards = str(build(CelebASource(root), Path(tmp) / "shards", workers=os.cpu_count() or 1, progress=False).out_dir)
+        runs = []
+        for precision, cl, comp, inputs in itertools.product(args.precision, args.channels_last, args.compile, args.inputs):
+            r = measure(shards, tmp, args.device, args.batch, args.ngf, precision, bool(cl), bool(comp), inputs,
+                        args.warmup, args.steps)
+            runs.append(r)
+            print(f"{precision} channels_last={cl} compile={comp} {inputs:7s}: {r['images_per_s']:8.1f} images/s", flush=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
+    results = {"benchmark": "train", "device": device_name, "torch": torch.__version__, "batch": args.batch,
+               "ngf": args.ngf, "image_size": 64, "steps": args.steps, "warmup": args.warmup, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train-{args.device}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

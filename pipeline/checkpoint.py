@@ -1,0 +1,71 @@
+"""Checkpoints: `<run>/checkpoints/step-NNNNNNNN.pt`, written whole by rank 0, the last k kept.
+
+A checkpoint exists under its final name only once complete (temporary name, then rename); one that
+does not load (a disk fault, a copy cut short) is skipped with a warning in favour of the one before.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointManager:
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"
+
+    def existing(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in self.folder.iterdir() if NAME.match(p.name)]
+        return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Rank 0 only."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(step)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for old in self.existing()[self.keep_last:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: `never`, `auto` (newest that loads) or a path."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_file():
+                raise UserError(f"train.resume {resume} does not exist: pass a checkpoint file, auto or never.")
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"train.resume {resume} does not load ({e}): pass another checkpoint, auto or never.") from None
+            return path
+        for path in self.existing():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+                return path
+            except Exception as e:
+                log.warning("skipping checkpoint %s, which does not load (%s); trying the one before", path, e)
+        return None
+
+    @staticmethod
+    def load(path: Path) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,74 @@
+"""DCGAN generator and discriminator, as in the DCGAN paper and pytorch/examples, at 64 or 128 px.
+
+D returns logits (no Sigmoid): losses use softplus, which autocast accepts and which is the
+numerically stable form of binary cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SIZES = (64, 128)
+
+
+def _check_size(image_size: int) -> int:
+    if image_size not in SIZES:
+        raise ValueError(f"image_size {image_size} is not one of {SIZES}")
+    return SIZES.index(image_size)  # extra up/down-sampling blocks beyond the 64 px network
+
+
+class Generator(nn.Module):
+    def __init__(self, nz: int = 100, ngf: int = 64, image_size: int = 64):
+        super().__init__()
+        extra = _check_size(image_size)
+        top = ngf * 8 * 2**extra
+        layers: list[nn.Module] = [  # z: [N, nz, 1, 1]
+            nn.ConvTranspose2d(nz, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True),  # [N, top, 4, 4]
+        ]
+        ch = top
+        while ch > ngf:  # each block doubles the side and halves the channels: 8, 16, 32 (, 64)
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh()]  # [N, 3, S, S] in [-1, 1]
+        self.main = nn.Sequential(*layers)
+        self.nz = nz
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ndf: int = 64, image_size: int = 64):
+        super().__init__()
+        extra = _check_size(image_size)
+        layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # [N, ndf, S/2, S/2]
+        ch = ndf
+        for _ in range(3 + extra):  # down to 4 x 4
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True)]
+            ch *= 2
+        layers += [nn.Conv2d(ch, 1, 4, 1, 0, bias=False)]  # [N, 1, 1, 1]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).flatten()  # [N] logits: > 0 means "real"
+
+
+def weights_init(m: nn.Module) -> None:
+    """The DCGAN paper's initialization: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def build_models(nz: int, ngf: int, ndf: int, image_size: int, generator: torch.Generator | None = None):
+    """G and D, initialized; `generator` makes the initialization reproducible."""
+    G, D = Generator(nz, ngf, image_size), Discriminator(ndf, image_size)
+    with torch.random.fork_rng(devices=[]):
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        G.apply(weights_init)
+        D.apply(weights_init)
+    return G, D

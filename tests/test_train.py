@@ -1,0 +1,220 @@
+"""The trainer, as users run it: real torchrun with 2 gloo processes on the CPU (and plain python for 1)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_records import history, run_info
+
+STEPS_PER_EPOCH = 6  # 48 training images, 2 ranks, batch 4
+pytestmark = pytest.mark.slow
+
+
+def _overrides(shards, runs, name, *extra):
+    return [f"data.shards={shards}", "data.batch_size=4", "data.threads=1", "model.ngf=16", "model.ndf=16",
+            f"train.runs_dir={runs}", f"train.name={name}", "train.log_every_steps=1", "train.ckpt_every_steps=2",
+            "train.sample_every_steps=4", *extra]
+
+
+def _command(nproc, overrides):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*launcher, "launch/train.py", "--config", "configs/smoke.yaml", *overrides]
+
+
+def train(nproc, overrides, timeout_s=300):
+    return subprocess.run(_command(nproc, overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+
+
+def _state(run_dir, step):
+    return torch.load(run_dir / "checkpoints" / f"step-{step:08d}.pt", map_location="cpu", weights_only=True)
+
+
+def _wandb_files(run_dir):
+    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def full_run(celeba_shards, runs):
+    """8 steps with 2 ranks, crossing the end of the first epoch (6 steps)."""
+    result = train(2, _overrides(celeba_shards.out_dir, runs, "full", "train.max_steps=8"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return runs / "full", result
+
+
+def test_a_smoke_run_finishes_with_finite_losses_and_checkpoints(full_run):
+    run_dir, result = full_run
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{s:08d}.pt" for s in (4, 6, 8)]
+    state = _state(run_dir, 8)
+    assert (state["step"], state["nimg"], state["world_size"]) == (8, 8 * 8, 2)
+    assert state["loader"] == {"epoch": 1, "batch": 2, "world_size": 2, "batch_size": 4, "seed": 0}
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])
+    for name in ("G", "D", "G_ema"):
+        assert all(torch.isfinite(v).all() for v in state[name].values() if v.is_floating_point())
+    losses = [float(m) for m in re.findall(r"loss/D (\S+)", result.stdout)]
+    assert len(losses) == 8 and all(0 < v < 100 for v in losses)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["name"] == "full"
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())  # every 4 steps, and at the epoch's end
+    assert grids == ["step-00000004.png", "step-00000006.png", "step-00000008.png"]
+
+
+def test_parameters_are_identical_across_ranks(full_run):
+    _, result = full_run
+    checks = re.findall(r"step (\d+): parameters identical on all 2 ranks", result.stdout)
+    assert checks == ["2", "4", "6", "8"]
+
+
+def test_tensorboard_event_files_hold_the_scalars_and_sample_grids(full_run):
+    run_dir, _ = full_run
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("loss/D", "loss/G", "D/real", "D/fake", "lr/D", "lr/G", "perf/img_per_s", "perf/step_s", "perf/mem_gb",
+                "val/D_acc_real", "val/D_acc_fake", "val/loss_D"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("loss/D")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("lr/G")] == [pytest.approx(2e-4)] * 8
+    assert [e.step for e in events.Scalars("val/D_acc_real")] == [STEPS_PER_EPOCH]
+    assert "samples/G_ema" in tags["images"]
+    image = events.Images("samples/G_ema")[0]
+    assert (image.width, image.height) == (8 * 66 + 2, 8 * 66 + 2)  # 8x8 grid of 64 px with 2 px padding
+
+
+def test_the_wandb_offline_run_holds_the_metrics_and_the_config(full_run):
+    run_dir, _ = full_run
+    (run_file,) = _wandb_files(run_dir)
+    rows = [r for r in history(run_file) if "loss/D" in r]
+    assert [r["_step"] for r in rows] == list(range(1, 9))
+    assert all(0 < r["loss/D"] < 100 for r in rows)
+    info = run_info(run_file)
+    assert (info.project, info.display_name, info.job_type, list(info.tags)) == ("deepfake-gan", "full", "train", ["smoke"])
+    assert info.run_id == _state(run_dir, 8)["wandb_run_id"]
+    config = {item.key: json.loads(item.value_json) for item in info.config.update}
+    assert config["data"]["batch_size"] == 4 and config["train"]["name"] == "full"
+
+
+def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
+    first = train(2, _overrides(celeba_shards.out_dir, runs, "halves", "train.max_steps=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train(2, _overrides(celeba_shards.out_dir, runs, "halves", "train.max_steps=8"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 4, epoch 0, batch 4" in second.stdout
+    whole, halves = _state(full_run[0], 8), _state(runs / "halves", 8)
+    for name in ("G", "D", "G_ema"):
+        for key, value in whole[name].items():
+            assert torch.equal(value, halves[name][key]), f"{name}.{key}"
+    assert whole["opt_G"]["state"][0]["exp_avg"].equal(halves["opt_G"]["state"][0]["exp_avg"])
+    ids = {p.parent.name.rsplit("-", 1)[-1] for p in _wandb_files(runs / "halves")}
+    assert len(_wandb_files(runs / "halves")) == 2 and ids == {halves["wandb_run_id"]}  # the same W&B run continues
+
+
+def _copy_run(full_run, runs, name):
+    shutil.copytree(full_run[0], runs / name)
+    shutil.rmtree(runs / name / "wandb")
+    return runs / name
+
+
+def test_two_ranks_resume_as_one(full_run, celeba_shards, runs):
+    run_dir = _copy_run(full_run, runs, "as-one")
+    result = train(1, _overrides(celeba_shards.out_dir, runs, "as-one", "train.max_steps=10", "log.wandb=disabled"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 8, epoch 1, batch 4 (saved by 2 ranks, now 1)" in result.stdout
+    assert _state(run_dir, 10)["world_size"] == 1
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(full_run, celeba_shards, runs):
+    run_dir = _copy_run(full_run, runs, "corrupt")
+    newest = run_dir / "checkpoints" / "step-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    result = train(1, _overrides(celeba_shards.out_dir, runs, "corrupt", "train.max_steps=7", "log.wandb=disabled"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping checkpoint {newest}, which does not load" in result.stdout + result.stderr
+    assert "resumed from " + str(run_dir / "checkpoints" / "step-00000006.pt") in result.stdout
+
+
+def test_a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint(full_run, celeba_shards, runs):
+    run_dir = _copy_run(full_run, runs, "diverge")
+    result = train(1, _overrides(celeba_shards.out_dir, runs, "diverge", "train.lr_D=1e30", "train.lr_G=1e30",
+                                 "train.max_nonfinite_steps=2", "train.max_steps=30", "log.wandb=disabled"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    newest = run_dir / "checkpoints" / "step-00000008.pt"
+    assert "steps in a row had a non-finite loss" in result.stderr and str(newest) in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == newest.name
+
+
+def _workers(parent_pid):
+    """{rank: pid} of torchrun's worker processes."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent_pid and "RANK" in env:
+            out[int(env["RANK"])] = int(entry.name)
+    return out
+
+
+def _start_and_wait_for_step(overrides, log_path, step):
+    log = open(log_path, "w")
+    proc = subprocess.Popen(_command(2, overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while f"step {step}/" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_to_one_rank_saves_a_checkpoint_and_exits_0(celeba_shards, runs, tmp_path):
+    overrides = _overrides(celeba_shards.out_dir, runs, "sigterm", "train.epochs=1000", "train.ckpt_every_steps=1000",
+                           "log.wandb=disabled")
+    proc = _start_and_wait_for_step(overrides, tmp_path / "log", 3)
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
+    output = (tmp_path / "log").read_text()
+    stopped = int(re.search(r"stopping at step (\d+) on a signal", output).group(1))
+    (ckpt,) = (runs / "sigterm" / "checkpoints").iterdir()
+    assert ckpt.name == f"step-{stopped:08d}.pt" and _state(runs / "sigterm", stopped)["step"] == stopped
+
+
+def test_kill_9_of_one_rank_then_resume_auto_loses_at_most_k_steps(celeba_shards, runs, tmp_path):
+    k = 2
+    overrides = _overrides(celeba_shards.out_dir, runs, "killed", "train.epochs=1000", f"train.ckpt_every_steps={k}",
+                           "log.wandb=disabled")
+    proc = _start_and_wait_for_step(overrides, tmp_path / "log", 5)
+    os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    last_logged = max(int(s) for s in re.findall(r"step (\d+)/", (tmp_path / "log").read_text()))
+    resumed = train(2, overrides[:-2] + ["log.wandb=disabled", f"train.max_steps={last_logged + 2}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = int(re.search(r"resumed from \S+: step (\d+)", resumed.stdout).group(1))
+    assert last_logged - k <= step <= last_logged
+
+
+def test_dry_run_prints_the_resolved_config_and_bad_keys_exit_2():
+    result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/dcgan-20ep-lrG5e-4.yaml", "--dry-run",
+                             "data.batch_size=64"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["train"]["epochs"], cfg["train"]["lr_G"], cfg["train"]["lr_D"], cfg["data"]["batch_size"]) == (20, 5e-4, 2e-4, 64)
+    bad = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", "train.lr=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key train.lr;" in bad.stderr and "Traceback" not in bad.stderr
