@@ -1,0 +1,63 @@
+# Sourced by train.sbatch and sweep.sbatch: the environment, `srun torchrun` on every node, and
+# preemption. Reads CONFIG and OVERRIDES (set by the sbatch file) and these, all optional:
+#   REPO           the project checkout (default: the folder sbatch was called from)
+#   VENV           the virtual environment to activate (default: $REPO/.venv)
+#   SETUP          shell code run first, e.g. SETUP="module load cuda/12.4 nccl"
+#   GPUS_PER_NODE  worker processes per node (default: the GPUs nvidia-smi lists, else 1)
+#   RDZV_PORT      torchrun's rendezvous port on the first node (default: derived from the job id)
+#
+# Preemption and time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before
+# the end. The trap passes it to srun, which passes it to torchrun on every node; torchrun 2.15 passes on
+# only the signals named in --signals-to-handle, so USR1 is added there. The trainer on every rank saves
+# a checkpoint at the end of its step and exits 0; this script then requeues the job, which resumes
+# from that checkpoint (train.resume=auto) with the same wandb run.
+#
+# NCCL settings worth knowing (export them in SETUP or before sbatch): NCCL_DEBUG=WARN (INFO to debug
+# hangs), NCCL_SOCKET_IFNAME=<the fabric's interface> when nodes have several, NCCL_IB_HCA=<mlx5 ports>
+# on InfiniBand, NCCL_IB_DISABLE=1 where there is none, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set here)
+# so that a dead rank ends the job instead of hanging it, TORCH_NCCL_BLOCKING_WAIT=0.
+set -uo pipefail
+
+REPO=${REPO:-$SLURM_SUBMIT_DIR}
+cd "$REPO" || exit 1
+if [ -n "${SETUP:-}" ]; then eval "$SETUP"; fi
+# shellcheck disable=SC1091
+source "${VENV:-$REPO/.venv}/bin/activate" || exit 1
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1
+fi
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+
+preempted=0
+srun_pid=
+on_usr1() {
+  preempted=1
+  echo "$(date +%T) job $SLURM_JOB_ID: USR1 (preemption or time limit): asking every rank to checkpoint and stop"
+  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"
+}
+trap on_usr1 USR1
+
+echo "$(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
+     "rendezvous $HEAD_NODE:$RDZV_PORT, config $CONFIG ${OVERRIDES:-}"
+# shellcheck disable=SC2086  # OVERRIDES is a list of key=value words
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
+  --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+  --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 150 \
+  launch/train.py --config "$CONFIG" ${OVERRIDES:-} &
+srun_pid=$!
+while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
+  wait "$srun_pid"
+  status=$?
+  kill -0 "$srun_pid" 2>/dev/null || break
+done
+if [ "$preempted" = 1 ]; then
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped (status $status); requeueing to resume from the checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+echo "$(date +%T) job $SLURM_JOB_ID: training ended with status $status"
+exit "$status"

@@ -1,0 +1,101 @@
+"""train.sbatch and sweep.sbatch on a real one-node SLURM cluster (slurmctld, slurmd, munged) started here."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from test_train import _overrides, _state, train
+from wandb_records import run_info
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get"),
+                       reason="the local SLURM cluster needs root (it writes /etc/slurm and /run/munge) and apt-get"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = subprocess.run(["bash", "launch/slurm/local-cluster.sh", "start"], cwd=REPO, capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    subprocess.run(["bash", "launch/slurm/local-cluster.sh", "stop", "--purge"], cwd=REPO, capture_output=True)
+
+
+def sbatch(script, logs, env, *args):
+    logs.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={logs}/%x-%j.out", *args, script],
+                            cwd=REPO, env={**os.environ, "GPUS_PER_NODE": "2", **env}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def wait_until_gone(job, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} still queued after {timeout_s} s"
+        time.sleep(0.5)
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+
+
+def _tiny(shards, runs, name, *extra):
+    return " ".join(_overrides(shards, runs, name, "train.val_every_epochs=0", *extra))
+
+
+def test_train_sbatch_runs_the_smoke_config_with_two_processes(cluster, celeba_shards, tmp_path):
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "sbatch", "train.max_steps=4", "log.wandb=disabled")}
+    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
+    info = wait_until_gone(job)
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info
+    log = (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
+    assert "1 node(s) x 2" in log and "[rank 0] step 4/4" in log and "training ended with status 0" in log
+    assert _state(tmp_path / "sbatch", 4)["world_size"] == 2
+
+
+def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(cluster, celeba_shards, tmp_path):
+    extra = ("model.ngf=32", "model.ndf=32", "train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.val_every_epochs=0")
+    reference = train(2, _overrides(celeba_shards.out_dir, tmp_path, "reference", *extra, "log.wandb=disabled"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "preempted", *extra))}
+    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
+    log_path = tmp_path / "logs" / f"dcgan-{job}.out"
+    deadline = time.monotonic() + 120
+    while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
+        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@180 does
+    info = wait_until_gone(job, timeout_s=300)
+    assert "JobState=COMPLETED" in info and "Restarts=1" in info, info
+
+    log = log_path.read_text()
+    stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
+    assert 3 <= stopped < 60
+    assert "requeueing to resume from the checkpoint" in log and "(restart 1)" in log
+    assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / f'step-{stopped:08d}.pt'}" in log
+    whole, resumed = _state(tmp_path / "reference", 60), _state(tmp_path / "preempted", 60)
+    for name in ("G", "D", "G_ema"):
+        for key, value in whole[name].items():
+            assert torch.equal(value, resumed[name][key]), f"{name}.{key}"
+    runs = sorted((tmp_path / "preempted").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and {run_info(r).run_id for r in runs} == {resumed["wandb_run_id"]}
+
+
+def test_the_sweep_array_runs_every_task_in_its_own_folder_and_one_wandb_group(cluster, celeba_shards, tmp_path):
+    configs = " ".join(f"configs/smoke.yaml@train.lr_G={lr}" for lr in ("1e-4", "4e-4", "8e-4"))
+    overrides = _tiny(celeba_shards.out_dir, tmp_path, "ignored", "train.max_steps=2")
+    job = sbatch("launch/slurm/sweep.sbatch", tmp_path / "logs", {"CONFIGS": configs, "SWEEP": "lr-sweep", "OVERRIDES": overrides},
+                 "--array=0-2")
+    wait_until_gone(job, timeout_s=400)
+    for task, lr in enumerate((1e-4, 4e-4, 8e-4)):
+        run = tmp_path / "lr-sweep" / f"smoke-{task}"
+        state = _state(run, 2)
+        assert state["config"]["train"]["lr_G"] == lr and state["config"]["log"]["group"] == "lr-sweep"
+        (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+        info = run_info(run_file)
+        assert (info.run_group, info.job_type) == ("lr-sweep", "sweep")
