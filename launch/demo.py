@@ -1,4 +1,4 @@
-"""The main job, end to end, on the synthetic default: datasets, shards, a loader pass, training.
+"""The main job, end to end, on the synthetic default: datasets, shards, training, evaluation, detection.
 
     python launch/demo.py --out demo            # what `make demo` runs
     python launch/demo.py --out demo --images 20000 --videos 60 --workers 8
@@ -27,7 +27,8 @@ from shards.synth.celeba import write_celeba
 from shards.synth.celebdf import write_celebdf
 
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "base.yaml"
 
 
 def read_one_epoch(shards: Path, threads: int) -> None:
@@ -66,11 +67,20 @@ def main() -> int:
     run = args.out / "runs" / "smoke"
     if returncode := train_smoke(shards_dir / "celeba", args.out / "runs"):
         return returncode
+    checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    for step in (["launch/evaluate.py", "--checkpoint", str(checkpoint), "--shards", str(shards_dir / "celebdf"),
+                  "--celeba", str(shards_dir / "celeba"), "--log-to-run"],
+                 ["-m", "pipeline.detect", str(sorted((data / "celebdf" / "Celeb-synthesis").glob("*.mp4"))[0]),
+                  "--checkpoint", str(checkpoint), "--frames", "4"]):
+        print("running:", " ".join(step), flush=True)
+        if returncode := subprocess.call([sys.executable, *step], cwd=REPO):
+            return returncode
     print(f"\nsynthetic datasets (not CelebA or Celeb-DF): {data}/celeba, {data}/celebdf")
     print(f"shards, index files and manifests: {shards_dir}/celeba, {shards_dir}/celebdf")
     print(f"checkpoints: {run}/checkpoints   sample grids: {run}/samples   resolved config: {run}/config.yaml")
     print(f"TensorBoard: tensorboard --logdir {run}")
     print(f"wandb offline run: {sorted(run.glob('wandb/offline-run-*'))[-1]} (upload with: wandb sync <that folder>)")
+    print(f"Celeb-DF evaluation (synthetic data: the numbers mean nothing): {run}/eval-step-{int(checkpoint.stem[5:]):08d}/")
     return 0
 
 
@@ -82,7 +92,7 @@ def train_smoke(shards: Path, runs: Path) -> int:
                "--config", "configs/smoke.yaml", f"data.shards={shards}", f"train.runs_dir={runs}"]
     print("training:", " ".join(command[2:]), flush=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the demo's 2 processes run on the CPU, with gloo
-    return subprocess.call(command, cwd=Path(__file__).resolve().parents[1], env=env)
+    return subprocess.call(command, cwd=REPO, env=env)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ class Run:
 
     @property
     def wall_s(self) -> float | None:
-        times = [t for events in self.scalars.values() for _, _, t in events]
+        """Training time: from the first to the last logged loss (a later evaluation does not count)."""
+        times = [t for _, _, t in self.scalars.get("loss/D", [])]
         return max(times) - min(times) if times else None
 
 

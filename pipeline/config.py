@@ -34,6 +34,8 @@ class DataConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     channels_last: bool = False  # NHWC memory layout (the tensor stays N, C, H, W)
     with_meta: bool = False  # also return labels and sample keys (evaluation needs them)
+    drop_last: bool = True  # training: equal batch counts on all ranks. False (evaluation): every sample of
+    # the rank's part once; DALI pads the last batch with copies of its last sample, which carry its key
     hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder on GPUs (DALI)
 
 
@@ -67,6 +69,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive skipped steps with a non-finite loss before the run stops
     val_every_epochs: int = 1  # D's accuracy and loss on data.val_split; 0 turns it off
     val_split: str = "val"
+    eval_every_epochs: int = 0  # score D as a deepfake detector on eval_shards (Celeb-DF) every N epochs; 0: never
+    eval_shards: str | None = None  # Celeb-DF shards, e.g. /data/shards/celebdf
+    eval_split: str = "val"  # keep Celeb-DF's test split for the final evaluation (launch/evaluate.py)
 
 
 @dataclass
@@ -160,6 +165,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _merge_file(cfg, Path(path))
     for text in overrides:
         _merge(cfg, parse_override(text), f"override {text!r}")
+    return cfg
+
+
+def config_from_dict(values: dict, source: str) -> Config:
+    """A Config from a saved dict (a checkpoint's), checked like a YAML file."""
+    cfg = Config()
+    _merge(cfg, values, source)
     return cfg
 
 

@@ -60,6 +60,8 @@ def _check(cfg: Config) -> None:
         raise UserError(f"data.image_size {cfg.data.image_size} is not one of {SIZES}: the DCGAN is built for those.")
     if t.precision == "fp16" and not torch.cuda.is_available():
         log.warning("train.precision fp16 on a CPU is slow and gains nothing; bf16 is the CPU's half precision")
+    if t.eval_every_epochs and not t.eval_shards:
+        raise UserError("train.eval_every_epochs is set but train.eval_shards is not: name the Celeb-DF shards folder.")
     for key in ("epochs", "log_every_steps", "sample_every_steps", "ckpt_every_steps", "ckpt_keep_last", "max_nonfinite_steps"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} is {getattr(t, key)}: it must be at least 1.")
@@ -320,6 +322,23 @@ class Trainer:
         right_real, right_fake, loss, n = dist.all_reduce_(sums).tolist()
         return {"val/D_acc_real": right_real / n, "val/D_acc_fake": right_fake / n, "val/loss_D": loss / n}
 
+    def evaluate_detector(self) -> None:
+        """D as a deepfake detector on the configured Celeb-DF split (every rank scores its part)."""
+        from pipeline.evaluate import per_video, score_split, summarize
+
+        t, info = self.cfg.train, self.info
+        self.D_raw.eval()
+        frames = score_split(self.D_raw, t.eval_shards, t.eval_split, self.cfg.data.image_size, self.device, info.rank,
+                             info.world_size, batch_size=self.cfg.data.batch_size, loader=self.cfg.data.loader,
+                             threads=self.cfg.data.threads)
+        self.D_raw.train()
+        if self.logger is not None:
+            summary = summarize(frames, per_video(frames))
+            values = {f"celebdf/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+            self.logger.scalars(values, self.step)
+            log.info("epoch %d: Celeb-DF %s frame AUC %.3f, video AUC %.3f", self.loader.epoch, t.eval_split,
+                     summary["frame"]["auc"], summary["video"]["auc"])
+
     @torch.no_grad()
     def samples(self) -> None:
         with self.autocast():
@@ -363,6 +382,8 @@ class Trainer:
                 if self.logger is not None:
                     self.logger.scalars(metrics, self.step)
                     log.info("epoch %d: %s", self.loader.epoch, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if t.eval_every_epochs and self.loader.epoch % t.eval_every_epochs == 0:
+                self.evaluate_detector()
             self.samples()
             self.save()
         if self.logger is not None:

@@ -64,3 +64,15 @@ def celebdf_shards(celebdf_root, tmp_path_factory):
 def shard_bytes(dataset_dir: Path) -> dict[str, bytes]:
     """Every tar and index file of a dataset folder, by name."""
     return {p.name: p.read_bytes() for p in sorted(dataset_dir.iterdir()) if p.suffix in (".tar", ".idx")}
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(celeba_shards, tmp_path_factory):
+    """A checkpoint after 2 training steps of a small DCGAN on the synthetic CelebA (one process)."""
+    runs = tmp_path_factory.mktemp("smoke-runs")
+    overrides = [f"data.shards={celeba_shards.out_dir}", "data.batch_size=4", "data.threads=1", "model.ngf=16",
+                 "model.ndf=16", f"train.runs_dir={runs}", "train.name=smoke", "train.max_steps=2", "log.wandb=offline"]
+    result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return runs / "smoke" / "checkpoints" / "step-00000002.pt"

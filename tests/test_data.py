@@ -69,6 +69,19 @@ def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world
 
 
 @pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_without_drop_last_every_sample_is_read_exactly_once(uneven, loader, world_size):
+    parts = []
+    for rank in range(world_size):
+        cfg = _cfg(uneven, loader, drop_last=False, shuffle=False, batch_size=5)
+        with build_loader(cfg, rank, world_size) as data:
+            keys = _epoch_keys(data)
+        assert len(keys) == len(data) * 5 if loader == "dali" else len(keys) <= len(data) * 5  # DALI pads the last batch
+        parts.append(set(keys))  # DALI's pad copies carry the key of the sample they copy
+    assert sum(len(p) for p in parts) == 48 and len(set().union(*parts)) == 48
+
+
+@pytest.mark.parametrize("loader", LOADERS)
 def test_the_order_is_a_function_of_seed_and_epoch(uneven, loader):
     def two_epochs(seed):
         with build_loader(_cfg(uneven, loader, seed=seed)) as data:

@@ -69,8 +69,12 @@ class BaselineLoader(ShardLoader):
         n = len(self.dataset)
         rng = epoch_rng(self.cfg.seed, epoch)
         order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
-        per_rank = self.batches * self.cfg.batch_size
-        mine = order[self.rank * (n // self.world_size):][:per_rank]
+        if self.cfg.drop_last:
+            per_rank = self.batches * self.cfg.batch_size
+            mine = order[self.rank * (n // self.world_size):][:per_rank]
+        else:
+            mine = order[self.part().start:self.part().stop]
+            per_rank = len(mine)
         flips = np.random.default_rng([self.cfg.seed, epoch, self.rank]).random(per_rank) < 0.5
         return [(int(i), bool(f) and self.cfg.flip) for i, f in zip(mine, flips)]
 
@@ -78,7 +82,7 @@ class BaselineLoader(ShardLoader):
         items = self._indices(epoch)[start * self.cfg.batch_size:]
         loader = DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=items, num_workers=self.cfg.threads,
-            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+            pin_memory=self.device.type == "cuda", drop_last=self.cfg.drop_last, persistent_workers=False,
         )
         self._workers = iter(loader)
         try:

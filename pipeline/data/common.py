@@ -131,13 +131,21 @@ class ShardLoader:
             raise UserError(f"data.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}: choose one of those.")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.split = load_split(cfg)
-        self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{cfg.shards} split {cfg.split!r}")
+        if cfg.drop_last:
+            self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{cfg.shards} split {cfg.split!r}")
+        else:
+            self.batches = -(-len(self.part()) // cfg.batch_size)
         self.center_crop = wants_center_crop(cfg, self.split.dataset)
         self.epoch = 0
         self.batch = 0  # the next batch of the epoch to yield
 
     def __len__(self) -> int:
         return self.batches
+
+    def part(self) -> range:
+        """This rank's contiguous share of the split's sample positions, as DALI's reader cuts it."""
+        n = self.split.samples
+        return range(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the epoch then advances."""

@@ -32,7 +32,7 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
         jpg, cls = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
             random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer, shard_id=rank, num_shards=world_size,
-            name="reader",
+            pad_last_batch=not cfg.drop_last, name="reader",
         )
         decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if on_gpu else {"device": "cpu"}
         if center_crop:

@@ -1,0 +1,67 @@
+"""Score a trained discriminator as a deepfake detector on Celeb-DF shards.
+
+    python launch/evaluate.py --checkpoint runs/dcgan-10ep/checkpoints/step-00012710.pt --shards /data/shards/celebdf
+    torchrun --nproc_per_node=8 launch/evaluate.py --checkpoint CKPT --shards /data/shards/celebdf \\
+        --celeba /data/shards/celeba --log-to-run
+
+Writes metrics.json, videos.csv, roc.png and hist.png to --out (default: <run>/eval-step-N/ beside
+the checkpoint's run). --log-to-run also logs them to the run's TensorBoard and wandb run.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import dist
+from pipeline.errors import UserError
+from pipeline.evaluate import load_discriminator, log_to_run, per_video, plots, score_split, summarize, write_report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--shards", required=True, help="Celeb-DF shards (a folder with manifest.json)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--celeba", help="CelebA shards: also report the false-positive rate on its test split")
+    parser.add_argument("--out", type=Path, help="default: <run>/eval-step-N")
+    parser.add_argument("--batch", type=int, default=64, help="per rank")
+    parser.add_argument("--loader", choices=("dali", "baseline"), default="dali")
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--log-to-run", action="store_true", help="also log to the checkpoint's TensorBoard and wandb run")
+    args = parser.parse_args()
+    info = dist.init_distributed()
+    try:
+        D, meta = load_discriminator(args.checkpoint, info.device)
+        size = meta["config"]["data"]["image_size"]
+        common = dict(image_size=size, device=info.device, rank=info.rank, world_size=info.world_size,
+                      batch_size=args.batch, loader=args.loader, threads=args.threads)
+        frames = score_split(D, args.shards, args.split, **common)
+        celeba = score_split(D, args.celeba, "test", **common) if args.celeba else None
+        if info.is_main:
+            videos = per_video(frames)
+            summary = {"checkpoint": str(args.checkpoint), "step": meta["step"], "shards": args.shards,
+                       "split": args.split, **summarize(frames, videos, celeba)}
+            run_dir = args.checkpoint.resolve().parent.parent
+            out = args.out or run_dir / f"eval-step-{meta['step']:08d}"
+            images = plots(frames, videos)
+            write_report(out, summary, videos, images)
+            if args.log_to_run:
+                log_to_run(run_dir, meta, summary, images)
+            f, v = summary["frame"], summary["video"]
+            print(f"{summary['counts']['frames']} frames of {summary['counts']['videos']} videos: "
+                  f"frame AUC {f['auc']:.4f}, video AUC {v['auc']:.4f}, frame EER {f['eer']:.4f}, "
+                  f"video accuracy {v['accuracy']:.4f}" + (f", CelebA false positives {summary['celeba']['false_positive_rate']:.4f}" if celeba else ""))
+            print(f"wrote {out}/metrics.json, videos.csv, roc.png, hist.png")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

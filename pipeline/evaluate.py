@@ -1,0 +1,170 @@
+"""The discriminator as a deepfake detector, scored on Celeb-DF the way the field does (DeepfakeBench).
+
+D was trained to give real faces a positive logit, so a frame's fake score is sigmoid(-logit). A
+video's score is the mean of its frames' scores. Frames are read with the DALI loader and the training
+preprocessing; with several ranks each frame is scored exactly once (DALI's pad copies share their
+source's key and are dropped). Reported: frame and video AUC, accuracy at 0.5, EER, average precision,
+and, given CelebA shards, the share of CelebA test images (all real) called fake.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import dist, metrics
+from pipeline.config import DataConfig, config_from_dict
+from pipeline.data import build_loader
+from pipeline.errors import UserError
+from pipeline.fsutil import write_bytes_atomic, write_json_atomic
+from pipeline.models import Discriminator
+
+
+@dataclass
+class Scores:
+    keys: list[str]  # "<shard>/<sample key>", sorted
+    labels: np.ndarray  # 1 = fake
+    scores: np.ndarray  # P(fake) = sigmoid(-logit)
+
+
+def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discriminator, dict]:
+    """D (in eval mode) and the whole checkpoint's config and step."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        cfg = state["config"]
+        D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"])
+        D.load_state_dict(state["D"])
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {checkpoint} does not load as a training checkpoint ({e}): pass another one.") from None
+    return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id")}
+
+
+@torch.no_grad()
+def score_split(D, shards: str, split: str, image_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                batch_size: int = 64, loader: str = "dali", threads: int = 4) -> Scores:
+    """Every sample of the split scored once, gathered on every rank."""
+    cfg = DataConfig(shards=str(shards), split=split, loader=loader, batch_size=batch_size, image_size=image_size,
+                     flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
+    mine: dict[str, tuple[int, float]] = {}
+    with build_loader(cfg, rank, world_size, device) as data:
+        for batch in data:
+            fake = torch.sigmoid(-D(batch.images.float()).float()).cpu().tolist()
+            mine.update(zip(batch.keys, zip(batch.labels.cpu().tolist(), fake)))
+    merged: dict[str, tuple[int, float]] = {}
+    for part in dist.all_gather_objects(mine):
+        merged.update(part)
+    keys = sorted(merged)
+    return Scores(keys, np.array([merged[k][0] for k in keys]), np.array([merged[k][1] for k in keys]))
+
+
+def video_of(key: str) -> str:
+    """'test-000000.tar/Celeb-synthesis_id0_id16_0000_0042' -> 'Celeb-synthesis_id0_id16_0000'."""
+    return key.split("/", 1)[1].rsplit("_", 1)[0]
+
+
+def per_video(frames: Scores) -> list[dict]:
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(frames.keys):
+        groups.setdefault(video_of(key), []).append(i)
+    rows = []
+    for video, idx in sorted(groups.items()):
+        score = float(frames.scores[idx].mean())
+        rows.append({"video": video, "label": int(frames.labels[idx[0]]), "frames": len(idx), "score": score,
+                     "verdict": "fake" if score > 0.5 else "real"})
+    return rows
+
+
+def _block(labels, scores) -> dict[str, float]:
+    return {"auc": metrics.auc(labels, scores), "accuracy": metrics.accuracy(labels, scores),
+            "eer": metrics.eer(labels, scores), "ap": metrics.average_precision(labels, scores)}
+
+
+def summarize(frames: Scores, videos: list[dict], celeba: Scores | None = None) -> dict:
+    v_labels = np.array([v["label"] for v in videos])
+    v_scores = np.array([v["score"] for v in videos])
+    out = {
+        "frame": _block(frames.labels, frames.scores), "video": _block(v_labels, v_scores),
+        "counts": {"frames": len(frames.keys), "videos": len(videos), "real_videos": int((v_labels == 0).sum()),
+                   "fake_videos": int((v_labels == 1).sum()), "real_frames": int((frames.labels == 0).sum()),
+                   "fake_frames": int((frames.labels == 1).sum())},
+    }
+    if celeba is not None:
+        out["celeba"] = {"images": len(celeba.keys), "false_positive_rate": float((celeba.scores > 0.5).mean())}
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def plots(frames: Scores, videos: list[dict]) -> dict[str, bytes]:
+    """roc.png (frame and video ROC) and hist.png (frame scores, real against fake), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    v_labels, v_scores = [v["label"] for v in videos], [v["score"] for v in videos]
+    for name, labels, scores in (("frames", frames.labels, frames.scores), ("videos", v_labels, v_scores)):
+        if len(set(labels)) == 2:
+            fpr, tpr, _ = metrics.roc_curve(labels, scores)
+            ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.auc(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", label="chance")
+    ax.set_xlabel("false-positive rate (real called fake)")
+    ax.set_ylabel("true-positive rate (fake called fake)")
+    ax.legend(loc="lower right")
+    roc = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 41)
+    for label, name in ((0, "real"), (1, "fake")):
+        ax.hist(frames.scores[frames.labels == label], bins=bins, alpha=0.6, label=f"{name} frames")
+    ax.set_xlabel("fake score = sigmoid(-logit of D)")
+    ax.set_ylabel("frames")
+    ax.legend()
+    hist = _png(fig)
+    plt.close(fig)
+    return {"roc.png": roc, "hist.png": hist}
+
+
+def write_report(out: Path, summary: dict, videos: list[dict], images: dict[str, bytes]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", summary)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["video", "label", "frames", "score", "verdict"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(videos)
+    write_bytes_atomic(out / "videos.csv", buf.getvalue().encode())
+    for name, data in images.items():
+        write_bytes_atomic(out / name, data)
+
+
+def log_to_run(run_dir: Path, meta: dict, summary: dict, images: dict[str, bytes]) -> None:
+    """The metrics and plots into the run's TensorBoard events and its wandb run, at the checkpoint's step."""
+    from PIL import Image
+
+    from pipeline.loggers import RunLogger
+
+    cfg = config_from_dict(meta["config"], f"the config saved in the checkpoint of {run_dir}")
+    logger = RunLogger(run_dir, cfg, meta["config"], meta["wandb_run_id"], resumed=True)
+    try:
+        values = {f"celebdf/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+        if "celeba" in summary:
+            values["celeba/false_positive_rate"] = summary["celeba"]["false_positive_rate"]
+        logger.scalars(values, meta["step"])
+        for name, data in images.items():
+            array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # a writable copy for torch
+            logger.image(f"celebdf/{name[:-4]}", torch.from_numpy(array).permute(2, 0, 1).float() / 255, meta["step"])
+    finally:
+        logger.close()

@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO
+
+from shards.synth.celebdf import camera_frames, photo_paths, portrait, write_video
+from shards.video import even_indices
+
+
+def detect(path, checkpoint, *args):
+    return subprocess.run([sys.executable, "-m", "pipeline.detect", str(path), "--checkpoint", str(checkpoint), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def as_json(result):
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_a_video_gets_per_frame_scores_and_a_verdict(smoke_checkpoint, celebdf_root):
+    video = sorted((celebdf_root / "Celeb-synthesis").glob("*.mp4"))[0]
+    out = as_json(detect(video, smoke_checkpoint, "--json", "--frames", "5"))
+    decoded = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    assert out["kind"] == "video" and [f["frame"] for f in out["frames"]] == even_indices(decoded, 5)
+    assert out["frames_with_face"] == 5 and all(f["faces"] == 1 and 0 <= f["score"] <= 1 for f in out["frames"])
+    assert out["score"] == pytest.approx(np.mean([f["score"] for f in out["frames"]]))
+    assert out["verdict"] == ("fake" if out["score"] > 0.5 else "real")
+    text = detect(video, smoke_checkpoint, "--frames", "5")
+    assert text.returncode == 0 and f"verdict: {out['verdict'].upper()}" in text.stdout
+
+
+def test_an_image_with_two_faces_counts_the_most_suspicious(smoke_checkpoint, tmp_path):
+    grace = cv2.imread(str(photo_paths()[0]))
+    cv2.imwrite(str(tmp_path / "two.png"), np.hstack([grace, grace[:, ::-1]]))
+    (tmp_path / "renamed.mp4").write_bytes((tmp_path / "two.png").read_bytes())  # the content decides, not the name
+    for name in ("two.png", "renamed.mp4"):
+        out = as_json(detect(tmp_path / name, smoke_checkpoint, "--json"))
+        assert out["kind"] == "image" and out["frames"][0]["faces"] == 2
+        assert any("several faces" in n for n in out["notes"])
+
+
+def test_frames_without_a_face_are_counted_not_scored(smoke_checkpoint, tmp_path):
+    person = portrait(0, 0)
+    faces = camera_frames(person.image, person.box, seed=1, n_frames=20)
+    noise = [np.random.default_rng(i).integers(0, 255, faces[0].shape, dtype=np.uint8) for i in range(20)]
+    write_video(tmp_path / "half.mp4", faces + noise)
+    out = as_json(detect(tmp_path / "half.mp4", smoke_checkpoint, "--json", "--frames", "8"))
+    assert out["frames_looked_at"] == 8 and 0 < out["frames_without_face"] < 8
+    assert all((f["score"] is None) == (f["faces"] == 0) for f in out["frames"])
+    assert any("had no face" in n for n in out["notes"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"just text", "is neither an image nor a video"),
+    (None, "no face was found"),
+])
+def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, message):
+    path = tmp_path / "input.jpg"
+    if content is None:
+        cv2.imwrite(str(path), np.full((200, 200, 3), 127, np.uint8))
+    else:
+        path.write_bytes(content)
+    result = detect(path, smoke_checkpoint)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

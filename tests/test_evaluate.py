@@ -1,0 +1,114 @@
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline import metrics
+from pipeline.evaluate import video_of
+from shards.manifest import load_manifest
+
+
+# ---------------------------------------------------------------- metrics, against values worked by hand
+
+def test_metrics_on_a_small_case_worked_by_hand():
+    labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    # Of the 4 (fake, real) pairs, 3 rank the fake higher: AUC 3/4.
+    assert metrics.auc(labels, scores) == 0.75
+    # Ranked: 0.8 (fake) 0.4 (real) 0.35 (fake) 0.1 (real): precision 1 at recall 1/2, 2/3 at recall 1.
+    assert metrics.average_precision(labels, scores) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    fpr, tpr, thresholds = metrics.roc_curve(labels, scores)
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert thresholds[1:].tolist() == [0.8, 0.4, 0.35, 0.1]
+    # At threshold 0.4 one real of two is called fake and one fake of two is missed: EER 1/2.
+    assert metrics.eer(labels, scores) == 0.5
+    assert metrics.accuracy(labels, scores) == 0.75  # 0.4 and 0.35 are below 0.5: one fake missed
+
+
+def test_metrics_at_the_extremes():
+    assert metrics.auc([0, 0, 1], [0.1, 0.2, 0.9]) == 1.0 and metrics.eer([0, 0, 1], [0.1, 0.2, 0.9]) == 0.0
+    assert metrics.auc([0, 1], [0.9, 0.1]) == 0.0 and metrics.eer([0, 1], [0.9, 0.1]) == 1.0
+    assert metrics.auc([0, 1, 0, 1], [0.5] * 4) == 0.5  # ties count half
+    assert math.isnan(metrics.auc([1, 1], [0.2, 0.3])) and math.isnan(metrics.eer([0, 0], [0.2, 0.3]))
+    # A vertical ROC step: between (fpr 1/3, fnr 1/2) and (fpr 1/3, fnr 0) the rates meet at 1/3.
+    assert metrics.eer([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.9]) == pytest.approx(1 / 3)
+    # A tie of a real and a fake makes a diagonal segment, (fpr 0, fnr 1/2) to (fpr 1/2, fnr 0): they meet at 1/4.
+    assert metrics.eer([0, 1, 0, 1], [0.2, 0.5, 0.5, 0.9]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="0 .real. or 1"):
+        metrics.auc([0, 2], [0.1, 0.2])
+
+
+def test_a_video_is_named_by_its_key_without_the_frame():
+    assert video_of("test-000000.tar/Celeb-synthesis_id0_id16_0000_0042") == "Celeb-synthesis_id0_id16_0000"
+
+
+# ---------------------------------------------------------------- the command
+
+def evaluate(nproc, *args):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return subprocess.run([*launcher, "launch/evaluate.py", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluation_scores_every_test_frame_and_writes_its_report(smoke_checkpoint, celebdf_shards, celeba_shards, tmp_path):
+    result = evaluate(1, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--celeba", celeba_shards.out_dir,
+                      "--out", tmp_path, "--batch", 8, "--log-to-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    test = load_manifest(celebdf_shards.out_dir)["splits"]["test"]
+    assert summary["counts"]["frames"] == test["samples"]
+    assert (summary["counts"]["real_frames"], summary["counts"]["fake_frames"]) == (test["labels"]["0"], test["labels"]["1"])
+    assert summary["counts"]["videos"] == summary["counts"]["real_videos"] + summary["counts"]["fake_videos"]
+    for level in ("frame", "video"):
+        assert set(summary[level]) == {"auc", "accuracy", "eer", "ap"}
+        assert all(0 <= v <= 1 for v in summary[level].values())
+    assert summary["celeba"]["images"] == load_manifest(celeba_shards.out_dir)["splits"]["test"]["samples"]
+    rows = list(csv.DictReader((tmp_path / "videos.csv").open()))
+    assert len(rows) == summary["counts"]["videos"] and sum(int(r["frames"]) for r in rows) == test["samples"]
+    for r in rows:
+        assert r["label"] == ("1" if r["video"].startswith("Celeb-synthesis") else "0")
+        assert r["verdict"] == ("fake" if float(r["score"]) > 0.5 else "real")
+    for name in ("roc.png", "hist.png"):
+        assert Image.open(tmp_path / name).size[0] >= 500
+    events = EventAccumulator(str(smoke_checkpoint.parent.parent))
+    events.Reload()
+    assert events.Scalars("celebdf/video_auc")[-1].value == pytest.approx(summary["video"]["auc"])
+    assert "celebdf/roc" in events.Tags()["images"]
+
+
+def test_two_ranks_score_every_frame_exactly_once_and_alike(smoke_checkpoint, celebdf_shards, tmp_path):
+    one = evaluate(1, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "one", "--batch", 5)
+    two = evaluate(2, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "two", "--batch", 5)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert a["counts"] == b["counts"]
+    rows = [{r["video"]: (r["frames"], float(r["score"])) for r in csv.DictReader((tmp_path / n / "videos.csv").open())}
+            for n in ("one", "two")]
+    assert rows[0].keys() == rows[1].keys()
+    for video, (frames, score) in rows[0].items():
+        assert rows[1][video][0] == frames and rows[1][video][1] == pytest.approx(score, abs=1e-5)
+    assert b["frame"]["auc"] == pytest.approx(a["frame"]["auc"], abs=1e-6)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(celebdf_shards, tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    result = evaluate(1, "--checkpoint", tmp_path / "x.pt", "--shards", celebdf_shards.out_dir)
+    assert result.returncode == 2 and "does not load as a training checkpoint" in result.stderr
+
+
+def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_shards, tmp_path):
+    overrides = [f"data.shards={celeba_shards.out_dir}", "data.batch_size=4", "data.threads=1", "model.ngf=16", "model.ndf=16",
+                 f"train.runs_dir={tmp_path}", "train.name=with-eval", "train.epochs=1", "log.wandb=disabled",
+                 "train.eval_every_epochs=1", f"train.eval_shards={celebdf_shards.out_dir}", "train.eval_split=val"]
+    result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Celeb-DF val frame AUC" in result.stdout
+    events = EventAccumulator(str(tmp_path / "with-eval"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("celebdf/video_auc")]
+    assert steps == [12]  # one epoch of 48 images at batch 4 in one process
