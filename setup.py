@@ -32,7 +32,12 @@ setup(
         # matplotlib and scikit-image carry the real face photos the synthetic Celeb-DF is made from.
         "matplotlib>=3.8",
         "scikit-image>=0.22",
+        # The web app: FastAPI gives the OpenAPI schema the API is described and fuzzed by.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # schemathesis fuzzes the API against its schema; selenium drives Debian's chromium.
+    extras_require={"test": ["pytest>=8", "httpx>=0.27", "schemathesis>=4.0", "selenium>=4.20"]},
     entry_points={"console_scripts": ["deepfake-shards=shards.cli:main"]},
 )

@@ -81,6 +81,7 @@ def main() -> int:
     print(f"TensorBoard: tensorboard --logdir {run}")
     print(f"wandb offline run: {sorted(run.glob('wandb/offline-run-*'))[-1]} (upload with: wandb sync <that folder>)")
     print(f"Celeb-DF evaluation (synthetic data: the numbers mean nothing): {run}/eval-step-{int(checkpoint.stem[5:]):08d}/")
+    print(f"the web app: python -m pipeline.app --checkpoint {checkpoint}   (then open http://127.0.0.1:5000)")
     return 0
 
 

@@ -209,6 +209,19 @@ def test_kill_9_of_one_rank_then_resume_auto_loses_at_most_k_steps(celeba_shards
     assert last_logged - k <= step <= last_logged
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_runs_train_and_fp16_checkpoints_its_scalers(celeba_shards, runs, precision):
+    result = train(1, _overrides(celeba_shards.out_dir, runs, precision, f"train.precision={precision}",
+                                 "train.max_steps=2", "log.wandb=disabled", "train.channels_last=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = _state(runs / precision, 2)
+    assert all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
+    if precision == "fp16":  # an enabled GradScaler has a scale to save; a disabled one saves nothing
+        assert state["scaler_D"]["scale"] > 0 and state["scaler_G"]["scale"] > 0
+    else:
+        assert state["scaler_D"] == {} and state["scaler_G"] == {}
+
+
 def test_dry_run_prints_the_resolved_config_and_bad_keys_exit_2():
     result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/dcgan-20ep-lrG5e-4.yaml", "--dry-run",
                              "data.batch_size=64"], cwd=REPO, capture_output=True, text=True, timeout=60)

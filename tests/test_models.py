@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from pipeline.models import Discriminator, Generator, build_models
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_g_draws_images_of_the_size_and_d_returns_one_logit_each(size):
+    G, D = build_models(nz=100, ngf=16, ndf=16, image_size=size, generator=torch.Generator().manual_seed(0))
+    images = G(torch.randn(3, 100, 1, 1))
+    assert images.shape == (3, 3, size, size) and images.abs().max() <= 1  # Tanh
+    assert D(images).shape == (3,)
+
+
+def test_the_dcgan_initialization_and_its_reproducibility():
+    G1, D1 = build_models(100, 64, 64, 64, torch.Generator().manual_seed(7))
+    G2, _ = build_models(100, 64, 64, 64, torch.Generator().manual_seed(7))
+    conv = G1.main[0].weight
+    assert abs(conv.std().item() - 0.02) < 0.001 and abs(conv.mean().item()) < 0.001
+    bn = D1.main[3]
+    assert abs(bn.weight.mean().item() - 1) < 0.01 and bn.bias.abs().max() == 0
+    assert all(torch.equal(a, b) for a, b in zip(G1.state_dict().values(), G2.state_dict().values()))
+    assert sum(p.numel() for p in G1.parameters()) == 3_576_704  # the DCGAN of pytorch/examples at 64 px
+    assert sum(p.numel() for p in D1.parameters()) == 2_765_568
+
+
+def test_an_unsupported_size_is_refused():
+    with pytest.raises(ValueError, match="image_size 32"):
+        Generator(image_size=32)
+    with pytest.raises(ValueError, match="image_size 96"):
+        Discriminator(image_size=96)
