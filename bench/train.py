@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
+from pipeline.dist import DistInfo
 from pipeline.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +37,7 @@ def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision
         f"train.runs_dir={runs}", "train.resume=never", "train.epochs=1000", "log.wandb=disabled", "log.tensorboard=false",
     ]
     cfg = load_config(REPO / "configs" / "base.yaml", overrides)
-    info = init_distributed()
-    info = type(info)(0, 0, 1, torch.device(device))
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
     try:
         if inputs == "tensors":
             fixed = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from pipeline import __version__
-from pipeline.detect import Detector
+from pipeline.detect import Detector, NoFaceError, NotMediaError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
 
@@ -98,9 +98,8 @@ class Service:
             try:
                 result, thumbnails = self.detector().detect(path, self.frames)
             except UserError as e:
-                message = str(e).replace(str(path), "the upload")
-                status = 415 if "neither an image nor a video" in message else 422 if "no face" in message else 400
-                raise HTTPException(status, message) from None
+                status = 415 if isinstance(e, NotMediaError) else 422 if isinstance(e, NoFaceError) else 400
+                raise HTTPException(status, str(e).replace(str(path), "the upload")) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result["file"] = upload.filename or "upload"  # shown to the user, never used as a path

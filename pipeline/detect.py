@@ -31,6 +31,14 @@ CROP_SIZE = 256  # the sharding tool's --face-size, so that crops are resized to
 THRESHOLD = 0.5
 
 
+class NotMediaError(UserError):
+    """The file decodes neither as an image nor as a video."""
+
+
+class NoFaceError(UserError):
+    """No frame looked at shows a face."""
+
+
 def read_frames(path: Path, frames: int) -> tuple[str, list[tuple[int, np.ndarray]]]:
     """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name."""
     from shards.video import VideoError, sample_frames
@@ -44,7 +52,7 @@ def read_frames(path: Path, frames: int) -> tuple[str, list[tuple[int, np.ndarra
     try:
         return "video", sample_frames(str(path), frames).frames
     except VideoError:
-        raise UserError(f"{path} is neither an image nor a video that OpenCV can decode: pass a JPEG/PNG image or an MP4/AVI video.") from None
+        raise NotMediaError(f"{path} is neither an image nor a video that OpenCV can decode: pass a JPEG/PNG image or an MP4/AVI video.") from None
 
 
 class Detector:
@@ -80,7 +88,7 @@ class Detector:
             crops_kept.append(crops[worst].image)
         scored = [r["score"] for r in results if r["score"] is not None]
         if not scored:
-            raise UserError(f"no face was found in {path} ({len(results)} frames looked at): the detector needs a visible frontal face.")
+            raise NoFaceError(f"no face was found in {path} ({len(results)} frames looked at): the detector needs a visible frontal face.")
         scores_arr = np.array(scored)
         score = float(scores_arr.mean())
         notes = []
