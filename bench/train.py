@@ -1,8 +1,9 @@
 """Training throughput: images/s of the trainer's own step, fed by the DALI loader or by a batch
-already on the device (so the loader's cost shows), across precision, channels-last and torch.compile.
+already on the device (so the loader's cost shows), across precision, channels-last, torch.compile and
+the self-blends (`--sbi 1`: the step also makes self-blends and degradations of the batch on the device).
 
     python -m bench.train --device cpu --batch 32 --steps 10            # what the CPU table used
-    python -m bench.train --device cuda --batch 128 --steps 200 --compile 0 1
+    python -m bench.train --device cuda --batch 128 --steps 200 --compile 0 1 --sbi 0 1
 
 One process, one rank: multiply by the GPUs for a node only if the loader keeps up (see bench.loader).
 Without --shards it trains on 4,000 synthetic CelebA images it makes first. Writes JSON.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
+from pipeline.data import Batch
 from pipeline.dist import DistInfo
 from pipeline.trainer import Trainer
 
@@ -29,23 +31,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision: str, channels_last: bool,
-            compile_: bool, inputs: str, warmup: int, steps: int) -> dict:
+            compile_: bool, inputs: str, sbi: bool, warmup: int, steps: int) -> dict:
     overrides = [
         f"data.shards={shards}", f"data.batch_size={batch}", f"data.channels_last={channels_last}",
         f"data.threads={os.cpu_count()}", f"model.ngf={ngf}", f"model.ndf={ngf}", f"train.precision={precision}",
         f"train.channels_last={channels_last}", f"train.compile={compile_}", "train.val_every_epochs=0",
         f"train.runs_dir={runs}", "train.resume=never", "train.epochs=1000", "log.wandb=disabled", "log.tensorboard=false",
+        f"train.sbi_weight={float(sbi)}",
     ]
     cfg = load_config(REPO / "configs" / "base.yaml", overrides)
     trainer = Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
     try:
         if inputs == "tensors":
-            fixed = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device) * 2 - 1
-            if channels_last:
-                fixed = fixed.contiguous(memory_format=torch.channels_last)
-            batches = itertools.repeat(fixed)
+            first = next(iter(trainer.loader))  # real faces and landmarks, then the same batch again and again
+            batches = itertools.repeat(Batch(first.images.clone(), landmarks=first.landmarks))
         else:
-            batches = (b.images for _ in itertools.count() for b in trainer.loader)
+            batches = (b for _ in itertools.count() for b in trainer.loader)
         for _ in range(warmup):
             trainer.train_step(next(batches))
         if device == "cuda":
@@ -58,7 +59,7 @@ def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision
         seconds = time.perf_counter() - t0
     finally:
         trainer.close()
-    return {"precision": precision, "channels_last": channels_last, "compile": compile_, "inputs": inputs,
+    return {"precision": precision, "channels_last": channels_last, "compile": compile_, "inputs": inputs, "sbi": sbi,
             "seconds": round(seconds, 3), "images_per_s": round(steps * batch / seconds, 1)}
 
 
@@ -72,6 +73,7 @@ def main() -> int:
     parser.add_argument("--channels-last", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--compile", nargs="+", type=int, default=[0])
     parser.add_argument("--inputs", nargs="+", default=["tensors", "dali"])
+    parser.add_argument("--sbi", nargs="+", type=int, default=[0, 1], help="0: plain GAN step; 1: with self-blends")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -87,11 +89,12 @@ def main() -> int:
             root = write_celeba(Path(tmp) / "celeba", 4000)
             shards = str(build(CelebASource(root), Path(tmp) / "shards", workers=os.cpu_count() or 1, progress=False).out_dir)
         runs = []
-        for precision, cl, comp, inputs in itertools.product(args.precision, args.channels_last, args.compile, args.inputs):
+        grid = itertools.product(args.precision, args.channels_last, args.compile, args.inputs, args.sbi)
+        for precision, cl, comp, inputs, sbi in grid:
             r = measure(shards, tmp, args.device, args.batch, args.ngf, precision, bool(cl), bool(comp), inputs,
-                        args.warmup, args.steps)
+                        bool(sbi), args.warmup, args.steps)
             runs.append(r)
-            print(f"{precision} channels_last={cl} compile={comp} {inputs:7s}: {r['images_per_s']:8.1f} images/s", flush=True)
+            print(f"{precision} channels_last={cl} compile={comp} {inputs:7s} sbi={sbi}: {r['images_per_s']:8.1f} images/s", flush=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
     results = {"benchmark": "train", "device": device_name, "torch": torch.__version__, "batch": args.batch,
                "ngf": args.ngf, "image_size": 64, "steps": args.steps, "warmup": args.warmup, "runs": runs}

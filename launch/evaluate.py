@@ -16,7 +16,7 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import UserError
-from pipeline.evaluate import load_discriminator, log_to_run, per_video, plots, score_split, summarize, write_report
+from pipeline.evaluate import load_discriminator, log_to_run, per_video, plots, score_split, summarize, verdict_threshold, write_report
 
 
 def main() -> int:
@@ -34,15 +34,18 @@ def main() -> int:
     info = dist.init_distributed()
     try:
         D, meta = load_discriminator(args.checkpoint, info.device)
+        threshold, note = verdict_threshold(meta, args.checkpoint)
+        if note and info.is_main:
+            print(f"warning: {note}", file=sys.stderr)
         size = meta["config"]["data"]["image_size"]
         common = dict(image_size=size, device=info.device, rank=info.rank, world_size=info.world_size,
                       batch_size=args.batch, loader=args.loader, threads=args.threads)
         frames = score_split(D, args.shards, args.split, **common)
         celeba = score_split(D, args.celeba, "test", **common) if args.celeba else None
         if info.is_main:
-            videos = per_video(frames)
+            videos = per_video(frames, threshold)
             summary = {"checkpoint": str(args.checkpoint), "step": meta["step"], "shards": args.shards,
-                       "split": args.split, **summarize(frames, videos, celeba)}
+                       "split": args.split, "calibration": meta["calibration"], **summarize(frames, videos, celeba, threshold)}
             run_dir = args.checkpoint.resolve().parent.parent
             out = args.out or run_dir / f"eval-step-{meta['step']:08d}"
             images = plots(frames, videos)
@@ -52,7 +55,7 @@ def main() -> int:
             f, v = summary["frame"], summary["video"]
             print(f"{summary['counts']['frames']} frames of {summary['counts']['videos']} videos: "
                   f"frame AUC {f['auc']:.4f}, video AUC {v['auc']:.4f}, frame EER {f['eer']:.4f}, "
-                  f"video accuracy {v['accuracy']:.4f}" + (f", CelebA false positives {summary['celeba']['false_positive_rate']:.4f}" if celeba else ""))
+                  f"video accuracy {v['accuracy']:.4f} at the threshold {threshold:.3f}" + (f", CelebA false positives {summary['celeba']['false_positive_rate']:.4f}" if celeba else ""))
             print(f"wrote {out}/metrics.json, videos.csv, roc.png, hist.png")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

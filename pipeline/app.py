@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from pipeline import __version__
+from pipeline.data.preprocess import FacePreprocessor
 from pipeline.detect import Detector, NoFaceError, NotMediaError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
@@ -67,7 +68,8 @@ ERRORS = {400: "the request has no file, or the upload is empty or unreadable", 
 
 
 class Service:
-    """One model for all requests; one dlib face detector per request thread (dlib is not thread-safe)."""
+    """One model for all requests; one dlib face detector and one DALI preprocessing pipeline per request
+    thread (neither is thread-safe)."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32):
         self.template = Detector(checkpoint, device)
@@ -79,6 +81,7 @@ class Service:
         if not hasattr(self._local, "detector"):
             mine = copy.copy(self.template)  # shares D, which only runs inference
             mine.faces = FaceDetector(upsample=self.template.faces.upsample, landmarks=False)
+            mine.preprocess = FacePreprocessor(self.template.image_size, self.template.device)
             self._local.detector = mine
         return self._local.detector
 
@@ -153,7 +156,7 @@ def result_page(result: dict, thumbnails: list) -> str:
     body = (f'<h1>{html.escape(result["file"])}</h1>'
             f'<p class="verdict {result["verdict"]}" id="verdict">{result["verdict"].upper()}</p>'
             f'<p id="score">Mean fake score {result["score"]:.3f} over {result["frames_with_face"]} of '
-            f'{result["frames_looked_at"]} frames ({result["kind"]}); fake above {result["threshold"]}.</p>{notes}'
+            f'{result["frames_looked_at"]} frames ({result["kind"]}); fake above {result["threshold"]:.3f}, the threshold calibrated at training time.</p>{notes}'
             f'<img alt="fake score per frame" src="{_data_uri(_plot(result), "image/png")}">'
             f'<h2>Faces scored</h2><div>{thumbs}</div><p><a href="/">Check another file</a></p>')
     return PAGE.format(title="Verdict", body=body)

@@ -20,12 +20,16 @@ from pipeline.errors import UserError
 
 @dataclass
 class DataConfig:
-    shards: str = "demo/shards/celeba"  # a dataset folder written by `python -m shards` (it holds manifest.json)
+    shards: str | list[str] = "demo/shards/celeba"  # a dataset folder written by `python -m shards` (it holds
+    # manifest.json), or a list of them read as one split: [/s/celeba, /s/celebdf]
     split: str = "train"  # train | val | test
     loader: str = "dali"  # dali | baseline (webdataset-format shards, torch DataLoader workers, PIL decoding)
     batch_size: int = 128  # per rank
     image_size: int = 64  # side of the square images the model sees
-    center_crop: bool | None = None  # square centre crop before resizing; None: on for CelebA, off for face crops
+    crop: str = "face"  # face: the shards' dlib face crops (what the detector is scored on) | center: CelebA's
+    # centre square of the original image, the classic DCGAN preprocessing
+    real_only: bool = False  # keep only samples labelled real (cls 0): Celeb-DF's real frames join CelebA's faces
+    with_landmarks: bool = False  # also return the 68 landmarks (the self-blends need them; the trainer sets it)
     flip: bool = True  # random horizontal flips
     shuffle: bool = True  # a new seeded order every epoch
     shuffle_buffer: int = 4096  # DALI's shuffle buffer (samples); the baseline permutes the whole split
@@ -44,6 +48,8 @@ class ModelConfig:
     nz: int = 100  # length of the noise vector z
     ngf: int = 64  # generator width: channels of its last hidden layer
     ndf: int = 64  # discriminator width: channels of its first layer
+    d_norm: str = "group"  # group: a face's score is the same alone or in any batch, in train and eval mode |
+    # batch: the DCGAN paper's BatchNorm (checkpoints written before d_norm existed)
     # The image side is data.image_size (64 or 128): one number, so model and data cannot disagree.
 
 
@@ -67,6 +73,11 @@ class TrainConfig:
     ckpt_keep_last: int = 3
     resume: str = "auto"  # auto: newest intact checkpoint of the run, if any | never | a checkpoint path
     max_nonfinite_steps: int = 20  # consecutive skipped steps with a non-finite loss before the run stops
+    sbi_weight: float = 0.0  # weight in D's loss of self-blended pseudo-fakes of the real batch (pipeline/sbi.py);
+    # 0 keeps the plain GAN discriminator. Needs face-crop shards with landmarks (data.crop face)
+    gan_weight: float = 1.0  # weight in D's loss of G's samples; 0 trains D on reals and self-blends alone, without G
+    degrade_prob: float = 0.5  # with self-blends: chance of each quality degradation (downscale, blur, noise, JPEG),
+    # drawn per image for reals and blends alike, so that image quality is never the cue
     val_every_epochs: int = 1  # D's accuracy and loss on data.val_split; 0 turns it off
     val_split: str = "val"
     eval_every_epochs: int = 0  # score D as a deepfake detector on eval_shards (Celeb-DF) every N epochs; 0: never

@@ -4,31 +4,31 @@
     python -m pipeline.detect face.jpg --checkpoint CKPT --json
 
 Frames are sampled as the sharding tool samples Celeb-DF (evenly spaced over the frames that decode),
-faces are found and cropped with the same code (dlib HOG, square 1.3x crop at 256 px), resized to the
-model's size as in training, and scored: fake score = sigmoid(-logit of D). Where a frame has several
-faces, the most suspicious one counts. The overall score is the mean over frames with a face, as the
-evaluation's video score. Read the README's "What a DCGAN discriminator can and cannot be expected to
-detect" before trusting a verdict.
+faces are found and cropped with the same code (dlib HOG, square 1.3x crop at 256 px), put through the
+shards' JPEG round trip and the loader's DALI decode and resize, and scored: fake score =
+sigmoid(-logit of D). Where a frame has several faces, the most suspicious one counts. The overall
+score is the mean over frames with a face, as the evaluation's video score, and the verdict compares it
+with the threshold calibrated at training time (saved in the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
+from pipeline.data.preprocess import FacePreprocessor
 from pipeline.errors import UserError
-from pipeline.evaluate import load_discriminator
-from pipeline.faces import FaceDetector, crop_face
+from pipeline.evaluate import load_discriminator, verdict_threshold
+from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceDetector, crop_face
 
-CROP_SIZE = 256  # the sharding tool's --face-size, so that crops are resized to the model's size alike
-THRESHOLD = 0.5
+log = logging.getLogger(__name__)
 
 
 class NotMediaError(UserError):
@@ -63,14 +63,16 @@ class Detector:
         self.D, meta = load_discriminator(Path(checkpoint), self.device)
         self.image_size = meta["config"]["data"]["image_size"]
         self.step = meta["step"]
+        self.threshold, self.threshold_note = verdict_threshold(meta, checkpoint)
+        if self.threshold_note:
+            log.warning(self.threshold_note)
         self.faces = FaceDetector(upsample=upsample, landmarks=False)
+        self.preprocess = FacePreprocessor(self.image_size, self.device)
 
     @torch.no_grad()
     def score_faces(self, crops: list[np.ndarray]) -> list[float]:
-        x = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c in crops])  # [N, 3, 256, 256] uint8
-        x = v2.functional.resize(x, [self.image_size, self.image_size], antialias=True)
-        x = (x.float() - 127.5) / 127.5
-        return torch.sigmoid(-self.D(x.to(self.device)).float()).cpu().tolist()
+        """P(fake) of RGB face crops (FACE_SIZE square), prepared exactly as the training shards are."""
+        return torch.sigmoid(-self.D(self.preprocess(crops)).float()).cpu().tolist()
 
     def detect(self, path: Path, frames: int = 32) -> tuple[dict, list[np.ndarray]]:
         """The report (JSON-ready) and the scored face crops, one per frame with a face."""
@@ -81,7 +83,7 @@ class Detector:
             if not faces:
                 results.append({"frame": index, "faces": 0, "score": None})
                 continue
-            crops = [crop_face(rgb, f, CROP_SIZE, 1.3) for f in faces]
+            crops = [crop_face(rgb, f, FACE_SIZE, FACE_SCALE) for f in faces]
             scores = self.score_faces([c.image for c in crops])
             worst = int(np.argmax(scores))
             results.append({"frame": index, "faces": len(faces), "score": scores[worst], "box": list(faces[worst].box)})
@@ -91,7 +93,7 @@ class Detector:
             raise NoFaceError(f"no face was found in {path} ({len(results)} frames looked at): the detector needs a visible frontal face.")
         scores_arr = np.array(scored)
         score = float(scores_arr.mean())
-        notes = []
+        notes = [self.threshold_note] if self.threshold_note else []
         if any(r["faces"] > 1 for r in results):
             notes.append("some frames show several faces; each frame's most suspicious face counts")
         if len(scored) < len(results):
@@ -100,7 +102,7 @@ class Detector:
             "file": str(path), "kind": kind, "checkpoint_step": self.step, "frames_looked_at": len(results),
             "frames_with_face": len(scored), "frames_without_face": len(results) - len(scored),
             "frames": results, "score": score, "score_min": float(scores_arr.min()), "score_max": float(scores_arr.max()),
-            "threshold": THRESHOLD, "verdict": "fake" if score > THRESHOLD else "real", "notes": notes,
+            "threshold": self.threshold, "verdict": "fake" if score > self.threshold else "real", "notes": notes,
         }, crops_kept
 
 
@@ -110,7 +112,7 @@ def report_text(result: dict) -> str:
         lines.append(f"  frame {r['frame']:5d}: " + (f"fake score {r['score']:.3f}" + (f" (most suspicious of {r['faces']} faces)" if r["faces"] > 1 else "")
                                                    if r["score"] is not None else "no face"))
     lines += [f"  note: {n}" for n in result["notes"]]
-    lines.append(f"verdict: {result['verdict'].upper()} (mean fake score {result['score']:.3f}; fake above {result['threshold']})")
+    lines.append(f"verdict: {result['verdict'].upper()} (mean fake score {result['score']:.3f}; fake above {result['threshold']:.3f})")
     return "\n".join(lines)
 
 

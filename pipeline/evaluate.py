@@ -3,7 +3,8 @@
 D was trained to give real faces a positive logit, so a frame's fake score is sigmoid(-logit). A
 video's score is the mean of its frames' scores. Frames are read with the DALI loader and the training
 preprocessing; with several ranks each frame is scored exactly once (DALI's pad copies share their
-source's key and are dropped). Reported: frame and video AUC, accuracy at 0.5, EER, average precision,
+source's key and are dropped). Reported: frame and video AUC, EER, average precision, accuracy at the
+threshold calibrated at training time (the checkpoint's; 0.5 for checkpoints without one) and at 0.5,
 and, given CelebA shards, the share of CelebA test images (all real) called fake.
 """
 
@@ -33,17 +34,27 @@ class Scores:
 
 
 def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discriminator, dict]:
-    """D (in eval mode) and the whole checkpoint's config and step."""
+    """D (in eval mode) and the checkpoint's config, step and calibrated threshold."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         cfg = state["config"]
-        D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"])
+        # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
+        D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"))
         D.load_state_dict(state["D"])
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None
     except Exception as e:
         raise UserError(f"checkpoint {checkpoint} does not load as a training checkpoint ({e}): pass another one.") from None
-    return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id")}
+    return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id"),
+                                 "threshold": state.get("threshold"), "calibration": state.get("calibration") or {}}
+
+
+def verdict_threshold(meta: dict, checkpoint: Path) -> tuple[float, str | None]:
+    """The checkpoint's calibrated threshold on P(fake), or 0.5 and a note saying why."""
+    if meta.get("threshold") is None:
+        return 0.5, (f"checkpoint {checkpoint} has no calibrated threshold (trained without self-blends, or "
+                     "written before calibration existed): using 0.5, which may call every face fake or real")
+    return float(meta["threshold"]), None
 
 
 @torch.no_grad()
@@ -51,7 +62,7 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
                 batch_size: int = 64, loader: str = "dali", threads: int = 4) -> Scores:
     """Every sample of the split scored once, gathered on every rank."""
     cfg = DataConfig(shards=str(shards), split=split, loader=loader, batch_size=batch_size, image_size=image_size,
-                     flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
+                     crop="face", flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:
         for batch in data:
@@ -69,7 +80,7 @@ def video_of(key: str) -> str:
     return key.split("/", 1)[1].rsplit("_", 1)[0]
 
 
-def per_video(frames: Scores) -> list[dict]:
+def per_video(frames: Scores, threshold: float = 0.5) -> list[dict]:
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(frames.keys):
         groups.setdefault(video_of(key), []).append(i)
@@ -77,26 +88,29 @@ def per_video(frames: Scores) -> list[dict]:
     for video, idx in sorted(groups.items()):
         score = float(frames.scores[idx].mean())
         rows.append({"video": video, "label": int(frames.labels[idx[0]]), "frames": len(idx), "score": score,
-                     "verdict": "fake" if score > 0.5 else "real"})
+                     "verdict": "fake" if score > threshold else "real"})
     return rows
 
 
-def _block(labels, scores) -> dict[str, float]:
-    return {"auc": metrics.auc(labels, scores), "accuracy": metrics.accuracy(labels, scores),
-            "eer": metrics.eer(labels, scores), "ap": metrics.average_precision(labels, scores)}
+def _block(labels, scores, threshold: float) -> dict[str, float]:
+    return {"auc": metrics.auc(labels, scores), "accuracy": metrics.accuracy(labels, scores, threshold),
+            "accuracy_at_0.5": metrics.accuracy(labels, scores), "eer": metrics.eer(labels, scores),
+            "ap": metrics.average_precision(labels, scores)}
 
 
-def summarize(frames: Scores, videos: list[dict], celeba: Scores | None = None) -> dict:
+def summarize(frames: Scores, videos: list[dict], celeba: Scores | None = None, threshold: float = 0.5) -> dict:
+    """Metrics as the field reports them; `accuracy` is at `threshold` (the calibrated one), beside accuracy at 0.5."""
     v_labels = np.array([v["label"] for v in videos])
     v_scores = np.array([v["score"] for v in videos])
     out = {
-        "frame": _block(frames.labels, frames.scores), "video": _block(v_labels, v_scores),
+        "threshold": threshold,
+        "frame": _block(frames.labels, frames.scores, threshold), "video": _block(v_labels, v_scores, threshold),
         "counts": {"frames": len(frames.keys), "videos": len(videos), "real_videos": int((v_labels == 0).sum()),
                    "fake_videos": int((v_labels == 1).sum()), "real_frames": int((frames.labels == 0).sum()),
                    "fake_frames": int((frames.labels == 1).sum())},
     }
     if celeba is not None:
-        out["celeba"] = {"images": len(celeba.keys), "false_positive_rate": float((celeba.scores > 0.5).mean())}
+        out["celeba"] = {"images": len(celeba.keys), "false_positive_rate": float((celeba.scores > threshold).mean())}
     return out
 
 

@@ -17,7 +17,17 @@ import numpy as np
 
 from pipeline.errors import UserError
 
+# box_from_five_points: measured with dlib's HOG boxes on real frontal faces (see test_faces).
+BOX_SIDE_PER_EYE_MOUTH = 2.3
+BOX_CENTRE_BELOW_EYES = 0.5
+
 LANDMARKS_MODEL = "models/shape_predictor_68_face_landmarks.dat"
+FACE_SCALE = 1.3  # the crop square's side over the detector box's longer side (DeepfakeBench, SBI)
+FACE_SIZE = 256  # the crops' side in pixels, as Celeb-DF is usually prepared
+JPEG_QUALITY = 95  # of the stored crops; detection repeats this round trip so that its input matches training's
+LANDMARK_POINTS = 68
+# CelebA's five points, as named in list_landmarks_align_celeba.txt.
+CELEBA_POINTS = ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,15 @@ class FaceDetector:
         faces = self.detect(rgb)
         return faces[0] if faces else None
 
+    def at(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> Face:
+        """The face in a box found by other means, with the 68 landmarks the predictor places in it."""
+        rgb = np.ascontiguousarray(rgb)
+        landmarks = None
+        if self._predictor is not None:
+            shape = self._predictor(rgb, self._rect(*box))
+            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        return Face(tuple(int(v) for v in box), landmarks)
+
 
 def square_around(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int]:
     """(left, top, side) of a square `scale` times the box's longer side, centred on the box."""
@@ -127,3 +146,38 @@ def crop_face(rgb: np.ndarray, face: Face, size: int = 256, scale: float = 1.3) 
 def shared_detector(upsample: int = 1, landmarks: bool = True) -> FaceDetector:
     """One detector per process and setting, for worker processes that handle many items."""
     return FaceDetector(upsample=upsample, landmarks=landmarks)
+
+
+def box_from_five_points(points: dict[str, list[float]]) -> tuple[int, int, int, int]:
+    """The box dlib's detector would draw around a face, estimated from CelebA's five landmarks.
+
+    For faces where dlib finds none: the box's centre and side follow the eye centre and the
+    eye-to-mouth distance with ratios measured on dlib's own boxes (`test_faces` checks them on real
+    photos): the side is 2.3 eye-to-mouth distances, the centre half of that distance below the eyes.
+    """
+    eyes = (np.array(points["lefteye"], np.float32) + np.array(points["righteye"], np.float32)) / 2
+    mouth = (np.array(points["leftmouth"], np.float32) + np.array(points["rightmouth"], np.float32)) / 2
+    d = float(np.linalg.norm(mouth - eyes))
+    axis = (mouth - eyes) / max(d, 1e-6)
+    cx, cy = eyes + axis * BOX_CENTRE_BELOW_EYES * d
+    half = BOX_SIDE_PER_EYE_MOUTH * d / 2
+    return int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half))
+
+
+def encode_face_jpeg(image: np.ndarray) -> bytes:
+    """An RGB crop as the shards store it (OpenCV, quality 95)."""
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a JPEG")
+    return jpg.tobytes()
+
+
+def landmarks_bytes(landmarks: np.ndarray | None, size: int) -> bytes:
+    """68 (x, y) in crop pixels -> the shards' `lmk` member: 68 x 2 float32, little-endian, in [0, 1] of the crop.
+
+    Normalized, so they follow any resize of the crop; NaN where there are none, so every sample has the
+    member and DALI's batches stay dense.
+    """
+    if landmarks is None:
+        return np.full((LANDMARK_POINTS, 2), np.nan, "<f4").tobytes()
+    return (np.asarray(landmarks, np.float32) / size).astype("<f4").tobytes()

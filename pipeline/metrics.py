@@ -55,6 +55,22 @@ def eer(labels, scores) -> float:
     return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
 
 
+def eer_threshold(labels, scores) -> float:
+    """The score threshold at the equal-error point: call a score fake above it.
+
+    At the first ROC point where the false-positive rate reaches the false-negative rate, the scores at
+    or above that point's score are called fake; the threshold is the midpoint between that score and
+    the next lower one, so that `scores > threshold` makes exactly that call.
+    """
+    labels, scores = _check(labels, scores)
+    if labels.min() == labels.max():
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    i = int(np.flatnonzero(fpr >= 1 - tpr - 1e-12)[0])  # >= 1: fpr starts at 0, fnr at 1; 1 - 2/3 > 1/3 in floats
+    lower = thresholds[i + 1] if i + 1 < len(thresholds) else thresholds[i] - 1e-6
+    return float((thresholds[i] + lower) / 2)
+
+
 def average_precision(labels, scores) -> float:
     """Sum over thresholds of (recall step) x precision, as scikit-learn defines it."""
     labels, scores = _check(labels, scores)

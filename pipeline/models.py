@@ -2,6 +2,11 @@
 
 D returns logits (no Sigmoid): losses use softplus, which autocast accepts and which is the
 numerically stable form of binary cross-entropy.
+
+D normalizes with GroupNorm by default, not the paper's BatchNorm: D is also the detector, and a face's
+score must not depend on the other faces in its batch, nor change between train and eval mode (with
+BatchNorm, eval mode uses running statistics gathered mostly from fake batches). `d_norm="batch"` keeps
+the paper's D, and loads checkpoints written before GroupNorm.
 """
 
 from __future__ import annotations
@@ -38,14 +43,25 @@ class Generator(nn.Module):
         return self.main(z)
 
 
+D_NORMS = ("group", "batch")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4), channels)  # at least 4 channels a group, even at small ndf
+    raise ValueError(f"d_norm {kind!r} is not one of {D_NORMS}")
+
+
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64, image_size: int = 64):
+    def __init__(self, ndf: int = 64, image_size: int = 64, norm: str = "group"):
         super().__init__()
         extra = _check_size(image_size)
         layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # [N, ndf, S/2, S/2]
         ch = ndf
         for _ in range(3 + extra):  # down to 4 x 4
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), _norm(norm, ch * 2), nn.LeakyReLU(0.2, True)]
             ch *= 2
         layers += [nn.Conv2d(ch, 1, 4, 1, 0, bias=False)]  # [N, 1, 1, 1]
         self.main = nn.Sequential(*layers)
@@ -55,17 +71,18 @@ class Discriminator(nn.Module):
 
 
 def weights_init(m: nn.Module) -> None:
-    """The DCGAN paper's initialization: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
+    """The DCGAN paper's initialization: conv weights N(0, 0.02), norm scale N(1, 0.02), shift 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
 
 
-def build_models(nz: int, ngf: int, ndf: int, image_size: int, generator: torch.Generator | None = None):
+def build_models(nz: int, ngf: int, ndf: int, image_size: int, generator: torch.Generator | None = None,
+                 d_norm: str = "group"):
     """G and D, initialized; `generator` makes the initialization reproducible."""
-    G, D = Generator(nz, ngf, image_size), Discriminator(ndf, image_size)
+    G, D = Generator(nz, ngf, image_size), Discriminator(ndf, image_size, d_norm)
     with torch.random.fork_rng(devices=[]):
         if generator is not None:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))

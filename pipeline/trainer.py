@@ -1,5 +1,11 @@
 """The distributed DCGAN trainer: DDP, AMP, EMA, validation, exact checkpoints, signals, logging.
 
+D learns from three kinds of input: real faces (real), G's samples (fake, weighted by train.gan_weight)
+and self-blends of the real batch (fake, weighted by train.sbi_weight; pipeline/sbi.py), made on the
+training device inside the step. Reals and blends then get the same random quality degradations, so
+that image quality never tells them apart. Validation also scores the val reals against their
+self-blends and keeps the equal-error threshold, which the checkpoint carries to evaluate and detect.
+
 Every rank runs the same steps; decisions that must agree (skip a non-finite step, stop on a signal)
 are all-reduced, so no rank ever waits in a collective the others have left.
 
@@ -26,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,13 +42,15 @@ from pipeline import dist
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, flat_dict, to_dict
 from pipeline.data import build_loader
+from pipeline.data.common import load_split
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
 from pipeline.fsutil import write_bytes_atomic
 from pipeline.loggers import RunLogger, new_run_id
-from pipeline.models import SIZES, build_models
+from pipeline.metrics import auc, eer, eer_threshold
+from pipeline.models import D_NORMS, SIZES, build_models
 from pipeline.progress import Meter, hms
-from shards.manifest import load_manifest
+from pipeline.sbi import degrade, self_blend
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,6 +71,13 @@ def _check(cfg: Config) -> None:
         log.warning("train.precision fp16 on a CPU is slow and gains nothing; bf16 is the CPU's half precision")
     if t.eval_every_epochs and not t.eval_shards:
         raise UserError("train.eval_every_epochs is set but train.eval_shards is not: name the Celeb-DF shards folder.")
+    if t.sbi_weight < 0 or t.gan_weight < 0 or t.sbi_weight + t.gan_weight == 0:
+        raise UserError(f"train.sbi_weight {t.sbi_weight} and train.gan_weight {t.gan_weight} must be >= 0 and not both 0: "
+                        "D needs something fake to learn from.")
+    if t.sbi_weight and cfg.data.crop != "face":
+        raise UserError("train.sbi_weight needs the face crops and their landmarks: set data.crop=face.")
+    if cfg.model.d_norm not in D_NORMS:
+        raise UserError(f"model.d_norm {cfg.model.d_norm!r} is not one of {D_NORMS}: choose one of those.")
     for key in ("epochs", "log_every_steps", "sample_every_steps", "ckpt_every_steps", "ckpt_keep_last", "max_nonfinite_steps"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} is {getattr(t, key)}: it must be at least 1.")
@@ -101,6 +117,11 @@ class Trainer:
         self.saved_step = -1
         self.nonfinite_in_row = self.nonfinite_total = 0
         self._stop_signal = 0
+        self.sbi = t.sbi_weight > 0
+        # Any D scored on face crops gets a threshold: val reals against their self-blends need only landmarks.
+        self.calibrates = cfg.data.crop == "face"
+        self.threshold: float | None = None  # the calibrated verdict threshold on P(fake); set by validate()
+        self.calibration: dict[str, float] = {}
         self.logger: RunLogger | None = None
         self.init_models()
         self.init_data()
@@ -113,7 +134,7 @@ class Trainer:
     # ------------------------------------------------------------------ init
     def init_models(self) -> None:
         m, t, info = self.cfg.model, self.cfg.train, self.info
-        G, D = build_models(m.nz, m.ngf, m.ndf, self.cfg.data.image_size, torch.Generator().manual_seed(t.seed))
+        G, D = build_models(m.nz, m.ngf, m.ndf, self.cfg.data.image_size, torch.Generator().manual_seed(t.seed), m.d_norm)
         layout = torch.channels_last if t.channels_last else torch.contiguous_format
         self.G_raw = G.to(self.device, memory_format=layout)
         self.D_raw = D.to(self.device, memory_format=layout)
@@ -140,14 +161,17 @@ class Trainer:
         return DDP(module, device_ids=ids, **no_buffer_sync)
 
     def init_data(self) -> None:
-        d, t, info = self.cfg.data, self.cfg.train, self.info
+        t, info = self.cfg.train, self.info
+        d = replace(self.cfg.data, with_landmarks=self.sbi)
         self.loader = build_loader(d, info.rank, info.world_size, self.device)
         self.val_loader = None
         if t.val_every_epochs:
             # A val split smaller than world x batch still validates, in smaller batches.
-            n_val = load_manifest(d.shards)["splits"].get(t.val_split, {}).get("samples", 0)
-            val_batch = max(1, min(d.batch_size, n_val // info.world_size))
-            val = replace(d, split=t.val_split, batch_size=val_batch, shuffle=False, flip=False, with_meta=False)
+            val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates)
+            split = load_split(val)
+            n_val = split.samples
+            split.close()
+            val = replace(val, batch_size=max(1, min(d.batch_size, n_val // info.world_size)))
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device)
         self.global_batch = d.batch_size * info.world_size
         total = t.epochs * len(self.loader)
@@ -179,6 +203,7 @@ class Trainer:
             "step": self.step, "nimg": self.nimg, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
             "rng": dist.all_gather_objects(_rng_state(self.noise, self.device)),
             "nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg),
+            "threshold": self.threshold, "calibration": self.calibration,
             "wandb_run_id": self.run_id, "world_size": self.info.world_size,
         }
 
@@ -191,6 +216,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr  # the config, not the checkpoint, says the learning rate
         self.step, self.nimg, self.nonfinite_total = state["step"], state["nimg"], state["nonfinite_total"]
+        self.threshold, self.calibration = state.get("threshold"), state.get("calibration", {})
         self.loader.load_state_dict(state["loader"])
         rank = self.info.rank
         if state["world_size"] == self.info.world_size:
@@ -247,17 +273,44 @@ class Trainer:
         agreed = dist.all_reduce_(torch.tensor(flags, device=self.device), op=torch.distributed.ReduceOp.MAX)
         return agreed.tolist()
 
-    def train_step(self, real: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
-        """One D update, then one G update; returns detached statistics and whether any rank must stop."""
-        z = torch.randn(real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise)
+    @torch.no_grad()
+    def make_inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(reals, self-blends, which blends are usable) for D; without self-blends, the batch as it is."""
+        if not self.sbi:
+            return batch.images, None, None
+        p = self.cfg.train.degrade_prob
+        pairs = self_blend(batch.images, batch.landmarks, self.noise)
+        layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        real = degrade(pairs.real, self.noise, p).to(batch.images.dtype, memory_format=layout)
+        blend = degrade(pairs.fake, self.noise, p).to(batch.images.dtype, memory_format=layout)
+        return real, blend, pairs.valid
 
-        # (1) Update D: log D(x) + log(1 - D(G(z))), with G's output detached.
+    def train_step(self, batch) -> tuple[dict[str, torch.Tensor], bool]:
+        """One D update, then one G update; returns detached statistics and whether any rank must stop."""
+        t = self.cfg.train
+        real, blend, valid = self.make_inputs(batch)
+        with_G = t.gan_weight > 0
+        z = torch.randn(real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise) if with_G else None
+        stats: dict[str, torch.Tensor] = {}
+
+        # (1) Update D: log D(x) + log(1 - D(G(z))) + log(1 - D(blend)), with G's output detached.
         self.opt_D.zero_grad(set_to_none=True)
         with self.autocast():
             logits_real = self.D(real)
-            fake = self.G(z)
-            logits_fake = self.D(fake.detach())
-            loss_D = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+            loss_D = F.softplus(-logits_real).mean()
+            stats["D/real"] = torch.sigmoid(logits_real.detach().float()).mean()
+            if with_G:
+                fake = self.G(z)
+                logits_fake = self.D(fake.detach())
+                loss_D = loss_D + t.gan_weight * F.softplus(logits_fake).mean()
+                stats["D/fake"] = torch.sigmoid(logits_fake.detach().float()).mean()
+            if blend is not None:
+                # Blends whose landmarks were unusable equal their real: they weigh nothing here.
+                logits_blend = self.D(blend)
+                weight = valid.float() / valid.sum().clamp(min=1)
+                loss_D = loss_D + t.sbi_weight * (F.softplus(logits_blend.float()) * weight).sum()
+                stats["D/blend"] = (torch.sigmoid(logits_blend.detach().float()) * weight).sum()
+                stats["sbi/valid"] = valid.float().mean()
         self.scaler_D.scale(loss_D).backward()
         (bad_D,) = self._agree(float(not torch.isfinite(loss_D)))
         if not bad_D:
@@ -265,20 +318,20 @@ class Trainer:
             self.scaler_D.update()
 
         # (2) Update G: log D(G(z)). D's gradients from this pass are discarded, so DDP need not sum them.
-        self.opt_G.zero_grad(set_to_none=True)
-        with self._no_sync_D():
-            with self.autocast():
-                loss_G = F.softplus(-self.D(fake)).mean()
-            self.scaler_G.scale(loss_G).backward()
+        loss_G = torch.zeros((), device=self.device)
+        if with_G:
+            self.opt_G.zero_grad(set_to_none=True)
+            with self._no_sync_D():
+                with self.autocast():
+                    loss_G = F.softplus(-self.D(fake)).mean()
+                self.scaler_G.scale(loss_G).backward()
         bad_G, stop = self._agree(float(not torch.isfinite(loss_G)), float(self._stop_signal != 0))
-        if not (bad_D or bad_G):
+        if not (bad_D or bad_G) and with_G:
             self.scaler_G.step(self.opt_G)
             self.scaler_G.update()
             self._update_ema()
         self._count_nonfinite(bad_D or bad_G, loss_D, loss_G)
-        stats = {"loss/D": loss_D.detach(), "loss/G": loss_G.detach(),
-                 "D/real": torch.sigmoid(logits_real.detach().float()).mean(),
-                 "D/fake": torch.sigmoid(logits_fake.detach().float()).mean()}
+        stats.update({"loss/D": loss_D.detach(), "loss/G": loss_G.detach()})
         return stats, bool(stop)
 
     @torch.no_grad()
@@ -308,19 +361,48 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """D's accuracy on real val images and on G_ema's images, and D's loss, over all ranks."""
+        """D's accuracy on real val images and on G_ema's images, and D's loss, over all ranks.
+
+        On face crops, also D's AUC on the val reals against their self-blends, and the threshold on P(fake)
+        at their equal-error point, which becomes the detector's verdict threshold.
+        """
         self.D_raw.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 7919 + self.info.rank)
         sums = torch.zeros(4, device=self.device)  # right on real, right on fake, loss, images
+        real_scores, blend_scores = [], []
         for batch in self.val_loader:
             z = torch.randn(batch.images.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=gen)
+            # The blends are data: made in float32 outside autocast (CPU half precision is slow there).
+            pairs = self_blend(batch.images, batch.landmarks, gen) if self.calibrates else None
             with self.autocast():
                 real, fake = self.D_raw(batch.images).float(), self.D_raw(self.G_ema(z)).float()
+                if pairs is not None:
+                    blend = self.D_raw(pairs.fake.to(batch.images.dtype)).float()[pairs.valid]
+                    real_scores.append(torch.sigmoid(-real))
+                    blend_scores.append(torch.sigmoid(-blend))
             loss = F.softplus(-real).sum() + F.softplus(fake).sum()
             sums += torch.stack([(real > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=self.device)])
         self.D_raw.train()
         right_real, right_fake, loss, n = dist.all_reduce_(sums).tolist()
-        return {"val/D_acc_real": right_real / n, "val/D_acc_fake": right_fake / n, "val/loss_D": loss / n}
+        metrics = {"val/D_acc_real": right_real / n, "val/D_acc_fake": right_fake / n, "val/loss_D": loss / n}
+        if self.calibrates:
+            metrics.update(self._calibrate(real_scores, blend_scores))
+        return metrics
+
+    def _calibrate(self, real_scores: list[torch.Tensor], blend_scores: list[torch.Tensor]) -> dict[str, float]:
+        """The threshold at the equal-error point of val reals against their self-blends, from every rank's scores."""
+        mine = [torch.cat(s).cpu().numpy() if s else np.zeros(0) for s in (real_scores, blend_scores)]
+        parts = dist.all_gather_objects(mine)
+        reals = np.concatenate([p[0] for p in parts])
+        blends = np.concatenate([p[1] for p in parts])
+        if not len(reals) or not len(blends):
+            return {}
+        labels = np.r_[np.zeros(len(reals)), np.ones(len(blends))]
+        scores = np.r_[reals, blends]
+        self.threshold = eer_threshold(labels, scores)
+        self.calibration = {"split": self.cfg.train.val_split, "reals": int(len(reals)), "blends": int(len(blends)),
+                            "auc": auc(labels, scores), "eer": eer(labels, scores), "step": self.step}
+        return {"val/sbi_auc": self.calibration["auc"], "val/sbi_eer": self.calibration["eer"], "val/threshold": self.threshold}
 
     def evaluate_detector(self) -> None:
         """D as a deepfake detector on the configured Celeb-DF split (every rank scores its part)."""
@@ -333,7 +415,8 @@ class Trainer:
                              threads=self.cfg.data.threads)
         self.D_raw.train()
         if self.logger is not None:
-            summary = summarize(frames, per_video(frames))
+            threshold = 0.5 if self.threshold is None else self.threshold
+            summary = summarize(frames, per_video(frames, threshold), threshold=threshold)
             values = {f"celebdf/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
             self.logger.scalars(values, self.step)
             log.info("epoch %d: Celeb-DF %s frame AUC %.3f, video AUC %.3f", self.loader.epoch, t.eval_split,
@@ -360,7 +443,7 @@ class Trainer:
         meter = Meter(self.info.world_size)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
-                stats, stop = self.train_step(batch.images)
+                stats, stop = self.train_step(batch)
                 self.step += 1
                 self.nimg += self.global_batch
                 meter.add(stats)
@@ -369,6 +452,8 @@ class Trainer:
                 if self.step % t.sample_every_steps == 0:
                     self.samples()
                 done = t.max_steps is not None and self.step >= t.max_steps
+                if done and self.calibrates and self.val_loader is not None:
+                    self._validate_and_log()  # the last checkpoint carries a threshold calibrated on its own D
                 if stop or done or self.step % t.ckpt_every_steps == 0:
                     self.save()
                 if stop:
@@ -377,11 +462,9 @@ class Trainer:
                     return "signal"
                 if done:
                     return "max_steps"
-            if self.val_loader is not None and self.loader.epoch % t.val_every_epochs == 0:
-                metrics = self.validate()
-                if self.logger is not None:
-                    self.logger.scalars(metrics, self.step)
-                    log.info("epoch %d: %s", self.loader.epoch, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            last_epoch = self.loader.epoch == t.epochs
+            if self.val_loader is not None and (self.loader.epoch % t.val_every_epochs == 0 or (last_epoch and self.calibrates)):
+                self._validate_and_log()
             if t.eval_every_epochs and self.loader.epoch % t.eval_every_epochs == 0:
                 self.evaluate_detector()
             self.samples()
@@ -390,6 +473,12 @@ class Trainer:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
         return "done"
+
+    def _validate_and_log(self) -> None:
+        metrics = self.validate()
+        if self.logger is not None:
+            self.logger.scalars(metrics, self.step)
+            log.info("epoch %d: %s", self.loader.epoch, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def _log(self, meter: Meter) -> None:
         values, seconds = meter.flush()
@@ -403,9 +492,11 @@ class Trainer:
         })
         self.logger.scalars(values, self.step)
         eta = (self.total_steps - self.step) * step_s
-        log.info("step %d/%d epoch %d  loss/D %.3f  loss/G %.3f  D(x) %.3f  D(G(z)) %.3f  %.0f img/s  %.0f ms/step  eta %s",
-                 self.step, self.total_steps, self.loader.epoch, values["loss/D"], values["loss/G"], values["D/real"],
-                 values["D/fake"], values["perf/img_per_s"], step_s * 1000, hms(eta))
+        outputs = "  ".join(f"{name} {values[key]:.3f}" for name, key in
+                            (("D(x)", "D/real"), ("D(G(z))", "D/fake"), ("D(blend)", "D/blend")) if key in values)
+        log.info("step %d/%d epoch %d  loss/D %.3f  loss/G %.3f  %s  %.0f img/s  %.0f ms/step  eta %s",
+                 self.step, self.total_steps, self.loader.epoch, values["loss/D"], values["loss/G"], outputs,
+                 values["perf/img_per_s"], step_s * 1000, hms(eta))
 
     def close(self) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import shards
 from pipeline.fsutil import remove_stale_tmp, write_json_atomic
-from shards.manifest import FORMAT_VERSION, manifest_path, read_previous, shard_is_intact
+from shards.manifest import FORMAT_VERSION, GEOMETRY, manifest_path, read_previous, shard_is_intact
 from shards.tarwriter import Sample, write_shard
 
 SPLITS = ("train", "val", "test")
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class ItemResult:
     samples: list[Sample] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"file", "reason", ...}
+    notes: list[dict[str, Any]] = field(default_factory=list)  # {"file", "note"}: kept, but made differently
 
 
 class Source(Protocol):
@@ -137,7 +138,9 @@ def _summary(shard_entries: list[dict[str, Any]], plan_skips: list[dict[str, Any
         s["labels"] = dict(sorted(s["labels"].items()))
     items = plan_skips + [k for e in shard_entries for k in e["skipped"]]
     by_reason = dict(sorted(Counter(k["reason"] for k in items).items()))
-    return splits, {"total": len(items), "by_reason": by_reason, "items": items}
+    notes = [k for e in shard_entries for k in e.get("notes", [])]
+    by_note = dict(sorted(Counter(k["note"] for k in notes).items()))
+    return splits, {"total": len(items), "by_reason": by_reason, "items": items}, {"total": len(notes), "by_note": by_note, "items": notes}
 
 
 def build(
@@ -177,6 +180,7 @@ def build(
         "dataset": source.dataset,
         "tool": {"name": "deepfake-shards", "version": shards.__version__},
         "source": source.describe(),
+        "geometry": GEOMETRY,
         "arguments": arguments or {},
         "complete": False,
     }
@@ -184,7 +188,7 @@ def build(
     def save(complete: bool) -> None:
         done = [entries[n] for n in sorted(entries)]
         manifest["complete"] = complete
-        manifest["splits"], manifest["skipped"] = _summary(done, plan_skips)
+        manifest["splits"], manifest["skipped"], manifest["notes"] = _summary(done, plan_skips)
         manifest["shards"] = done
         write_json_atomic(manifest_path(out), manifest)
 
@@ -197,6 +201,7 @@ def build(
         for n, result in _results(source, tasks, workers):
             collected[n].samples += result.samples
             collected[n].skipped += result.skipped
+            collected[n].notes += result.notes
             pending[n] -= 1
             bar.update()
             if pending[n] == 0:
@@ -211,7 +216,7 @@ def _write(out: Path, plan: ShardPlan, result: ItemResult) -> dict[str, Any]:
         info = asdict(write_shard(out / f"{plan.name}.tar", result.samples))
     else:
         info = {"file": f"{plan.name}.tar", "index": f"{plan.name}.idx", "samples": 0, "bytes": 0, "sha256": "", "labels": {}}
-    return {"split": plan.split, **info, "plan_sha256": plan.plan_sha256, "skipped": result.skipped}
+    return {"split": plan.split, **info, "plan_sha256": plan.plan_sha256, "skipped": result.skipped, "notes": result.notes}
 
 
 def format_report(report: BuildReport, unit: str) -> str:
@@ -227,6 +232,9 @@ def format_report(report: BuildReport, unit: str) -> str:
     if skipped["total"]:
         reasons = ", ".join(f"{v} {k}" for k, v in skipped["by_reason"].items())
         lines.append(f"  skipped {skipped['total']}: {reasons} (each listed in manifest.json)")
+    notes = m.get("notes", {"total": 0})
+    if notes["total"]:
+        lines.append("  notes: " + ", ".join(f"{v} {k}" for k, v in notes["by_note"].items()) + " (each listed in manifest.json)")
     lines.append(
         f"  {report.shards_written} shards written, {report.shards_reused} reused; "
         f"{report.items_processed} {unit} in {report.seconds:.1f} s ({report.items_per_s:.1f} {unit}/s)"

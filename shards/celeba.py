@@ -2,7 +2,13 @@
 
 Official: `img_align_celeba/*.jpg` and whitespace-separated `list_*.txt` files (flat in the root, or in
 the Google Drive's `Anno/` and `Eval/` folders). Kaggle: `img_align_celeba/img_align_celeba/*.jpg`
-and `list_*.csv` files with headers. The original JPEG bytes go into the shards unchanged.
+and `list_*.csv` files with headers.
+
+Every sample holds the face the way Celeb-DF's samples do, so that the detector trains on the geometry it
+is scored on: dlib's largest face, a square 1.3x its box, resized to `face_size` (`jpg`), and its 68
+landmarks (`lmk`). Where dlib finds no face, the box comes from CelebA's own five landmarks and the
+predictor places the 68 points in it; such samples are counted in the manifest's notes. The original
+JPEG bytes are kept too (`orig.jpg`), for the classic DCGAN centre crop (`data.crop: center`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ from typing import Any
 
 from PIL import Image
 
+import numpy as np
+
 from pipeline.errors import UserError
+from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
 from shards.build import ItemResult
 from shards.tarwriter import Sample
 
 SPLIT_OF_PARTITION = {0: "train", 1: "val", 2: "test"}
-LANDMARK_POINTS = ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
+FALLBACK_NOTE = "no face found by dlib: box from CelebA's landmarks"
 LIST_FOLDERS = ("", "Anno", "Eval")  # flat, or as in the official Google Drive folders
 
 
@@ -134,9 +143,9 @@ def read_attributes(path: Path) -> dict[str, dict[str, int]]:
 
 def read_landmarks(path: Path) -> dict[str, dict[str, list[int]]]:
     _, table = _read_table(path)
-    if any(len(v) != 2 * len(LANDMARK_POINTS) for v in table.values()):
+    if any(len(v) != 2 * len(CELEBA_POINTS) for v in table.values()):
         raise UserError(f"{path} does not have 10 landmark columns: restore it from the original CelebA download.")
-    return {f: {p: v[2 * i : 2 * i + 2] for i, p in enumerate(LANDMARK_POINTS)} for f, v in table.items()}
+    return {f: {p: v[2 * i : 2 * i + 2] for i, p in enumerate(CELEBA_POINTS)} for f, v in table.items()}
 
 
 def read_identities(path: Path) -> dict[str, int]:
@@ -171,9 +180,11 @@ class CelebASource:
     dataset = "celeba"
     item_unit = "img"
 
-    def __init__(self, root: Path, maxcount: int = 10_000):
+    def __init__(self, root: Path, maxcount: int = 10_000, face_size: int = FACE_SIZE, upsample: int = 1):
         self.root = Path(root).resolve()
         self.items_per_shard = maxcount
+        self.face_size = face_size
+        self.upsample = upsample
         self.layout: Layout | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -185,7 +196,7 @@ class CelebASource:
         return {"root": str(self.root), "layout": lay.name, "images": str(lay.images), "lists": files}
 
     def content_args(self) -> dict[str, Any]:
-        return {"maxcount": self.items_per_shard}
+        return {"maxcount": self.items_per_shard, "face_size": self.face_size, "face_scale": FACE_SCALE, "upsample": self.upsample}
 
     def plan(self) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
         self.layout = lay = find_layout(self.root)
@@ -206,7 +217,7 @@ class CelebASource:
             if f in attributes:
                 meta["attributes"] = attributes[f]
             if f in landmarks:
-                meta["landmarks"] = landmarks[f]
+                meta["celeba_landmarks"] = landmarks[f]
             items[split].append((str(present[f]), present[f].stat().st_size, meta))
         return items, skipped
 
@@ -225,10 +236,22 @@ class CelebASource:
             reason, detail = problem
             return ItemResult(skipped=[{"file": meta["file"], "reason": reason, "detail": detail}])
         with Image.open(io.BytesIO(data)) as im:
-            meta = {**meta, "width": im.width, "height": im.height}
+            rgb = np.asarray(im.convert("RGB"))
+        meta = {**meta, "width": rgb.shape[1], "height": rgb.shape[0]}
+        detector = shared_detector(self.upsample, True)
+        face, notes = detector.largest(rgb), []
+        if face is None:
+            if "celeba_landmarks" not in meta:
+                return ItemResult(skipped=[{"file": meta["file"], "reason": "no face found and no CelebA landmarks"}])
+            face = detector.at(rgb, box_from_five_points(meta["celeba_landmarks"]))
+            notes.append({"file": meta["file"], "note": FALLBACK_NOTE})
+        crop = crop_face(rgb, face, self.face_size, FACE_SCALE)
+        meta.update(crop.to_json(), face_found_by="dlib" if not notes else "celeba_landmarks")
         fields = {
-            "jpg": data,
+            "jpg": encode_face_jpeg(crop.image),
+            "orig.jpg": data,  # the file byte for byte, for the DCGAN's centre crop
+            "lmk": landmarks_bytes(crop.landmarks, self.face_size),
             "cls": b"0",  # every CelebA image is a real face
             "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
         }
-        return ItemResult(samples=[Sample(sample_key(meta["file"]), fields, label=0)])
+        return ItemResult(samples=[Sample(sample_key(meta["file"]), fields, label=0)], notes=notes)

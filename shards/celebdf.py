@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from pipeline.errors import UserError
-from pipeline.faces import crop_face, shared_detector
+from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
 from shards.build import ItemResult
 from shards.tarwriter import Sample
 from shards.video import VideoError, sample_frames
@@ -125,8 +123,8 @@ class CelebDFSource:
         self,
         root: Path,
         frames_per_video: int = 32,
-        face_size: int = 256,
-        face_scale: float = 1.3,
+        face_size: int = FACE_SIZE,
+        face_scale: float = FACE_SCALE,
         maxcount: int = 10_000,
         val_fraction: float = 0.1,
         seed: int = 0,
@@ -212,8 +210,6 @@ class CelebDFSource:
                 result.skipped.append({"file": video.rel, "frame": index, "reason": "no face in frame"})
                 continue
             crop = crop_face(rgb, faces[0], self.face_size, self.face_scale)
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(crop.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-            assert ok, "OpenCV failed to encode a JPEG"
             meta = {
                 "source": "celebdf", "split": split, "video": video.rel, "folder": video.folder,
                 "identity": video.identities[0], "frame": index, "frames_decoded": sampled.decoded,
@@ -224,7 +220,8 @@ class CelebDFSource:
                 meta["donor"] = video.identities[1] if len(video.identities) > 1 else None
             key = f"{video.folder}_{video.stem}_{index:04d}".replace(".", "_")
             fields = {
-                "jpg": jpg.tobytes(),
+                "jpg": encode_face_jpeg(crop.image),
+                "lmk": landmarks_bytes(crop.landmarks, self.face_size),
                 "cls": str(video.label).encode(),
                 "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
             }

@@ -2,8 +2,9 @@
 
     python -m shards celeba  --root ~/data/celeba  --out ~/data/shards --workers 8
     python -m shards celebdf --root ~/data/Celeb-DF-v2 --out ~/data/shards --workers 8
-    python -m shards synth celeba  --out demo/data/celeba  --images 2000
-    python -m shards synth celebdf --out demo/data/celebdf --videos 24
+    python -m shards synth celeba  --out demo/data/celeba                  # real photos, train people
+    python -m shards synth celebdf --out demo/data/celebdf                 # the same people split, same --seed
+    python -m shards synth celeba  --out demo/data/celeba --faces cartoon --images 2000
 
 Exit codes: 0 done (skipped items are listed in the manifest), 2 bad input (nothing written), 130 interrupted.
 """
@@ -26,6 +27,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _test_fraction(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="photos: share of the people held out as test people; the same --seed and fraction give the "
+                        "same split in `synth celeba` (train people only) and `synth celebdf` (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_workers = min(8, os.cpu_count() or 1)
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__.split("\n\n")[0])
@@ -37,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=_positive, default=default_workers, help="processes (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("celeba", help="CelebA, official or Kaggle layout")
+    p = sub.add_parser("celeba", help="CelebA, official or Kaggle layout, as face crops with landmarks")
     common(p)
     p.add_argument("--maxcount", type=_positive, default=10_000, help="images per shard (default: %(default)s)")
+    p.add_argument("--face-size", type=_positive, default=256, help="side of the square crops, px (default: %(default)s)")
+    p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling (default: %(default)s)")
 
     p = sub.add_parser("celebdf", help="Celeb-DF v1 or v2 videos, as face crops")
     common(p)
@@ -51,16 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling; 1 finds faces down to 40 px (default: %(default)s)")
 
     synth = sub.add_parser("synth", help="write a synthetic dataset in a real layout").add_subparsers(dest="dataset", required=True)
-    p = synth.add_parser("celeba", help="procedural faces in the CelebA layout")
+    p = synth.add_parser("celeba", help="real face photos (or procedural faces) in the CelebA layout")
     p.add_argument("--out", type=Path, required=True, help="the dataset root to create; must not exist")
-    p.add_argument("--images", type=_positive, default=2000)
+    p.add_argument("--faces", choices=("photos", "cartoon"), default="photos",
+                   help="photos: the train people of real photos fetched at run time (see --test-fraction); "
+                        "cartoon: procedural faces (default: %(default)s)")
+    p.add_argument("--images", type=_positive, default=None,
+                   help="photos: images per person (default 10); cartoon: images in all (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("official", "kaggle"), default="official")
+    _test_fraction(p)
     p = synth.add_parser("celebdf", help="videos of real photos, and face swaps, in the Celeb-DF v2 layout")
     p.add_argument("--out", type=Path, required=True, help="the dataset root to create; must not exist")
-    p.add_argument("--videos", type=_positive, default=24)
+    p.add_argument("--faces", choices=("photos", "twophotos"), default="photos",
+                   help="photos: about 58 real people fetched at run time, the test list holding the test people; "
+                        "twophotos: two photos of installed packages (default: %(default)s)")
+    p.add_argument("--videos", type=_positive, default=None,
+                   help="photos: real videos per celebrity (default 1); twophotos: videos in all (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--placement", choices=("flat", "videos"), default="flat", help="videos in the folders or in <folder>/videos/")
+    _test_fraction(p)
     return parser
 
 
@@ -68,28 +87,60 @@ def _arguments(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
 
 
+def run_synth(args: argparse.Namespace) -> None:
+    if args.out.exists():  # before fetching and detecting the photos, which take a while
+        raise UserError(f"{args.out} already exists: choose a new folder or delete it to generate again.")
+    if args.faces in ("cartoon", "twophotos"):
+        _run_procedural(args)
+        return
+    from shards.synth.photos import load_people, split_people
+
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction {args.test_fraction} must lie strictly between 0 and 1.")
+    people = load_people()
+    train, test = split_people(people, args.test_fraction, args.seed)
+    if args.dataset == "celeba":
+        from shards.synth.celeba import write_celeba_photos
+
+        per_person = args.images or 10
+        out = write_celeba_photos(args.out, train, seed=args.seed, images_per_person=per_person, layout=args.layout)
+        print(f"CelebA of real photos ({args.layout} layout, {len(train)} train people of {len(people)}, "
+              f"{per_person} images each): {out}")
+    else:
+        from shards.synth.celebdf import write_celebdf_photos
+
+        out = write_celebdf_photos(args.out, train, test, seed=args.seed, videos_per_person=args.videos or 1, placement=args.placement)
+        print(f"Celeb-DF v2 of real photos ({len(train)} train and {len(test)} test people): {out}")
+
+
+def _run_procedural(args: argparse.Namespace) -> None:
+    if args.dataset == "celeba":
+        from shards.synth.celeba import write_celeba
+
+        images = args.images or 2000
+        out = write_celeba(args.out, images, seed=args.seed, layout=args.layout)
+        print(f"synthetic CelebA ({args.layout} layout, {images} images): {out}")
+    else:
+        from shards.synth.celebdf import write_celebdf
+
+        videos = args.videos or 24
+        if videos < 4:
+            raise UserError("--videos must be at least 4: one of each folder plus a second real one.")
+        out = write_celebdf(args.out, videos, seed=args.seed, placement=args.placement)
+        print(f"synthetic Celeb-DF v2 ({videos} videos): {out}")
+
+
 def run(args: argparse.Namespace) -> None:
     from shards.build import build, format_report
 
     if args.command == "synth":
-        if args.dataset == "celeba":
-            from shards.synth.celeba import write_celeba
-
-            out = write_celeba(args.out, args.images, seed=args.seed, layout=args.layout)
-            print(f"synthetic CelebA ({args.layout} layout, {args.images} images): {out}")
-        else:
-            from shards.synth.celebdf import write_celebdf
-
-            if args.videos < 4:
-                raise UserError("--videos must be at least 4: one of each folder plus a second real one.")
-            out = write_celebdf(args.out, args.videos, seed=args.seed, placement=args.placement)
-            print(f"synthetic Celeb-DF v2 ({args.videos} videos): {out}")
+        run_synth(args)
         return
 
     if args.command == "celeba":
         from shards.celeba import CelebASource
 
-        source = CelebASource(args.root, maxcount=args.maxcount)
+        source = CelebASource(args.root, maxcount=args.maxcount, face_size=args.face_size, upsample=args.upsample)
     else:
         from shards.celebdf import CelebDFSource
 

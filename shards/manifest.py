@@ -14,7 +14,13 @@ from typing import Any
 from pipeline.errors import UserError
 from shards.tarwriter import file_sha256
 
-FORMAT_VERSION = 1
+# 2: both datasets hold dlib face crops (`jpg`) and 68 landmarks (`lmk`); CelebA keeps its file as `orig.jpg`.
+FORMAT_VERSION = 2
+GEOMETRY = {
+    "jpg": "the largest face dlib's HOG detector finds, a square 1.3x its box (zero-padded), resized to face_size",
+    "lmk": "dlib's 68 landmarks as 68 x 2 float32 (x, y), little-endian, in [0, 1] of the crop; NaN where none",
+    "orig.jpg": "CelebA only: the original image file, for the DCGAN's centre crop",
+}
 MANIFEST_NAME = "manifest.json"
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,14 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e}): write the shards again with `python -m shards`.") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        dataset = manifest.get("dataset", "<celeba|celebdf>")
+        root = manifest.get("source", {}).get("root", "<dataset root>")
+        raise UserError(
+            f"{path} is shard format {manifest.get('format_version')}, and this version reads format {FORMAT_VERSION} "
+            f"(face crops with landmarks in every sample): write the shards again with "
+            f"`python -m shards {dataset} --root {root} --out {Path(dataset_dir).resolve().parent}`."
+        )
     if not manifest.get("complete"):
         raise UserError(f"{path} describes an unfinished run: run the same `python -m shards` command again to finish it.")
     return manifest

@@ -76,3 +76,28 @@ def smoke_checkpoint(celeba_shards, tmp_path_factory):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return runs / "smoke" / "checkpoints" / "step-00000002.pt"
+
+
+@pytest.fixture(scope="session")
+def sbi_checkpoint(celeba_shards, celebdf_shards, tmp_path_factory):
+    """A checkpoint after 2 steps of the self-blend recipe on CelebA plus Celeb-DF's real frames (one process)."""
+    runs = tmp_path_factory.mktemp("sbi-runs")
+    shards = f"data.shards=[{celeba_shards.out_dir},{celebdf_shards.out_dir}]"
+    overrides = [shards, "data.batch_size=4", "model.ngf=16", "model.ndf=16", f"train.runs_dir={runs}",
+                 "train.max_steps=2", "log.wandb=disabled"]
+    result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/sbi-smoke.yaml", *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return runs / "sbi-smoke" / "checkpoints" / "step-00000002.pt"
+
+
+@pytest.fixture(scope="session")
+def uncalibrated_checkpoint(smoke_checkpoint, tmp_path_factory):
+    """The smoke checkpoint as one written before thresholds were calibrated: without `threshold`."""
+    import torch
+
+    state = torch.load(smoke_checkpoint, map_location="cpu", weights_only=True)
+    del state["threshold"], state["calibration"]
+    path = tmp_path_factory.mktemp("old-checkpoint") / "step-00000002.pt"
+    torch.save(state, path)
+    return path

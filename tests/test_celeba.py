@@ -3,11 +3,13 @@ import shutil
 import tarfile
 from collections import Counter
 
+import cv2
+import numpy as np
 import pytest
 from conftest import CELEBA_IMAGES, run_shards, shard_bytes
 
 from shards.build import build
-from shards.celeba import CelebASource, read_partition
+from shards.celeba import FALLBACK_NOTE, CelebASource, read_partition
 from shards.synth.celeba import write_celeba
 
 
@@ -31,11 +33,39 @@ def test_counts_per_split_match_the_partition_file(celeba_root, celeba_shards):
     assert celeba_shards.manifest["skipped"]["total"] == 0
 
 
-def test_jpeg_bytes_go_in_unchanged(celeba_root, celeba_shards):
+def test_each_sample_holds_the_face_crop_its_landmarks_and_the_original_file(celeba_root, celeba_shards):
     members = _members(celeba_shards.out_dir)
     for jpg in sorted((celeba_root / "img_align_celeba").glob("*.jpg")):
-        assert members[f"{jpg.stem}.jpg"] == jpg.read_bytes()
+        assert members[f"{jpg.stem}.orig.jpg"] == jpg.read_bytes()
         assert members[f"{jpg.stem}.cls"] == b"0"
+        crop = cv2.imdecode(np.frombuffer(members[f"{jpg.stem}.jpg"], np.uint8), cv2.IMREAD_COLOR)
+        assert crop.shape == (256, 256, 3)
+        landmarks = np.frombuffer(members[f"{jpg.stem}.lmk"], "<f4").reshape(68, 2)
+        assert np.isfinite(landmarks).all() and (landmarks > -0.05).all() and (landmarks < 1.05).all()
+
+
+def test_faces_dlib_misses_take_the_box_from_celebas_landmarks_and_are_counted(celeba_shards):
+    metas = [json.loads(v) for k, v in _members(celeba_shards.out_dir).items() if k.endswith(".json")]
+    fallback = [m["file"] for m in metas if m["face_found_by"] == "celeba_landmarks"]
+    notes = celeba_shards.manifest["notes"]
+    assert fallback and notes["total"] == len(fallback)  # the procedural faces are cartoons dlib rarely finds
+    assert sorted(n["file"] for n in notes["items"]) == sorted(fallback)
+    assert notes["by_note"] == {FALLBACK_NOTE: len(fallback)}
+    for m in metas:
+        left, top, side = m["crop"]["left"], m["crop"]["top"], m["crop"]["side"]
+        eyes = np.mean([m["celeba_landmarks"]["lefteye"], m["celeba_landmarks"]["righteye"]], axis=0)
+        assert left < eyes[0] < left + side and top < eyes[1] < top + side  # the crop holds the eyes CelebA marked
+
+
+def test_an_image_without_a_face_or_landmarks_is_skipped_with_its_reason(celeba_root, tmp_path):
+    root = tmp_path / "celeba"
+    shutil.copytree(celeba_root, root)
+    (root / "list_landmarks_align_celeba.txt").unlink()
+    report = build(CelebASource(root, maxcount=100), tmp_path / "out", progress=False)
+    skipped = report.manifest["skipped"]
+    found = sum(report.manifest["splits"][s]["samples"] for s in report.manifest["splits"])
+    assert skipped["by_reason"] == {"no face found and no CelebA landmarks": CELEBA_IMAGES - found}
+    assert report.manifest["notes"]["total"] == 0
 
 
 def test_sample_json_carries_split_identity_attributes_and_landmarks(celeba_root, celeba_shards):
@@ -47,7 +77,8 @@ def test_sample_json_carries_split_identity_attributes_and_landmarks(celeba_root
     assert meta["split"] == partition["000002.jpg"]
     assert meta["identity"] == int(identity["000002.jpg"])
     assert len(meta["attributes"]) == 40 and set(meta["attributes"].values()) <= {-1, 1}
-    assert meta["landmarks"]["lefteye"] == [int(marks[1]), int(marks[2])]
+    assert meta["celeba_landmarks"]["lefteye"] == [int(marks[1]), int(marks[2])]
+    assert len(meta["landmarks"]) == 68 and set(meta["crop"]) == {"left", "top", "side"}
     assert (meta["width"], meta["height"]) == (178, 218)
 
 

@@ -10,8 +10,8 @@ BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
     (tmp_path / "exp.yaml").write_text("data:\n  batch_size: 32\n  image_size: 128\n")
-    cfg = load_config(tmp_path / "exp.yaml", ["data.batch_size=16", "data.center_crop=false", "data.hw_decoder_load=1"])
-    assert (cfg.data.batch_size, cfg.data.image_size, cfg.data.center_crop) == (16, 128, False)
+    cfg = load_config(tmp_path / "exp.yaml", ["data.batch_size=16", "data.crop=center", "data.hw_decoder_load=1"])
+    assert (cfg.data.batch_size, cfg.data.image_size, cfg.data.crop) == (16, 128, "center")
     assert cfg.data.hw_decoder_load == 1.0 and isinstance(cfg.data.hw_decoder_load, float)
     assert cfg.data.loader == Config().data.loader  # untouched keys keep their defaults
 
@@ -58,4 +58,4 @@ def test_learning_rates_in_exponent_notation_are_floats(tmp_path):
 
 def test_override_values_are_read_as_yaml():
     assert parse_override("data.shards=/a/b=c") == {"data": {"shards": "/a/b=c"}}
-    assert parse_override("data.center_crop=null") == {"data": {"center_crop": None}}
+    assert parse_override("data.shards=[/a, /b]") == {"data": {"shards": ["/a", "/b"]}}

@@ -217,7 +217,7 @@ def test_an_empty_split_and_too_small_a_split_are_clear_errors(celeba_root, tmp_
         if part == "1":
             (root / "img_align_celeba" / name).unlink()
     out = build(CelebASource(root), tmp_path / "out", progress=False).out_dir
-    with pytest.raises(UserError, match=r"lists no samples in split 'val'"):
+    with pytest.raises(UserError, match=r"holds no samples in split 'val': choose another split"):
         build_loader(_cfg(out, "dali", split="val"))
     with pytest.raises(UserError, match=r"split 'test' has 6 samples, fewer than world size 2 x batch_size 4"):
         build_loader(_cfg(out, "dali", split="test"), 0, 2)

@@ -21,16 +21,19 @@ def as_json(result):
     return json.loads(result.stdout)
 
 
-def test_a_video_gets_per_frame_scores_and_a_verdict(smoke_checkpoint, celebdf_root):
+def test_a_video_gets_per_frame_scores_and_a_verdict(uncalibrated_checkpoint, celebdf_root):
+    smoke_checkpoint = uncalibrated_checkpoint  # an older checkpoint: 0.5 with a note
     video = sorted((celebdf_root / "Celeb-synthesis").glob("*.mp4"))[0]
     out = as_json(detect(video, smoke_checkpoint, "--json", "--frames", "5"))
     decoded = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
     assert out["kind"] == "video" and [f["frame"] for f in out["frames"]] == even_indices(decoded, 5)
     assert out["frames_with_face"] == 5 and all(f["faces"] == 1 and 0 <= f["score"] <= 1 for f in out["frames"])
     assert out["score"] == pytest.approx(np.mean([f["score"] for f in out["frames"]]))
-    assert out["verdict"] == ("fake" if out["score"] > 0.5 else "real")
+    assert out["threshold"] == 0.5 and out["verdict"] == ("fake" if out["score"] > 0.5 else "real")
+    assert any("has no calibrated threshold" in n and "using 0.5" in n for n in out["notes"])
     text = detect(video, smoke_checkpoint, "--frames", "5")
     assert text.returncode == 0 and f"verdict: {out['verdict'].upper()}" in text.stdout
+    assert "has no calibrated threshold" in text.stderr  # the warning, besides the report's note
 
 
 def test_an_image_with_two_faces_counts_the_most_suspicious(smoke_checkpoint, tmp_path):
@@ -66,3 +69,38 @@ def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, me
         path.write_bytes(content)
     result = detect(path, smoke_checkpoint)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_calibrated_threshold_of_the_checkpoint_decides_the_verdict(sbi_checkpoint, celebdf_root):
+    import torch
+
+    threshold = torch.load(sbi_checkpoint, weights_only=True)["threshold"]
+    assert 0 < threshold < 1
+    video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
+    out = as_json(detect(video, sbi_checkpoint, "--json", "--frames", "3"))
+    assert out["threshold"] == pytest.approx(threshold) and not any("threshold" in n for n in out["notes"])
+    assert out["verdict"] == ("fake" if out["score"] > threshold else "real")
+
+
+def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(celebdf_root, tmp_path):
+    """detect's input is the training input: the same crop, JPEG round trip, decode and resize."""
+    import torch
+
+    from pipeline.data import DataConfig, build_loader
+    from pipeline.data.preprocess import FacePreprocessor
+    from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceDetector, crop_face
+    from shards.build import build
+    from shards.celebdf import CelebDFSource
+    from shards.video import sample_frames
+
+    out = build(CelebDFSource(celebdf_root, frames_per_video=2, maxcount=100), tmp_path, progress=False).out_dir
+    cfg = DataConfig(shards=str(out), split="test", batch_size=2, threads=1, flip=False, shuffle=False, with_meta=True, drop_last=False)
+    with build_loader(cfg) as data:
+        loaded = {k: img for b in data for k, img in zip(b.keys, b.images)}
+    key = sorted(loaded)[0]  # test-000000.tar/<folder>_<video>_<frame>
+    folder, rest = key.split("/")[1].split("_", 1)
+    video, frame = rest.rsplit("_", 1)
+    frames = dict(sample_frames(str(celebdf_root / folder / f"{video}.mp4"), 2).frames)
+    face = FaceDetector(upsample=1, landmarks=False).largest(frames[int(frame)])
+    detected = FacePreprocessor(64)([crop_face(frames[int(frame)], face, FACE_SIZE, FACE_SCALE).image])[0]
+    assert torch.equal(detected, loaded[key])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,14 +65,16 @@ def test_evaluation_scores_every_test_frame_and_writes_its_report(smoke_checkpoi
     assert (summary["counts"]["real_frames"], summary["counts"]["fake_frames"]) == (test["labels"]["0"], test["labels"]["1"])
     assert summary["counts"]["videos"] == summary["counts"]["real_videos"] + summary["counts"]["fake_videos"]
     for level in ("frame", "video"):
-        assert set(summary[level]) == {"auc", "accuracy", "eer", "ap"}
+        assert set(summary[level]) == {"auc", "accuracy", "accuracy_at_0.5", "eer", "ap"}
         assert all(0 <= v <= 1 for v in summary[level].values())
     assert summary["celeba"]["images"] == load_manifest(celeba_shards.out_dir)["splits"]["test"]["samples"]
+    threshold = torch.load(smoke_checkpoint, weights_only=True)["threshold"]  # a plain GAN's D is calibrated too
+    assert summary["threshold"] == pytest.approx(threshold) and "no calibrated threshold" not in result.stderr
     rows = list(csv.DictReader((tmp_path / "videos.csv").open()))
     assert len(rows) == summary["counts"]["videos"] and sum(int(r["frames"]) for r in rows) == test["samples"]
     for r in rows:
         assert r["label"] == ("1" if r["video"].startswith("Celeb-synthesis") else "0")
-        assert r["verdict"] == ("fake" if float(r["score"]) > 0.5 else "real")
+        assert r["verdict"] == ("fake" if float(r["score"]) > threshold else "real")
     for name in ("roc.png", "hist.png"):
         assert Image.open(tmp_path / name).size[0] >= 500
     events = EventAccumulator(str(smoke_checkpoint.parent.parent))
@@ -92,6 +95,27 @@ def test_two_ranks_score_every_frame_exactly_once_and_alike(smoke_checkpoint, ce
     for video, (frames, score) in rows[0].items():
         assert rows[1][video][0] == frames and rows[1][video][1] == pytest.approx(score, abs=1e-5)
     assert b["frame"]["auc"] == pytest.approx(a["frame"]["auc"], abs=1e-6)
+
+
+def test_the_eer_threshold_sits_at_the_equal_error_point():
+    labels, scores = [0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.7, 0.9]
+    # Going down the scores, the false-positive rate first meets the false-negative rate at 0.6 (1/3 each);
+    # the threshold is the midpoint between that score and the next lower one, 0.5.
+    assert metrics.eer_threshold(labels, scores) == pytest.approx(0.55)
+    assert metrics.accuracy(labels, scores, 0.55) == pytest.approx(4 / 6)  # one real called fake, one fake missed
+    assert metrics.eer_threshold([0, 1], [0.2, 0.8]) == pytest.approx(0.5)
+    assert metrics.eer_threshold([0, 0], [0.2, 0.8]) == 0.5  # one class: nothing to calibrate on
+
+
+def test_evaluation_uses_the_checkpoints_calibrated_threshold(sbi_checkpoint, celebdf_shards, tmp_path):
+    threshold = torch.load(sbi_checkpoint, weights_only=True)["threshold"]
+    result = evaluate(1, "--checkpoint", sbi_checkpoint, "--shards", celebdf_shards.out_dir, "--out", tmp_path, "--batch", 8)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["threshold"] == pytest.approx(threshold) and summary["calibration"]["reals"] > 0
+    for r in csv.DictReader((tmp_path / "videos.csv").open()):
+        assert r["verdict"] == ("fake" if float(r["score"]) > threshold else "real")
+    assert f"at the threshold {threshold:.3f}" in result.stdout
 
 
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(celebdf_shards, tmp_path):

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.faces import Face, FaceDetector, crop_face, landmarks_model_path, square_around
+from pipeline.faces import Face, FaceDetector, box_from_five_points, crop_face, landmarks_model_path, square_around
 from shards.synth.celebdf import photo_paths
 from shards.video import sample_frames
 
@@ -63,3 +63,22 @@ def test_a_crop_past_the_frame_edge_is_padded_and_stays_square():
 
 def test_a_frame_without_a_face_gives_none(detector):
     assert detector.largest(np.full((240, 320, 3), 127, np.uint8)) is None
+
+
+def _iou(a, b):
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return w * h / (area(a) + area(b) - w * h)
+
+
+@pytest.mark.parametrize("transform", ["as is", "mirrored", "smaller"])
+def test_the_box_from_five_landmarks_matches_dlibs_box(detector, grace_hopper, transform):
+    image = {"as is": grace_hopper, "mirrored": grace_hopper[:, ::-1],
+             "smaller": cv2.resize(grace_hopper, None, fx=0.6, fy=0.6)}[transform]
+    face = detector.largest(np.ascontiguousarray(image))
+    L = face.landmarks
+    five = {"lefteye": L[36:42].mean(0), "righteye": L[42:48].mean(0), "nose": L[30], "leftmouth": L[48], "rightmouth": L[54]}
+    assert _iou(box_from_five_points(five), face.box) > 0.75
+    again = detector.at(np.ascontiguousarray(image), box_from_five_points(five))  # the predictor in that box
+    assert np.abs(again.landmarks - L).mean() < 0.05 * (face.box[2] - face.box[0])

@@ -29,3 +29,26 @@ def test_an_unsupported_size_is_refused():
         Generator(image_size=32)
     with pytest.raises(ValueError, match="image_size 96"):
         Discriminator(image_size=96)
+
+
+@pytest.mark.parametrize("d_norm", ["group", "batch"])
+def test_a_faces_score_is_the_same_alone_in_any_batch_and_in_train_and_eval_mode(d_norm):
+    from pipeline.sbi import demo_batch, demo_face, self_blend
+
+    crop, landmarks = demo_face()
+    reals, points = demo_batch(crop, landmarks, 64, 8)
+    fakes = self_blend(reals, points, torch.Generator().manual_seed(0)).fake
+    _, D = build_models(100, 16, 16, 64, torch.Generator().manual_seed(0), d_norm=d_norm)
+    with torch.no_grad():
+        D.train()
+        for _ in range(3):  # BatchNorm's running statistics after a few fake-only batches, as a GAN's D sees
+            D(torch.tanh(torch.randn(8, 3, 64, 64)))
+        face = reals[:1]
+        scores = [D(face)[0], D(torch.cat([face, reals[1:]]))[0], D(torch.cat([face, fakes[1:]]))[0]]
+        D.eval()
+        scores += [D(face)[0], D(torch.cat([face, fakes[1:]]))[0]]
+    spread = (torch.stack(scores) - scores[0]).abs().max().item()
+    if d_norm == "group":
+        assert spread < 1e-5
+    else:  # the paper's BatchNorm D fails exactly this, which is why the detector's D does not use it
+        assert spread > 1e-3

@@ -70,4 +70,4 @@ def test_dali_reads_the_shards_through_their_index_files(dataset, split):
     ids = [(m.get("file") or m["video"], m.get("frame")) for m in metas]
     assert len(set(ids)) == n
     assert {str(k): labels.count(k) for k in set(labels)} == expected["labels"]
-    assert set(shapes) == ({(218, 178, 3)} if name == "celeba" else {(128, 128, 3)})
+    assert set(shapes) == ({(256, 256, 3)} if name == "celeba" else {(128, 128, 3)})  # the face crops

@@ -44,7 +44,7 @@ def test_synth_refuses_to_overwrite_an_existing_folder(tmp_path):
 
 
 def test_synth_from_the_command_line(tmp_path):
-    result = run_shards("synth", "celebdf", "--out", tmp_path / "df", "--videos", 4, "--placement", "videos")
+    result = run_shards("synth", "celebdf", "--out", tmp_path / "df", "--faces", "twophotos", "--videos", 4, "--placement", "videos")
     assert result.returncode == 0, result.stderr
     assert len(list(tmp_path.glob("df/*/videos/*.mp4"))) == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -89,7 +89,9 @@ def test_tensorboard_event_files_hold_the_scalars_and_sample_grids(full_run):
         assert tag in tags["scalars"], tag
     assert [e.step for e in events.Scalars("loss/D")] == list(range(1, 9))
     assert [e.value for e in events.Scalars("lr/G")] == [pytest.approx(2e-4)] * 8
-    assert [e.step for e in events.Scalars("val/D_acc_real")] == [STEPS_PER_EPOCH]
+    # At the epoch's end, and at max_steps: the last checkpoint's threshold is calibrated on its own D.
+    assert [e.step for e in events.Scalars("val/D_acc_real")] == [STEPS_PER_EPOCH, 8]
+    assert [e.step for e in events.Scalars("val/threshold")] == [STEPS_PER_EPOCH, 8]
     assert "samples/G_ema" in tags["images"]
     image = events.Images("samples/G_ema")[0]
     assert (image.width, image.height) == (8 * 66 + 2, 8 * 66 + 2)  # 8x8 grid of 64 px with 2 px padding

@@ -19,16 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data.common import Batch, ShardLoader, SplitInfo, epoch_rng, finish_images
+from pipeline.data.common import Batch, ShardLoader, SplitInfo, epoch_rng, finish_images, finish_landmarks
 from pipeline.errors import UserError
 
 
 class IndexedShards(Dataset):
     """Sample i of a split, decoded and transformed; the flip is decided by the sampler."""
 
-    def __init__(self, split: SplitInfo, image_size: int, center_crop: bool):
+    def __init__(self, split: SplitInfo, image_size: int, center_crop: bool, image_member: str, landmarks: bool):
         self.entries = [(tar, e) for (tar, _), entries in zip(split.shards, split.entries) for e in entries]
-        self.image_size, self.center_crop = image_size, center_crop
+        self.image_size, self.center_crop, self.image_member = image_size, center_crop, image_member
+        self.landmarks = landmarks
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -44,7 +45,7 @@ class IndexedShards(Dataset):
         i, flip = item
         tar, entry = self.entries[i]
         try:
-            image = Image.open(io.BytesIO(self.read(i, "jpg"))).convert("RGB")
+            image = Image.open(io.BytesIO(self.read(i, self.image_member))).convert("RGB")
         except Exception as e:
             raise UserError(f"{tar} holds sample {entry.key}, whose JPEG does not decode: remove it or write the shard again with `python -m shards`.") from e
         if self.center_crop:
@@ -55,13 +56,14 @@ class IndexedShards(Dataset):
             x = x.flip(-1)
         x = x.float().sub_(127.5).div_(127.5)
         label = int(self.read(i, "cls"))
-        return x, label, f"{tar.name}/{entry.key}"
+        raw = torch.frombuffer(bytearray(self.read(i, "lmk")), dtype=torch.uint8) if self.landmarks else torch.zeros(0, dtype=torch.uint8)
+        return x, label, f"{tar.name}/{entry.key}", raw, flip
 
 
 class BaselineLoader(ShardLoader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
         super().__init__(cfg, rank, world_size, device)
-        self.dataset = IndexedShards(self.split, cfg.image_size, self.center_crop)
+        self.dataset = IndexedShards(self.split, cfg.image_size, self.center_crop, self.image_member, cfg.with_landmarks)
         self._workers = None  # the epoch's DataLoader iterator, which owns the worker processes
 
     def _indices(self, epoch: int) -> list[tuple[int, bool]]:
@@ -86,8 +88,10 @@ class BaselineLoader(ShardLoader):
         )
         self._workers = iter(loader)
         try:
-            for images, labels, keys in self._workers:
+            for images, labels, keys, landmarks, flips in self._workers:
                 batch = Batch(finish_images(images, self.cfg, self.device, hwc=False))
+                if self.cfg.with_landmarks:
+                    batch.landmarks = finish_landmarks(landmarks, flips, self.device)
                 if self.cfg.with_meta:
                     batch.labels, batch.keys = labels.to(self.device), list(keys)
                 yield batch

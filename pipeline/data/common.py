@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +21,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
-from shards.manifest import load_manifest, shard_paths
+from shards.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ class Batch:
     images: torch.Tensor  # [B, 3, S, S] in [-1, 1], on the loader's device
     labels: torch.Tensor | None = None  # [B] int64, 1 = fake; with `with_meta`
     keys: list[str] | None = None  # "<shard file>/<sample key>"; with `with_meta`
+    landmarks: torch.Tensor | None = None  # [B, 68, 2] float32 (x, y) in [0, 1] of the image, flips applied;
+    # NaN rows where a sample has none; with `with_landmarks`
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class IndexEntry:
 
     key: str
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
+    line: str = field(default="", compare=False)  # the index line, to write filtered indexes
 
 
 def read_index(tar: Path, idx: Path) -> list[IndexEntry]:
@@ -52,38 +58,99 @@ def read_index(tar: Path, idx: Path) -> list[IndexEntry]:
         fields = line.split()
         members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
         name = fields[3]
-        entries.append(IndexEntry(name[: name.find(".", name.rfind("/") + 1)], members))
+        entries.append(IndexEntry(name[: name.find(".", name.rfind("/") + 1)], members, line))
     return entries
 
 
 def check_samples(tar: Path, entries: list[IndexEntry], required: tuple[str, ...] = ("jpg", "cls")) -> None:
     for e in entries:
         missing = [ext for ext in required if ext not in e.members]
+        if "lmk" in missing:
+            raise UserError(f"sample {e.key} in {tar} has no landmarks (lmk), which the self-blends need: write the "
+                            f"shards again with `python -m shards`, or set train.sbi_weight=0.")
         if missing:
             raise UserError(f"sample {e.key} in {tar} has no {'/'.join(missing)}: every sample needs {' and '.join(required)}; fix or rewrite that shard.")
 
 
-@dataclass(frozen=True)
+def read_labels(tar: Path, entries: list[IndexEntry]) -> list[int]:
+    """The `cls` of every entry, read by its offset: a few bytes each, without reading the images."""
+    labels = []
+    with open(tar, "rb") as f:
+        for e in entries:
+            offset, size = e.members["cls"]
+            f.seek(offset)
+            labels.append(int(f.read(size)))
+    return labels
+
+
+@dataclass
 class SplitInfo:
-    dataset: str  # "celeba" or "celebdf"
-    shards: list[tuple[Path, Path]]  # (tar, index)
+    datasets: set[str]  # "celeba", "celebdf"
+    shards: list[tuple[Path, Path]]  # (tar, index); a filtered index (real_only) lives in `tmp`
     entries: list[list[IndexEntry]]  # per shard, from its index: what DALI's reader will read
+    tmp: Path | None = None  # filtered index files, removed by `close`
 
     @property
     def samples(self) -> int:
         return sum(len(e) for e in self.entries)
 
+    def close(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def shard_folders(cfg: DataConfig) -> list[str]:
+    return [cfg.shards] if isinstance(cfg.shards, str) else list(cfg.shards)
+
+
+def required_members(cfg: DataConfig) -> tuple[str, ...]:
+    return (image_member(cfg), "cls") + (("lmk",) if cfg.with_landmarks else ())
+
+
+def image_member(cfg: DataConfig) -> str:
+    if cfg.crop not in ("face", "center"):
+        raise UserError(f"data.crop {cfg.crop!r} is neither 'face' nor 'center': choose one of them.")
+    if cfg.crop == "center" and cfg.with_landmarks:
+        raise UserError("data.crop center has no landmarks, which the self-blends need: use data.crop=face.")
+    return "jpg" if cfg.crop == "face" else "orig.jpg"
+
 
 def load_split(cfg: DataConfig) -> SplitInfo:
-    manifest = load_manifest(cfg.shards)
-    pairs = shard_paths(cfg.shards, cfg.split)
-    entries = []
-    for tar, idx in pairs:
-        if not tar.is_file():
-            raise UserError(f"{tar} is listed in {Path(cfg.shards) / 'manifest.json'} but missing: run `python -m shards` again to rewrite it.")
-        entries.append(read_index(tar, idx))
-        check_samples(tar, entries[-1])
-    return SplitInfo(manifest["dataset"], pairs, entries)
+    """The split's shards over every folder of `data.shards`, with real_only's filtered indexes written."""
+    folders = shard_folders(cfg)
+    if not folders:
+        raise UserError("data.shards is an empty list: name at least one folder written by `python -m shards`.")
+    split = SplitInfo(set(), [], [])
+    for folder in folders:
+        manifest = load_manifest(folder)
+        split.datasets.add(manifest["dataset"])
+        if cfg.crop == "center" and manifest["dataset"] != "celeba":
+            raise UserError(f"{folder} holds {manifest['dataset']} face crops, which have no centre crop: use data.crop=face.")
+        for shard in manifest["shards"]:
+            if shard["split"] != cfg.split or shard["samples"] == 0:
+                continue
+            tar, idx = Path(folder) / shard["file"], Path(folder) / shard["index"]
+            if not tar.is_file():
+                raise UserError(f"{tar} is listed in {Path(folder) / 'manifest.json'} but missing: run `python -m shards` again to rewrite it.")
+            entries = read_index(tar, idx)
+            check_samples(tar, entries, required_members(cfg))
+            if cfg.real_only and set(shard["labels"]) != {"0"}:
+                labels = read_labels(tar, entries) if "0" in shard["labels"] else [1] * len(entries)
+                entries = [e for e, label in zip(entries, labels) if label == 0]
+                if not entries:
+                    continue
+                split.tmp = split.tmp or Path(tempfile.mkdtemp(prefix="real-only-"))
+                idx = split.tmp / f"{len(split.shards):06d}-{idx.name}"
+                idx.write_text(f"v1.2 {len(entries)}\n" + "".join(e.line + "\n" for e in entries))
+            split.shards.append((tar, idx))
+            split.entries.append(entries)
+    if not split.shards:
+        where = " and ".join(folders)
+        verb = "holds" if len(folders) == 1 else "hold"
+        raise UserError(f"{where} {verb} no {'real ' if cfg.real_only else ''}samples in split {cfg.split!r}: choose another split"
+                        + (" or set data.real_only=false." if cfg.real_only else "."))
+    return split
 
 
 def batches_per_epoch(samples: int, world_size: int, batch_size: int, where: str = "") -> int:
@@ -96,24 +163,19 @@ def batches_per_epoch(samples: int, world_size: int, batch_size: int, where: str
     return n
 
 
-def wants_center_crop(cfg: DataConfig, dataset: str) -> bool:
-    """CelebA's usual DCGAN preprocessing crops the centre square; face crops are square already."""
-    return cfg.center_crop if cfg.center_crop is not None else dataset == "celeba"
-
-
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The same on every rank: it orders the split; rank-dependent draws add the rank themselves."""
     return np.random.default_rng([seed, epoch])
 
 
-def find_undecodable(split: SplitInfo) -> tuple[Path, str] | None:
+def find_undecodable(split: SplitInfo, member: str = "jpg") -> tuple[Path, str] | None:
     """(shard, key) of the first JPEG that does not decode; slow, for error messages only."""
     from PIL import Image
 
     for (tar, _), entries in zip(split.shards, split.entries):
         with open(tar, "rb") as f:
             for e in entries:
-                offset, size = e.members["jpg"]
+                offset, size = e.members[member]
                 f.seek(offset)
                 try:
                     with Image.open(io.BytesIO(f.read(size))) as im:
@@ -131,11 +193,14 @@ class ShardLoader:
             raise UserError(f"data.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}: choose one of those.")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.split = load_split(cfg)
+        weakref.finalize(self, self.split.close)  # filtered index files go with the loader (or at exit)
         if cfg.drop_last:
-            self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{cfg.shards} split {cfg.split!r}")
+            where = " and ".join(shard_folders(cfg))
+            self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{where} split {cfg.split!r}")
         else:
             self.batches = -(-len(self.part()) // cfg.batch_size)
-        self.center_crop = wants_center_crop(cfg, self.split.dataset)
+        self.center_crop = cfg.crop == "center"
+        self.image_member = image_member(cfg)
         self.epoch = 0
         self.batch = 0  # the next batch of the epoch to yield
 
@@ -172,13 +237,20 @@ class ShardLoader:
                         state["batch_size"], self.epoch, self.batch)
 
     def close(self) -> None:
-        pass
+        """Stop the epoch's workers; the loader can start another epoch afterwards."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def finish_landmarks(raw: torch.Tensor, flips: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The `lmk` members' bytes [B, 544] and the flips [B] -> [B, 68, 2] float32 on the device, mirrored with the image."""
+    points = raw.contiguous().view(torch.float32).reshape(-1, 68, 2).to(device, non_blocking=True)
+    flips = flips.reshape(-1, 1).to(device, non_blocking=True).bool()
+    return torch.stack([torch.where(flips, 1 - points[..., 0], points[..., 0]), points[..., 1]], dim=-1)
 
 
 def finish_images(images: torch.Tensor, cfg: DataConfig, device: torch.device, hwc: bool) -> torch.Tensor:

@@ -4,6 +4,9 @@ The images are procedural faces (178x218 JPEG, eyes where CelebA's alignment put
 pose, size, skin, hair, expression, accessories, lighting and background, so that a GAN trained on
 them has structure to learn. Each image is drawn from its own seeded generator: any image can be
 made again alone, in any order, with the same bytes.
+
+`write_celeba_photos` writes the same layout from real people's photos (`shards.synth.photos`), aligned
+on the eyes as CelebA aligns, split by person.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import cv2
 import numpy as np
 
 from shards.synth.common import staged_folder
+from shards.synth.photos import blur_outside
 
 WIDTH, HEIGHT = 178, 218
 SCALE = 2  # drawn at twice the size, then downsampled, for smooth edges
@@ -221,9 +225,10 @@ def _write_official_lists(root: Path, rows) -> None:
     (root / "list_eval_partition.txt").write_text("".join(f"{r[0]} {r[1]}\n" for r in rows))
     (root / "identity_CelebA.txt").write_text("".join(f"{r[0]} {r[2]}\n" for r in rows))
     # The real files right-align numbers with runs of spaces; readers must cope, so we write them alike.
-    attr = [f"{n}\n", " ".join(ATTRIBUTES) + " \n"]
-    attr += [r[0] + "".join(f" {r[3][a]:2d}" for a in ATTRIBUTES) + "\n" for r in rows]
-    (root / "list_attr_celeba.txt").write_text("".join(attr))
+    if rows[0][3] is not None:  # None: people without attributes, and no file claiming they have them
+        attr = [f"{n}\n", " ".join(ATTRIBUTES) + " \n"]
+        attr += [r[0] + "".join(f" {r[3][a]:2d}" for a in ATTRIBUTES) + "\n" for r in rows]
+        (root / "list_attr_celeba.txt").write_text("".join(attr))
     marks = [f"{n}\n", " ".join(LANDMARK_COLUMNS) + " \n"] + [r[0] + "".join(f"{v:6d}" for v in r[4]) + "\n" for r in rows]
     (root / "list_landmarks_align_celeba.txt").write_text("".join(marks))
     bbox = [f"{n}\n", "image_id x_1 y_1 width height \n"] + [r[0] + "".join(f"{v:6d}" for v in r[5]) + "\n" for r in rows]
@@ -239,6 +244,100 @@ def _write_kaggle_lists(root: Path, rows) -> None:
         (root / name).write_text(buf.getvalue())
 
     table("list_eval_partition.csv", ["image_id", "partition"], [(r[0], r[1]) for r in rows])
-    table("list_attr_celeba.csv", ["image_id", *ATTRIBUTES], [(r[0], *(r[3][a] for a in ATTRIBUTES)) for r in rows])
+    if rows[0][3] is not None:
+        table("list_attr_celeba.csv", ["image_id", *ATTRIBUTES], [(r[0], *(r[3][a] for a in ATTRIBUTES)) for r in rows])
     table("list_landmarks_align_celeba.csv", ["image_id", *LANDMARK_COLUMNS], [(r[0], *r[4]) for r in rows])
     table("list_bbox_celeba.csv", ["image_id", "x_1", "y_1", "width", "height"], [(r[0], *r[5]) for r in rows])
+
+
+# ---------------------------------------------------------------- real photos
+
+# Where CelebA's alignment puts the eye centres in its 178x218 images (typical of its landmark list).
+CELEBA_EYES = ((69.0, 111.0), (107.0, 111.0))
+
+
+def five_points(landmarks: np.ndarray, mirrored: bool = False) -> np.ndarray:
+    """CelebA's five points from dlib's 68 ([5, 2]: eyes, nose tip, mouth corners, left of the image first).
+
+    dlib's 36-41 is the eye on the image's left; a mirrored photo's 68 points keep their numbers, so
+    its left and right swap.
+    """
+    eyes = [landmarks[36:42].mean(0), landmarks[42:48].mean(0)]
+    mouth = [landmarks[48], landmarks[54]]
+    if mirrored:
+        eyes, mouth = eyes[::-1], mouth[::-1]
+    return np.array([eyes[0], eyes[1], landmarks[30], mouth[0], mouth[1]], np.float32)
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """[2, 3]: the rotation, uniform scale and shift taking two points `src` onto two points `dst`."""
+    s, d = complex(*(src[1] - src[0])), complex(*(dst[1] - dst[0]))
+    a = d / s
+    shift = complex(*dst[0]) - a * complex(*src[0])
+    return np.array([[a.real, -a.imag, shift.real], [a.imag, a.real, shift.imag]], np.float64)
+
+
+def align_photo(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One CelebA-like image (178x218, eyes where CelebA puts them) of a photo, with small random variations.
+
+    Mirror, rotation of up to 5 degrees and scale of up to 5% (CelebA's own alignment is about this
+    loose), and a brightness and colour cast, so one photo gives several different images. Returns the
+    image and its five points.
+    """
+    mirrored = bool(rng.random() < 0.5)
+    if mirrored:
+        rgb = rgb[:, ::-1]
+        landmarks = landmarks * [-1, 1] + [rgb.shape[1] - 1, 0]
+    points = five_points(landmarks, mirrored)
+    M = _similarity(points[:2], np.array(CELEBA_EYES))
+    angle, scale = rng.uniform(-5, 5), rng.uniform(0.95, 1.05)
+    jitter = cv2.getRotationMatrix2D(tuple(np.mean(CELEBA_EYES, 0)), angle, scale)
+    jitter[:, 2] += rng.normal(0, 1.5, 2)
+    M = jitter @ np.vstack([M, [0, 0, 1]])
+    flags = cv2.INTER_AREA if M[0, 0] ** 2 + M[1, 0] ** 2 < 1 else cv2.INTER_CUBIC
+    img = cv2.warpAffine(np.ascontiguousarray(rgb), M, (WIDTH, HEIGHT), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    # Small photos (ORL's 92x112) leave much of the frame outside them.
+    img = blur_outside(img, cv2.warpAffine(np.ones(rgb.shape[:2], np.float32), M, (WIDTH, HEIGHT), borderValue=0))
+    cast = rng.uniform(0.8, 1.2) * rng.uniform(0.93, 1.07, 3)
+    img = np.clip(img * cast + rng.normal(0, 5), 0, 255).astype(np.uint8)
+    return img, points @ M[:, :2].T + M[:, 2]
+
+
+def _person_splits(people: list, seed: int) -> dict[str, int]:
+    """person id -> CelebA partition (0 train, 1 val, 2 test), by person in CelebA's 80/10/10 shares."""
+    ids = sorted(p.id for p in people)
+    order = [ids[i] for i in np.random.default_rng([seed, 22]).permutation(len(ids))]
+    n = len(ids)
+    n_val = round(SPLIT_FRACTIONS[1] * n)
+    n_test = n - round(SPLIT_FRACTIONS[0] * n) - n_val
+    if n >= 3:  # every split gets someone
+        n_val, n_test = max(1, n_val), max(1, n_test)
+    return {pid: 1 if k < n_val else 2 if k < n_val + n_test else 0 for k, pid in enumerate(order)}
+
+
+def write_celeba_photos(out: Path, people: list, seed: int = 0, images_per_person: int = 10, layout: str = "official",
+                        quality: int = 92) -> Path:
+    """Write a CelebA root of real people (`shards.synth.photos.Person`) at `out`, which must not exist yet.
+
+    Each person gives `images_per_person` aligned images, cycling over their photos with random
+    variations, so that someone with one photo still gives several. Identities are `number + 1`, the
+    same people as `id<number>` in the photo Celeb-DF. The attribute list is left out (these people have
+    none; the sharding tool does not need it); the boxes in list_bbox_celeba.txt are dlib's, in the photos.
+    """
+    splits = _person_splits(people, seed)
+    with staged_folder(out) as root:
+        images = root / "img_align_celeba" / ("img_align_celeba" if layout == "kaggle" else "")
+        images.mkdir(parents=True)
+        rows = []
+        for person in sorted(people, key=lambda p: p.number):
+            for i in range(images_per_person):
+                k = i % len(person.photos)
+                img, points = align_photo(person.photos[k], person.landmarks[k], np.random.default_rng([seed, 23, person.number, i]))
+                name = f"{len(rows) + 1:06d}.jpg"
+                ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+                (images / name).write_bytes(jpg.tobytes())
+                left, top, right, bottom = person.boxes[k]
+                box = [left, top, right - left, bottom - top]
+                rows.append((name, splits[person.id], person.number + 1, None, [int(round(v)) for v in points.ravel()], box))
+        (_write_kaggle_lists if layout == "kaggle" else _write_official_lists)(root, rows)
+    return out

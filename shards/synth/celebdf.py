@@ -5,6 +5,9 @@ Real videos pan and zoom over real face photos that ship inside wheels (matplotl
 "celebrity" is one photo, maybe mirrored, with its own colour cast. A fake `id<t>_id<d>_<j>` reuses the
 camera path of the target's real video `id<t>_<j>` over the target's photo with the donor's face pasted
 in, leaving the marks real face swaps leave: a blending seam, a colour mismatch and a blurrier face.
+
+`write_celebdf_photos` writes the same layout from about 58 real people (`shards.synth.photos`), with
+face swaps made as swap tools make them (`shards.synth.swap`) and a test list of the test people only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import cv2
 import numpy as np
 
 from pipeline.faces import FaceDetector
+from shards.synth import swap
 from shards.synth.common import staged_folder
+from shards.synth.photos import blur_outside
 
 FRAME_W, FRAME_H, FPS = 320, 240, 25
 
@@ -192,4 +197,118 @@ def write_celebdf(
             k = max(1, round(test_fraction * len(group)))
             test += [group[i] for i in sorted(rng.choice(len(group), k, replace=False))]
         (root / "List_of_testing_videos.txt").write_text("".join(line + "\n" for line in test))
+    return out
+
+
+# ---------------------------------------------------------------- real people
+
+@dataclass(frozen=True)
+class PhotoPlan:
+    """The videos of a photo Celeb-DF; people are `Person.number`s, so `id<n>` names them."""
+
+    reals: list[tuple[int, int, int]]  # (person, j, photo): Celeb-real/id<person>_<j>.mp4
+    youtube: list[tuple[int, int]]  # (person, photo): YouTube-real/<k>.mp4, k counting in this order
+    fakes: list[tuple[int, int, int, int]]  # (target, donor, j, donor's photo): Celeb-synthesis/id<t>_id<d>_<j>.mp4
+    test: set[int]  # people on the test side
+
+
+def _side_plan(side: list, rng: np.random.Generator, videos_per_person: int, fakes_per_person: int, youtube_fraction: float):
+    """Reals, YouTube videos and fakes among one side's people only, so that no video mixes the sides.
+
+    A YouTube person gets one video and is no one's target or donor: the sharding tool counts every
+    YouTube video as a person of its own. Donors are of the same kind as their target (greyscale ORL
+    or colour) where possible, as a swap between a greyscale and a colour photo would be trivially seen.
+    """
+    people = sorted(side, key=lambda p: p.number)
+    n_youtube = min(round(youtube_fraction * len(people)), max(0, len(people) - 2))  # two celebrities for a swap
+    youtube = {people[i].number for i in rng.permutation(len(people))[:n_youtube]}
+    celebs = [p for p in people if p.number not in youtube]
+    first_photo = {p.number: int(rng.integers(len(p.photos))) for p in people}
+    photo_of = lambda p, j: (first_photo[p.number] + j) % len(p.photos)  # noqa: E731
+    reals = [(p.number, j, photo_of(p, j)) for p in celebs for j in range(videos_per_person)]
+    youtube_videos = [(p.number, first_photo[p.number]) for p in people if p.number in youtube]
+    fakes = []
+    for t in celebs:
+        others = [d for d in celebs if d.number != t.number]
+        alike = [d for d in others if (d.source == "orl") == (t.source == "orl")]
+        donors = [(alike or others)[i] for i in rng.permutation(len(alike or others))]
+        combos = [(d, j) for j in range(videos_per_person) for d in donors][:fakes_per_person]
+        fakes += [(t.number, d.number, j, int(rng.integers(len(d.photos)))) for d, j in combos]
+    return reals, youtube_videos, fakes
+
+
+def plan_photo_videos(train_people: list, test_people: list, seed: int, videos_per_person: int = 1,
+                      fakes_per_test_person: int = 2, fakes_per_train_person: int = 1, youtube_fraction: float = 0.2) -> PhotoPlan:
+    rng = np.random.default_rng([seed, 8])
+    plan = PhotoPlan([], [], [], {p.number for p in test_people})
+    for side, n_fakes in ((train_people, fakes_per_train_person), (test_people, fakes_per_test_person)):
+        reals, youtube, fakes = _side_plan(side, rng, videos_per_person, n_fakes, youtube_fraction)
+        plan.reals.extend(reals)
+        plan.youtube.extend(youtube)
+        plan.fakes.extend(fakes)
+    plan.reals.sort(), plan.youtube.sort(), plan.fakes.sort()
+    return plan
+
+
+def _framed(photo: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The photo with room around it for camera_frames' widest view, and the face box in it.
+
+    The camera shows up to twice the face height vertically (the face is 50-75% of the frame) and pans
+    by 15% of it; small photos such as ORL's need that room, which camera_frames would fill by mirroring.
+    """
+    frame_w, frame_h = frame_size
+    left, top, right, bottom = box
+    face_h = bottom - top
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    reach_x, reach_y = face_h * (frame_w / frame_h + 0.2), face_h * 1.2
+    h, w = photo.shape[:2]
+    pads = [max(0, int(np.ceil(v))) for v in (reach_y - cy, cy + reach_y - h, reach_x - cx, cx + reach_x - w)]
+    if not any(pads):
+        return photo, box
+    padded = cv2.copyMakeBorder(photo, *pads, cv2.BORDER_REPLICATE)
+    inside = cv2.copyMakeBorder(np.ones((h, w), np.float32), *pads, cv2.BORDER_CONSTANT, value=0)
+    return blur_outside(padded, inside), (left + pads[2], top + pads[0], right + pads[2], bottom + pads[0])
+
+
+def write_celebdf_photos(
+    out: Path, train_people: list, test_people: list, seed: int = 0, frame_size: tuple[int, int] = (FRAME_W, FRAME_H),
+    videos_per_person: int = 1, fakes_per_test_person: int = 2, youtube_fraction: float = 0.2,
+    fakes_per_train_person: int = 1, frames_per_video: int = 60, placement: str = "flat",
+) -> Path:
+    """Write a Celeb-DF v2 root of real people (`shards.synth.photos.Person`) at `out`, which must not exist yet.
+
+    Celebrities are `id<number>`. List_of_testing_videos.txt holds exactly the videos of the test
+    people (their reals, YouTube videos and the fakes among them), so the training pool holds train
+    people only. A fake uses the camera path and photo of its target's real video `id<t>_<j>`.
+    """
+    by_number = {p.number: p for p in [*train_people, *test_people]}
+    plan = plan_photo_videos(train_people, test_people, seed, videos_per_person, fakes_per_test_person,
+                             fakes_per_train_person, youtube_fraction)
+    motion = lambda n, j: seed * 1_000_003 + n * 1000 + j  # noqa: E731  the real video's camera, reused by its fakes
+
+    def clip(photo: np.ndarray, k: int, n: int, j: int) -> list[np.ndarray]:
+        framed, box = _framed(photo, by_number[n].boxes[k], frame_size)
+        return camera_frames(framed, box, motion(n, j), frames_per_video, frame_size)
+
+    with staged_folder(out) as root:
+        def folder(name: str) -> Path:
+            path = root / name / ("videos" if placement == "videos" else "")
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+
+        listed = []
+        for n, j, k in plan.reals:
+            write_video(folder("Celeb-real") / f"id{n}_{j:04d}.mp4", clip(by_number[n].photos[k], k, n, j))
+            listed.append((n in plan.test, f"1 Celeb-real/id{n}_{j:04d}.mp4"))
+        for i, (n, k) in enumerate(plan.youtube):
+            write_video(folder("YouTube-real") / f"{i:05d}.mp4", clip(by_number[n].photos[k], k, n, 999))
+            listed.append((n in plan.test, f"1 YouTube-real/{i:05d}.mp4"))
+        real_photo = {(n, j): k for n, j, k in plan.reals}
+        for t, d, j, dk in plan.fakes:
+            target, donor, k = by_number[t], by_number[d], real_photo[(t, j)]
+            rng = np.random.default_rng([seed, 9, t, d, j])
+            swapped = swap.swap_face(target.photos[k], target.landmarks[k], donor.photos[dk], donor.landmarks[dk], rng)
+            write_video(folder("Celeb-synthesis") / f"id{t}_id{d}_{j:04d}.mp4", clip(swapped, k, t, j))
+            listed.append((t in plan.test, f"0 Celeb-synthesis/id{t}_id{d}_{j:04d}.mp4"))
+        (root / "List_of_testing_videos.txt").write_text("".join(line + "\n" for test, line in listed if test))
     return out

@@ -1,0 +1,360 @@
+"""Self-Blended Images (Shiohara & Yamasaki, CVPR 2022) and quality degradations, on whole batches.
+
+A self-blend pastes a face onto itself through a soft, jittered mask after a slight change of colour
+and sharpness. It keeps the identity but leaves what every face swap leaves: a blending boundary and a
+mismatch of colour and sharpness statistics inside it. A detector trained to find it generalises to
+swaps it never saw. The recipe follows mapooon/SelfBlendedImages (src/utils/sbi.py, blend.py, funcs.py);
+its pixel constants are at 256 px and are scaled by S/256 here.
+
+Every function is a pure function of tensors and a `torch.Generator` on the images' device. Per-sample
+choices are masks and `torch.where`, never Python branches on tensor values, so a GPU step never waits
+for the host.
+
+Write the README's grid (real | mask | blend, one face per row):
+    python -m pipeline.sbi docs/sbi-grid.png
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kornia.color import hsv_to_rgb, rgb_to_hsv
+from kornia.enhance import jpeg_codec_differentiable
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import elastic_transform2d
+
+REF_SIZE_PX = 256  # the size the reference's pixel constants hold at
+BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's blend_list: full blends are drawn half the time
+LANDMARK_MARGIN = 0.02  # landmarks may leave the crop by this fraction and still count as usable
+MIN_HULL_AREA = 0.02  # fraction of the crop; a detected face's hull covers about 0.3
+FOREHEAD_LIFT = (0.1, 0.4)  # brows move up by this fraction of the chin-to-brow distance
+AFFINE_SHIFT = (0.03, 0.015)  # (x, y) fraction of S, as SBI's randaffine
+AFFINE_SCALE_MIN = 0.95  # scale in [0.95, 1 / 0.95]
+ELASTIC_ALPHA_PX, ELASTIC_SIGMA_PX = 50.0, 7.0  # albumentations' ElasticTransform as SBI calls it
+BLUR_KERNEL_PX = (5, 25)  # odd kernel sizes of get_blend_mask's two blurs
+SECOND_BLUR_SIGMA_PX = (5, 45)  # the second blur's sigma, truncated by its kernel
+MASK_BLUR_SIZE_PX = (192, 256)  # get_blend_mask blurs after resizing the mask to this size per axis
+RGB_SHIFT = 20 / 255
+HUE_SHIFT_RAD = 0.05
+SAT_VAL_SCALE = 0.1  # saturation and value are multiplied by 1 +- this
+JPEG_QUALITY = (40, 100)
+
+
+@dataclass
+class SelfBlends:
+    real: torch.Tensor  # [B, 3, S, S] in [-1, 1]: the pair's real image (the target, after the shared augmentation)
+    fake: torch.Tensor  # [B, 3, S, S] in [-1, 1]: the self-blend (after the same shared augmentation)
+    mask: torch.Tensor  # [B, 1, S, S] in [0, 1]: the final blend mask (blurred, deformed, times the ratio)
+    ratio: torch.Tensor  # [B]: the blend ratio drawn from BLEND_RATIOS
+    valid: torch.Tensor  # [B] bool: landmarks usable; where False, fake == real and the sample is a real only
+
+
+def _rand(generator: torch.Generator, like: torch.Tensor, *shape: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=generator, device=like.device)
+
+
+def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * u
+
+
+def _directions(count: int, device: torch.device) -> torch.Tensor:
+    # Half-step offsets keep every direction off the axes, so no x component is exactly zero.
+    angle = (torch.arange(count, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / count)
+    return torch.stack([angle.cos(), angle.sin()], 1)  # [K, 2]
+
+
+def hull_mask(points: torch.Tensor, size: int, directions: int = 64) -> torch.Tensor:
+    """Rasterize the convex hull of [B, N, 2] pixel points (pixel centres at integers) to [B, 1, size, size].
+
+    No hull is built: a pixel is inside where u.p <= max_k u.P_k for every direction u, an outer
+    approximation that is within a fraction of a pixel for 64 directions. Each constraint bounds x on a
+    row from one side, so a row's inside is an interval and the work is [B, K, size], not [B, K, size^2].
+    """
+    u = _directions(directions, points.device)  # [K, 2]
+    support = (points.float() @ u.T).amax(1)  # [B, K]
+    pos = torch.arange(size, device=points.device, dtype=torch.float32)  # pixel centres
+    bound = (support[:, :, None] - u[None, :, 1, None] * pos) / u[None, :, 0, None]  # [B, K, S]: x bound per row
+    upper = (u[:, 0] > 0)[None, :, None]
+    x_max = torch.where(upper, bound, torch.inf).amin(1)  # [B, S]
+    x_min = torch.where(upper, -torch.inf, bound).amax(1)
+    tol_px = 1e-3  # keeps pixels exactly on an edge inside, as cv2.fillConvexPoly does
+    inside = (pos >= x_min[:, :, None] - tol_px) & (pos <= x_max[:, :, None] + tol_px)  # [B, S(y), S(x)]
+    return inside[:, None].float()
+
+
+def _hull_area(points: torch.Tensor, directions: int = 64) -> torch.Tensor:
+    """[B, N, 2] -> [B]: the area of the polygon of extreme points, taken in angular order of the directions."""
+    u = _directions(directions, points.device)
+    idx = (points @ u.T).argmax(1)  # [B, K]: the extreme points walk the hull in order
+    v = torch.gather(points, 1, idx[..., None].expand(-1, -1, 2))  # [B, K, 2]
+    w = v.roll(-1, 1)
+    return 0.5 * (v[..., 0] * w[..., 1] - w[..., 0] * v[..., 1]).sum(1).abs()
+
+
+def landmarks_valid(landmarks: torch.Tensor) -> torch.Tensor:
+    """[B, 68, 2] normalized landmarks -> [B] bool: finite, 3+ distinct points, inside the crop, a real area."""
+    finite = torch.isfinite(landmarks).all(2).all(1)
+    points = torch.nan_to_num(landmarks.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    inside = ((points >= -LANDMARK_MARGIN) & (points <= 1 + LANDMARK_MARGIN)).all(2).all(1)
+    cells = torch.round(points * REF_SIZE_PX)  # distinct means distinct at 1/256 of the crop
+    same = (cells[:, :, None] == cells[:, None]).all(-1)  # [B, N, N]
+    n = points.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=points.device).tril(-1)
+    distinct = (~(same & earlier).any(-1)).sum(1) >= 3
+    return finite & inside & distinct & (_hull_area(points) > MIN_HULL_AREA)
+
+
+def _dummy_landmarks(like: torch.Tensor) -> torch.Tensor:
+    """[B, 68, 2]: points on a circle, a harmless stand-in for unusable landmarks."""
+    angle = torch.arange(like.shape[1], device=like.device, dtype=torch.float32) * (2 * math.pi / like.shape[1])
+    circle = 0.5 + 0.25 * torch.stack([angle.cos(), angle.sin()], 1)  # [68, 2]
+    return circle.expand(like.shape[0], -1, -1)
+
+
+def _region_points(points: torch.Tensor, kind: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
+    """The points whose hull is the mask, per SBI's random_get_hull; kind 0 all, 1 inner, 2 outline + forehead, 3 outline.
+
+    Points a kind leaves out are replaced by one it keeps, which leaves the hull unchanged.
+    """
+    chin, brows = points[:, 8], points[:, 17:27]  # [B, 2], [B, 10, 2]
+    up = brows.mean(1) - chin  # [B, 2]: the face's vertical axis, chin to brows, in any head pose
+    lifted = torch.cat([points[:, :17], brows + lift[:, None, None] * up[:, None], points[:, 27:]], 1)
+    points = torch.where((kind == 2)[:, None, None], lifted, points)
+    idx = torch.arange(points.shape[1], device=points.device)
+    no_jaw = ((kind == 1)[:, None] & (idx < 17))[..., None]  # [B, 68, 1]
+    outline = ((kind >= 2)[:, None] & (idx >= 27))[..., None]
+    points = torch.where(no_jaw, points[:, 30:31], points)  # the nose tip is inside the inner face
+    return torch.where(outline, points[:, 8:9], points)  # the chin is on the outline
+
+
+def _gaussian_kernel_px(max_sigma_px: float) -> int:
+    return 2 * math.ceil(3 * max_sigma_px) + 1
+
+
+def _warp(source: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SBI's randaffine: one random affine for the source and the mask, then an elastic warp of the mask."""
+    b, _, s, _ = source.shape
+    u = _rand(g, source, b, 3)
+    shift = torch.stack([_uniform(u[:, 0], -1, 1) * AFFINE_SHIFT[0], _uniform(u[:, 1], -1, 1) * AFFINE_SHIFT[1]], 1)
+    inv_scale = 1 / _uniform(u[:, 2], AFFINE_SCALE_MIN, 1 / AFFINE_SCALE_MIN)  # [B]
+    # affine_grid maps output to input coordinates, in units of half the image: the inverse of scale-then-shift.
+    eye = torch.eye(2, device=source.device)[None] * inv_scale[:, None, None]  # [B, 2, 2]
+    theta = torch.cat([eye, (-2 * shift * inv_scale[:, None])[..., None]], 2)  # [B, 2, 3]
+    grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
+    source = F.grid_sample(source, grid, padding_mode="border", align_corners=False)
+    mask = F.grid_sample(mask, grid, padding_mode="zeros", align_corners=False)
+    # Smoothed uniform noise of unit pixel variance shrinks as 1/sigma: alpha scales as (S/256)^2 for a
+    # displacement that scales as S/256; kornia wants it in grid units (2/S per pixel).
+    sigma_px = ELASTIC_SIGMA_PX * s / REF_SIZE_PX
+    alpha = ELASTIC_ALPHA_PX * (s / REF_SIZE_PX) ** 2 * 2 / s
+    noise = _rand(g, source, b, 2, s, s) * 2 - 1
+    k = _gaussian_kernel_px(sigma_px)
+    mask = elastic_transform2d(mask, noise, (k, k), (sigma_px, sigma_px), (alpha, alpha))
+    return source, mask
+
+
+def _cv2_sigma(kernel_px: torch.Tensor | float) -> torch.Tensor | float:
+    return 0.3 * ((kernel_px - 1) * 0.5 - 1) + 0.8  # what cv2.GaussianBlur picks for sigma 0
+
+
+def _normalize_max(mask: torch.Tensor) -> torch.Tensor:
+    return mask / mask.amax((1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def _blend_mask(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """SBI's get_blend_mask: blur, keep only where the blur is 1 (an erosion), blur again, max to 1."""
+    b, _, s, _ = mask.shape
+    u = _rand(g, mask, b, 5)
+    low, high = BLUR_KERNEL_PX
+    k1 = low + 2 * torch.floor(u[:, 0] * ((high - low) // 2 + 1))  # [B] odd sizes, as randrange(5, 26, 2)
+    k2 = low + 2 * torch.floor(u[:, 1] * ((high - low) // 2 + 1))
+    # SBI blurs a copy resized to 192-256 px per axis: one of its pixels is S / size of ours.
+    size_px = MASK_BLUR_SIZE_PX[0] + torch.floor(u[:, 2:4] * (MASK_BLUR_SIZE_PX[1] - MASK_BLUR_SIZE_PX[0] + 1))
+    px = s / size_px  # [B, 2] (y, x)
+    sigma1 = _cv2_sigma(k1)
+    # A Gaussian of sigma 5-45 cut to k2 taps is between a Gaussian and a box of width k2.
+    sigma2_px = _uniform(u[:, 4], *SECOND_BLUR_SIGMA_PX)
+    sigma2 = (sigma2_px.pow(-2) + 12 / k2.pow(2)).rsqrt()
+    kernel = _gaussian_kernel_px(max(_cv2_sigma(high), high / math.sqrt(12)) * s / MASK_BLUR_SIZE_PX[0])
+    blurred = _normalize_max(gaussian_blur2d(mask, kernel, sigma1[:, None] * px))
+    # The blur reaches 1 only a kernel radius inside a straight edge: there it is Phi(radius / sigma).
+    threshold = torch.special.ndtr((k1 - 1) / 2 / sigma1) - 1e-4
+    eroded = (blurred >= threshold[:, None, None, None]).float()
+    return _normalize_max(gaussian_blur2d(eroded, kernel, sigma2[:, None] * px))
+
+
+def _color_jitter(x: torch.Tensor, u: torch.Tensor, p: tuple[float, float, float], bc_limit: float) -> torch.Tensor:
+    """albumentations' RGBShift, HueSaturationValue, RandomBrightnessContrast with probabilities p, on [0, 1].
+
+    u: [B, 11] uniforms, passed in so that a real and its fake can share them. The reference's HSV
+    limits of 0.3 are in uint8 units there (a no-op); here they are a small hue turn and a +-10% scale.
+    """
+    on = [(u[:, i] < p_i)[:, None, None, None] for i, p_i in zip((0, 4, 8), p)]
+    shift = _uniform(u[:, 1:4], -RGB_SHIFT, RGB_SHIFT)[..., None, None]  # [B, 3, 1, 1]
+    x = torch.where(on[0], (x + shift).clamp(0, 1), x)
+    hsv = rgb_to_hsv(x)
+    hue = (hsv[:, :1] + _uniform(u[:, 5], -HUE_SHIFT_RAD, HUE_SHIFT_RAD)[:, None, None, None]).remainder(2 * math.pi)
+    sat_val = hsv[:, 1:] * (1 + _uniform(u[:, 6:8], -SAT_VAL_SCALE, SAT_VAL_SCALE))[..., None, None]
+    x = torch.where(on[1], hsv_to_rgb(torch.cat([hue, sat_val.clamp(0, 1)], 1)).clamp(0, 1), x)
+    # brightness_by_max: contrast scales about 0 and brightness adds a fraction of white, as for uint8 there.
+    contrast = 1 + _uniform(u[:, 9], -bc_limit, bc_limit)[:, None, None, None]
+    brightness = _uniform(u[:, 10], -bc_limit, bc_limit)[:, None, None, None]
+    return torch.where(on[2], (x * contrast + brightness).clamp(0, 1), x)
+
+
+def _down_up(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Resample [B, C, S, S] onto a grid `factor` ([B] in (0, 1]) times as dense and back up, bilinearly.
+
+    Per-sample sizes cannot share one F.interpolate call, so the coarse grid is implicit: each output
+    pixel blends its two nearest coarse samples per axis, and each coarse sample is read from the image.
+    """
+    s = x.shape[-1]
+    pos = torch.arange(s, device=x.device, dtype=torch.float32)
+    f = factor[:, None]  # [B, 1]
+    coarse = (pos + 0.5) * f - 0.5  # [B, S]: output pixel centres in coarse pixels
+    last = (s * f).floor().clamp_min(1) - 1
+    i0 = coarse.floor().clamp_min(0).minimum(last)
+    w1 = (coarse - i0).clamp(0, 1)
+    i1 = (i0 + 1).minimum(last)
+    taps = [((2 * ((i + 0.5) / f - 0.5) + 1) / s - 1, w) for i, w in ((i0, 1 - w1), (i1, w1))]  # grid units
+    out = torch.zeros_like(x)
+    for gy, wy in taps:
+        for gx, wx in taps:
+            grid = torch.stack([gx[:, None, :].expand(-1, s, -1), gy[:, :, None].expand(-1, -1, s)], -1)
+            sample = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+            out = out + (wy[:, :, None] * wx[:, None, :])[:, None] * sample
+    return out
+
+
+def _sharpen(x: torch.Tensor, alpha: torch.Tensor, lightness: torch.Tensor) -> torch.Tensor:
+    """albumentations' Sharpen: (1 - a) I + a K, K = -1 around a centre of 8 + lightness."""
+    box9 = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1) * 9
+    a, light = alpha[:, None, None, None], lightness[:, None, None, None]
+    return ((1 - a) * x + a * ((9 + light) * x - box9)).clamp(0, 1)
+
+
+def _source_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """SBI's source_transforms on [0, 1]: colour jitter, then a downscale or a sharpen."""
+    u = _rand(g, x, x.shape[0], 15)
+    x = _color_jitter(x, u[:, :11], p=(0.3, 1.0, 1.0), bc_limit=0.1)
+    down = _down_up(x, _uniform(u[:, 11], 0.25, 0.5))
+    sharp = _sharpen(x, _uniform(u[:, 12], 0.2, 0.5), _uniform(u[:, 13], 0.5, 1.0))
+    return torch.where((u[:, 14] < 0.5)[:, None, None, None], down, sharp)
+
+
+def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    # kornia pads to its 16 px blocks internally and crops back, so any S works.
+    return jpeg_codec_differentiable(x, quality).clamp(0, 1)
+
+
+def _shared_augment(real: torch.Tensor, fake: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SBI's get_transforms with additional_targets: the same parameters for both images of a pair."""
+    u = _rand(g, real, real.shape[0], 13).repeat(2, 1)  # [2B, 13]
+    pair = _color_jitter(torch.cat([real, fake]), u[:, :11], p=(0.3, 0.3, 0.3), bc_limit=0.3)
+    compressed = _jpeg(pair, _uniform(u[:, 11], *JPEG_QUALITY))
+    pair = torch.where((u[:, 12] < 0.5)[:, None, None, None], compressed, pair)
+    return pair.chunk(2)
+
+
+def _pick(index: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
+    """values[index] per sample, without copying a table from the host."""
+    return sum((index == i).float() * v for i, v in enumerate(values))
+
+
+def self_blend(images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator) -> SelfBlends:
+    """Self-blends of [B, 3, S, S] images in [-1, 1] with their [B, 68, 2] normalized landmarks."""
+    x = images.float() * 0.5 + 0.5  # [B, 3, S, S] in [0, 1]
+    b, _, s, _ = x.shape
+    valid = landmarks_valid(landmarks)
+    keep = valid[:, None, None, None]
+    # Unusable rows get stand-in points before any arithmetic, so that no NaN reaches a pixel.
+    points = torch.where(valid[:, None, None], torch.nan_to_num(landmarks.float()), _dummy_landmarks(landmarks))
+    u = _rand(generator, x, b, 4)
+    kind = torch.floor(u[:, 0] * 4)
+    mask = hull_mask(_region_points(points * s, kind, _uniform(u[:, 1], *FOREHEAD_LIFT)), s)  # [B, 1, S, S]
+    changed = _source_transform(x, generator)
+    on_source = (u[:, 2] < 0.5)[:, None, None, None]  # else the target changes and the real is the changed one
+    source = torch.where(on_source, changed, x)
+    target = torch.where(on_source | ~keep, x, changed)
+    source, mask = _warp(source, mask, generator)
+    ratio = _pick(torch.floor(u[:, 3] * len(BLEND_RATIOS)), BLEND_RATIOS)  # [B]
+    mask = torch.where(keep, _blend_mask(mask, generator) * ratio[:, None, None, None], 0.0)
+    fake = mask * source + (1 - mask) * target
+    real, fake = _shared_augment(target, fake, generator)
+    fake = torch.where(keep, fake, real)
+    return SelfBlends(real * 2 - 1, fake * 2 - 1, mask, ratio, valid)
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Independent random quality losses per image, each with probability p: resize, blur, noise, JPEG."""
+    x = images.float() * 0.5 + 0.5  # [B, 3, S, S] in [0, 1]
+    b, _, s, _ = x.shape
+    u = _rand(generator, x, b, 8)
+    on = (u[:, :4] < p)[:, :, None, None, None]  # [B, 4, 1, 1, 1]
+    factor = _uniform(u[:, 4], 0.3, 0.8)
+    # Anti-aliasing as skimage picks it, so that the downscale is area-like rather than point sampling.
+    aa_sigma = ((1 / factor - 1) / 2).clamp_min(0.05)[:, None].repeat(1, 2)
+    x = torch.where(on[:, 0], _down_up(gaussian_blur2d(x, _gaussian_kernel_px(1 / 0.3 / 2), aa_sigma), factor), x)
+    blur_sigma = (_uniform(u[:, 5], 0.2, 1.5) * s / 64)[:, None].repeat(1, 2)
+    x = torch.where(on[:, 1], gaussian_blur2d(x, _gaussian_kernel_px(1.5 * s / 64), blur_sigma), x)
+    noise_std = _uniform(u[:, 6], 0.0, 0.03)[:, None, None, None]
+    noise = torch.randn(x.shape, generator=generator, device=x.device) * noise_std
+    x = torch.where(on[:, 2], (x + noise).clamp(0, 1), x)
+    x = torch.where(on[:, 3], _jpeg(x, _uniform(u[:, 7], 30, 95)), x)
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+def grid_png(path, images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator, rows: int = 8) -> None:
+    """Save `rows` rows of real | mask | blend as a PNG, for the README and for eyes."""
+    import cv2
+    from torchvision.utils import make_grid
+
+    blends = self_blend(images[:rows], landmarks[:rows], generator)
+    mask = blends.mask.expand(-1, 3, -1, -1) * 2 - 1
+    cells = torch.stack([blends.real, mask, blends.fake], 1).flatten(0, 1)  # [3R, 3, S, S]
+    grid = make_grid(cells * 0.5 + 0.5, nrow=3, padding=2, pad_value=1.0)
+    rgb = (grid.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def demo_face():
+    """Grace Hopper's 256 px face crop ([256, 256, 3] uint8 RGB) and its landmarks ([68, 2] in [0, 1])."""
+    import importlib.util
+
+    import cv2
+
+    from pipeline.faces import FaceDetector, crop_face
+
+    spec = importlib.util.find_spec("matplotlib")
+    path = Path(spec.submodule_search_locations[0]) / "mpl-data/sample_data/grace_hopper.jpg"
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    crop = crop_face(rgb, FaceDetector(upsample=1, landmarks=True).largest(rgb), size=256, scale=1.3)
+    return crop.image, crop.landmarks / 256
+
+
+def demo_batch(crop, landmarks, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo face resized to `size`, repeated `batch` times, every other copy mirrored."""
+    import cv2
+
+    image = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # [3, S, S]
+    points = torch.from_numpy(landmarks).float()  # [68, 2]
+    # Pixel centres sit at x = column / 256, so a mirror maps x to (255 - column) / 256.
+    mirrored = torch.stack([1 - 1 / 256 - points[:, 0], points[:, 1]], 1)
+    flip = (torch.arange(batch) % 2 == 1)
+    images = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return images, torch.where(flip[:, None, None], mirrored, points)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pipeline.sbi OUT.png")
+    images, landmarks = demo_batch(*demo_face(), size=128, batch=8)
+    grid_png(sys.argv[1], images, landmarks, torch.Generator().manual_seed(0), rows=8)
+    print(f"wrote {sys.argv[1]}")
