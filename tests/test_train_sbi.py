@@ -108,6 +108,28 @@ def test_faces_with_unusable_landmarks_train_as_reals_only(shards, runs, tmp_pat
     assert all(torch.isfinite(v).all() for v in state["D"].values() if v.is_floating_point())
 
 
+def test_blends_of_unusable_landmarks_weigh_nothing_in_ds_loss(shards, runs):
+    from pipeline.config import load_config
+    from pipeline.dist import DistInfo
+    from pipeline.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "sbi-smoke.yaml", _overrides(shards, runs, "in-process", "train.gan_weight=0"))
+    trainer = Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    try:
+        batch = next(iter(trainer.loader))
+        batch.landmarks[1:] = float("nan")  # one usable face, three unusable
+        stats, _ = trainer.train_step(batch)
+        assert stats["sbi/valid"] == 0.25 and torch.isfinite(stats["loss/D"])
+        with torch.no_grad():
+            real, blend, valid = trainer.make_inputs(batch)
+        assert valid.tolist() == [True, False, False, False]
+        batch.landmarks[:] = float("nan")
+        stats, _ = trainer.train_step(batch)
+        assert stats["sbi/valid"] == 0 and stats["D/blend"] == 0  # no usable blend: D learns the reals only
+    finally:
+        trainer.close()
+
+
 def test_the_recipe_also_trains_on_celeba_alone(shards, runs):
     result = train(1, _overrides([shards[0]], runs, "celeba-only", "train.max_steps=2"))
     assert result.returncode == 0, result.stderr[-3000:]
