@@ -52,7 +52,7 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
 def verdict_threshold(meta: dict, checkpoint: Path) -> tuple[float, str | None]:
     """The checkpoint's calibrated threshold on P(fake), or 0.5 and a note saying why."""
     if meta.get("threshold") is None:
-        return 0.5, (f"checkpoint {checkpoint} has no calibrated threshold (trained without self-blends, or "
+        return 0.5, (f"checkpoint {checkpoint} has no calibrated threshold (trained on centre crops, or "
                      "written before calibration existed): using 0.5, which may call every face fake or real")
     return float(meta["threshold"]), None
 

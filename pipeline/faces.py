@@ -95,11 +95,7 @@ class FaceDetector:
         rgb = np.ascontiguousarray(rgb)
         faces = []
         for r in self._detector(rgb, self.upsample):
-            landmarks = None
-            if self._predictor is not None:
-                shape = self._predictor(rgb, r)
-                landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-            faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), landmarks))
+            faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), self._landmarks(rgb, r)))
         # Ties in area are broken by position so that the choice never depends on dlib's order.
         faces.sort(key=lambda f: (-f.area, f.box))
         return faces
@@ -110,12 +106,13 @@ class FaceDetector:
 
     def at(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> Face:
         """The face in a box found by other means, with the 68 landmarks the predictor places in it."""
-        rgb = np.ascontiguousarray(rgb)
-        landmarks = None
-        if self._predictor is not None:
-            shape = self._predictor(rgb, self._rect(*box))
-            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-        return Face(tuple(int(v) for v in box), landmarks)
+        return Face(tuple(int(v) for v in box), self._landmarks(np.ascontiguousarray(rgb), self._rect(*box)))
+
+    def _landmarks(self, rgb: np.ndarray, rect) -> np.ndarray | None:
+        """The 68 points the predictor places in a dlib rectangle, or None without a predictor."""
+        if self._predictor is None:
+            return None
+        return np.array([(p.x, p.y) for p in self._predictor(rgb, rect).parts()], dtype=np.float32)
 
 
 def square_around(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int]:
