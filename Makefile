@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,12 @@ bench: $(INSTALLED)
 	$(PY) -m bench.shards --out bench/results
 	$(PY) -m bench.loader --out bench/results
 	$(PY) -m bench.train --device cpu --batch 32 --steps 8 --warmup 2 --out bench/results
+	$(PY) -m bench.step --device cpu --size 64 --batch 32 --warmup 2 --steps 5 --out bench/results
 	$(PY) -m bench.detector --minutes 4 --out bench/results
+
+# On a GPU machine, after bench/gpu-stage.sh (see its header): one call, at most 10 minutes.
+bench-gpu:
+	bench/gpu.sh bench/results/gpu
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

@@ -44,7 +44,6 @@ def train_for(cfg, device: str, seconds: float) -> tuple[Trainer, int]:
     while time.perf_counter() - t0 < seconds:
         for batch in trainer.loader:
             trainer.train_step(batch)
-            trainer.step += 1
             if time.perf_counter() - t0 >= seconds:
                 break
     return trainer, time.perf_counter() - t0
@@ -61,7 +60,7 @@ def run_variant(name: str, args, shards: list[str], runs: str) -> dict:
     try:
         trainer.validate()  # calibrates the threshold, as at the end of training
         threshold = trainer.threshold
-        D, size, device = trainer.D_raw.eval(), cfg.data.image_size, trainer.device
+        D, size, device = trainer.step_fn.D_raw.eval(), cfg.data.image_size, trainer.device
         with torch.no_grad():
             frames = score_split(D, args.celebdf, "test", size, device, threads=os.cpu_count())
             celeba = score_split(D, args.celeba, "test", size, device, threads=os.cpu_count())
@@ -70,7 +69,7 @@ def run_variant(name: str, args, shards: list[str], runs: str) -> dict:
         trainer.close()
     return {"variant": name, "sbi_weight": sbi_weight, "gan_weight": gan_weight, "steps": trainer.step,
             "train_seconds": round(seconds, 1), "images_seen": trainer.step * cfg.data.batch_size,
-            "calibration": trainer.calibration, **summary}
+            "calibration": trainer.calibration.info, **summary}
 
 
 def table(results: list[dict]) -> str:

@@ -62,23 +62,34 @@ class TrainConfig:
     lr_D: float = 2e-4
     lr_G: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # Adam's, as in the DCGAN paper
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 scales the loss; the scaler's state is checkpointed)
-    channels_last: bool = False  # models and batches in NHWC memory layout
-    compile: bool = False  # torch.compile G and D
+    # The fast paths (pipeline/fastpaths.py): auto is on with CUDA and off on CPUs; where one cannot work
+    # here, the run falls back with a warning line at set-up.
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16 (with a dynamic loss scale)
+    channels_last: str | bool = "auto"  # models and batches in NHWC memory layout
+    compile: str | bool = "auto"  # torch.compile G and D
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs (one GPU, no DDP)
+    fused_adam: bool = True  # one kernel per update, which skips non-finite steps on the device
+    tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it
     ema_beta: float = 0.999  # G_ema <- beta * G_ema + (1 - beta) * G; beta warms up as (1 + step) / (10 + step)
-    seed: int = 0  # weights, noise and data order derive from (seed, rank)
-    log_every_steps: int = 50  # status line and scalars
-    sample_every_steps: int = 500  # G_ema sample grids from fixed noise (also at every epoch's end)
-    ckpt_every_steps: int = 1000  # and at every epoch's end, and on SIGTERM or SIGUSR1
+    seed: int = 0  # weights and noise derive from (seed, rank); the data's order and flips from data.seed
+    # Periodic work, each on its own clock: every N steps and/or every N epochs (0 is off), and at the end.
+    # The step defaults keep it under 2% of training time at full scale, where an epoch takes seconds.
+    log_every_steps: int = 50  # status line and scalars; the host learns skipped steps and signals only here
+    sample_every_steps: int = 1000  # G_ema sample grids from fixed noise
+    sample_every_epochs: int = 0
+    ckpt_every_steps: int = 2000  # and at the end, and on SIGTERM or SIGUSR1 (with a replica check)
+    ckpt_every_epochs: int = 0
     ckpt_keep_last: int = 3
     resume: str = "auto"  # auto: newest intact checkpoint of the run, if any | never | a checkpoint path
-    max_nonfinite_steps: int = 20  # consecutive skipped steps with a non-finite loss before the run stops
+    max_nonfinite_steps: int = 20  # the run stops after this many skipped steps in a row (non-finite
+    # gradients), checked every log_every_steps
     sbi_weight: float = 0.0  # weight in D's loss of self-blended pseudo-fakes of the real batch (pipeline/sbi.py);
     # 0 keeps the plain GAN discriminator. Needs face-crop shards with landmarks (data.crop face)
     gan_weight: float = 1.0  # weight in D's loss of G's samples; 0 trains D on reals and self-blends alone, without G
     degrade_prob: float = 0.5  # with self-blends: chance of each quality degradation (downscale, blur, noise, JPEG),
     # drawn per image for reals and blends alike, so that image quality is never the cue
-    val_every_epochs: int = 1  # D's accuracy and loss on data.val_split; 0 turns it off
+    val_every_steps: int = 2000  # D's accuracy and loss on data.val_split, and the detector's calibration
+    val_every_epochs: int = 0
     val_split: str = "val"
     eval_every_epochs: int = 0  # score D as a deepfake detector on eval_shards (Celeb-DF) every N epochs; 0: never
     eval_shards: str | None = None  # Celeb-DF shards, e.g. /data/shards/celebdf

@@ -352,6 +352,33 @@ def demo_batch(crop, landmarks, size: int, batch: int) -> tuple[torch.Tensor, to
     return images, torch.where(flip[:, None, None], mirrored, points)
 
 
+def template_landmarks() -> torch.Tensor:
+    """A mean-looking face's 68 points ([68, 2] in [0, 1] of a 1.3x face crop), in dlib's order, drawn from
+    ellipses: for timing and GPU checks where neither a face photo nor dlib is at hand."""
+    def arc(cx, cy, rx, ry, start, stop, n):
+        t = torch.linspace(start, stop, n)
+        return torch.stack([cx + rx * torch.cos(t), cy + ry * torch.sin(t)], 1)
+
+    pi = math.pi
+    brow = lambda x0: torch.stack([torch.linspace(x0, x0 + 0.19, 5), 0.36 - 0.02 * torch.sin(torch.linspace(0, pi, 5))], 1)  # noqa: E731
+    return torch.cat([
+        arc(0.5, 0.42, -0.33, 0.44, 0, pi, 17),  # jaw, left ear to right ear through the chin
+        brow(0.25), brow(0.56),
+        torch.stack([torch.full((4,), 0.5), torch.linspace(0.40, 0.56, 4)], 1),  # nose bridge
+        torch.stack([torch.linspace(0.44, 0.56, 5), torch.tensor([0.59, 0.60, 0.61, 0.60, 0.59])], 1),  # nostrils
+        arc(0.35, 0.42, 0.06, 0.025, pi, 3 * pi, 7)[:6], arc(0.65, 0.42, 0.06, 0.025, pi, 3 * pi, 7)[:6],  # eyes
+        arc(0.5, 0.72, 0.13, 0.05, pi, 3 * pi, 13)[:12], arc(0.5, 0.72, 0.08, 0.02, pi, 3 * pi, 9)[:8],  # lips
+    ])
+
+
+def template_batch(size: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random images in [-1, 1] ([B, 3, S, S], never zeros) with `template_landmarks`, on the generator's device."""
+    device = generator.device
+    coarse = torch.rand(batch, 3, 8, 8, generator=generator, device=device)
+    images = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
+    return images, template_landmarks().to(device).expand(batch, 68, 2).contiguous()
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pipeline.sbi OUT.png")

@@ -56,16 +56,17 @@ def test_half_precision_and_channels_last(uneven, loader, dtype):
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world_size):
+    epochs = 3  # DALI's reader moves to another rank's part at each epoch: check more than the first
     per_rank = []
     for rank in range(world_size):
         with build_loader(_cfg(uneven, loader), rank, world_size) as data:
-            keys = _epoch_keys(data)
-            assert len(keys) == len(data) * 4
-            per_rank.append(keys)
-    assert len({len(k) for k in per_rank}) == 1  # the same number of batches on every rank
-    assert len(per_rank[0]) == (48 // world_size) // 4 * 4
-    everything = [k for keys in per_rank for k in keys]
-    assert len(set(everything)) == len(everything)  # no sample twice in an epoch, across ranks
+            per_rank.append([_epoch_keys(data) for _ in range(epochs)])
+            assert all(len(keys) == len(data) * 4 for keys in per_rank[-1])
+    assert len({len(k) for keys in per_rank for k in keys}) == 1  # the same number of batches on every rank
+    assert len(per_rank[0][0]) == (48 // world_size) // 4 * 4
+    for epoch in range(epochs):
+        everything = [k for keys in per_rank for k in keys[epoch]]
+        assert len(set(everything)) == len(everything)  # no sample twice in an epoch, across ranks
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -103,21 +104,33 @@ def test_the_same_seed_gives_the_same_pixels_and_flips(uneven, loader):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_a_restored_position_sees_exactly_the_batches_of_an_uninterrupted_run(uneven, loader):
+@pytest.mark.parametrize("where", ["mid-epoch", "an epoch's last batch"])
+def test_a_restored_position_sees_exactly_the_batches_of_an_uninterrupted_run(uneven, loader, where):
     with build_loader(_cfg(uneven, loader)) as data:
-        uninterrupted = [b.keys for _ in range(2) for b in data]
+        uninterrupted = [b.keys for _ in range(3) for b in data]
+        batches = len(data)
+    take = 2 if where == "mid-epoch" else batches
     with build_loader(_cfg(uneven, loader)) as data:
         seen = [b.keys for b in data]
         it = iter(data)
-        seen += [next(it).keys, next(it).keys]
-        state = data.state_dict()
-        it.close()
-    assert state == {"epoch": 1, "batch": 2, "world_size": 1, "batch_size": 4, "seed": 0}
+        seen += [next(it).keys for _ in range(take)]
+        state = data.state_dict()  # as the trainer saves it: while the last batch taken trains
+    assert {k: state[k] for k in ("epoch", "batch", "world_size", "batch_size")} == {
+        "epoch": 1, "batch": take, "world_size": 1, "batch_size": 4}
     with build_loader(_cfg(uneven, loader)) as resumed:
         resumed.load_state_dict(state)
-        seen += [b.keys for b in resumed]
-        assert resumed.state_dict()["epoch"] == 2
+        seen += [b.keys for _ in range(3 - resumed.epoch) for b in resumed]
+        assert resumed.state_dict()["epoch"] == 3
     assert seen == uninterrupted
+
+
+def test_dali_builds_one_pipeline_per_run(uneven):
+    with build_loader(_cfg(uneven, "dali")) as data:
+        pipes = set()
+        for _ in range(3):
+            for _ in data:
+                pipes.add(id(data._pipe))
+        assert len(pipes) == 1 and data.epoch == 3
 
 
 def test_resuming_with_another_world_size_keeps_the_share_of_the_epoch_seen(uneven):

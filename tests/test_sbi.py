@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import sbi
-from pipeline.sbi import BLEND_RATIOS, degrade, demo_batch, demo_face, grid_png, hull_mask, landmarks_valid, self_blend
+from pipeline.sbi import BLEND_RATIOS, degrade, demo_batch, demo_face, grid_png, hull_mask, landmarks_valid, self_blend, template_batch
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +180,9 @@ def test_grid_png_is_written(face, tmp_path):
 
 
 @pytest.mark.gpu
-def test_no_host_sync(face):
-    images, landmarks = demo_batch(*face, size=128, batch=8)
-    images, landmarks = images.cuda(), landmarks.cuda()
+def test_no_host_sync():
     g = torch.Generator(device="cuda").manual_seed(0)
+    images, landmarks = template_batch(128, 8, g)  # no photo or dlib needed on the GPU machine
     self_blend(images, landmarks, g)  # warm-up: kernels and caches may sync the first time
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -192,3 +191,17 @@ def test_no_host_sync(face):
         degrade(images, g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_template_face_blends_like_a_detected_one(face):
+    """bench/step.py and the GPU checks blend the template where no photo or dlib exists: its hull must be a face's."""
+    template = sbi.template_landmarks()
+    assert template.shape == (68, 2) and landmarks_valid(template[None]).item()
+    size = 64
+    template_hull, face_hull = (hull_mask(torch.as_tensor(p, dtype=torch.float32)[None] * size, size) for p in (template, face[1]))
+    overlap = (template_hull * face_hull).sum() / torch.maximum(template_hull, face_hull).sum()
+    assert overlap > 0.6  # the template's face covers about where a detected face does
+    images, landmarks = template_batch(size, 4, _gen(3))
+    assert images.abs().max() <= 1 and images.std() > 0.1
+    blends = self_blend(images, landmarks, _gen(4))
+    assert blends.valid.all() and (blends.fake - blends.real).abs().amax(dim=(1, 2, 3)).min() > 0

@@ -62,7 +62,10 @@ def test_a_smoke_run_finishes_with_finite_losses_and_checkpoints(full_run):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{s:08d}.pt" for s in (4, 6, 8)]
     state = _state(run_dir, 8)
     assert (state["step"], state["nimg"], state["world_size"]) == (8, 8 * 8, 2)
-    assert state["loader"] == {"epoch": 1, "batch": 2, "world_size": 2, "batch_size": 4, "seed": 0}
+    positions = [{k: loader[k] for k in ("epoch", "batch", "world_size", "batch_size", "reader_epoch", "reader_batch")}
+                 for loader in state["loader"]]  # one per rank, each with its own DALI checkpoint
+    assert positions == [{"epoch": 1, "batch": 2, "world_size": 2, "batch_size": 4, "reader_epoch": 1, "reader_batch": 2}] * 2
+    assert all(loader["dali"] for loader in state["loader"])
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])
     for name in ("G", "D", "G_ema"):
         assert all(torch.isfinite(v).all() for v in state[name].values() if v.is_floating_point())
@@ -125,6 +128,24 @@ def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
     assert len(_wandb_files(runs / "halves")) == 2 and ids == {halves["wandb_run_id"]}  # the same W&B run continues
 
 
+def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
+    overrides = _overrides(celeba_shards.out_dir, runs, "nan", "train.max_steps=5", "train.ckpt_every_steps=1",
+                           "train.ckpt_keep_last=10", "train.log_every_steps=5", "log.wandb=disabled")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_nan.py",
+               "--config", "configs/smoke.yaml", *overrides]
+    env = {**os.environ, "INJECT_NAN_RANK": "1", "INJECT_NAN_STEP": "3"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in result.stdout  # checked at every checkpoint
+    # Step 3 was skipped for D on both ranks: Adam applied one update fewer, and no checkpoint was taken then.
+    saved = sorted(int(p.stem.split("-")[1]) for p in (runs / "nan" / "checkpoints").iterdir())
+    assert saved == [1, 2, 4, 5] and "step 3: no checkpoint while steps are being skipped" in result.stdout
+    adam_steps = {k: (_state(runs / "nan", k)["opt_D"]["state"][0]["step"].item(),
+                      _state(runs / "nan", k)["opt_G"]["state"][0]["step"].item()) for k in (2, 4, 5)}
+    assert adam_steps == {2: (2, 2), 4: (3, 4), 5: (4, 5)}
+    assert _state(runs / "nan", 5)["nonfinite_total"] == 1 and "skipped 1 non-finite steps so far" in result.stdout
+
+
 def _copy_run(full_run, runs, name):
     shutil.copytree(full_run[0], runs / name)
     shutil.rmtree(runs / name / "wandb")
@@ -155,7 +176,7 @@ def test_a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint(full_r
                                  "train.max_nonfinite_steps=2", "train.max_steps=30", "log.wandb=disabled"))
     assert result.returncode == 3, result.stderr[-3000:]
     newest = run_dir / "checkpoints" / "step-00000008.pt"
-    assert "steps in a row had a non-finite loss" in result.stderr and str(newest) in result.stderr
+    assert "steps in a row had a non-finite loss or gradients" in result.stderr and str(newest) in result.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == newest.name
 
 
@@ -218,10 +239,10 @@ def test_half_precision_runs_train_and_fp16_checkpoints_its_scalers(celeba_shard
     assert result.returncode == 0, result.stderr[-2000:]
     state = _state(runs / precision, 2)
     assert all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
-    if precision == "fp16":  # an enabled GradScaler has a scale to save; a disabled one saves nothing
+    if precision == "fp16":  # a dynamic loss scale
         assert state["scaler_D"]["scale"] > 0 and state["scaler_G"]["scale"] > 0
-    else:
-        assert state["scaler_D"] == {} and state["scaler_G"] == {}
+    else:  # every precision has a scaler, for fused Adam's on-device skips; only fp16 scales
+        assert state["scaler_D"]["scale"] == state["scaler_G"]["scale"] == 1.0
 
 
 def test_dry_run_prints_the_resolved_config_and_bad_keys_exit_2():

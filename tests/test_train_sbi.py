@@ -118,13 +118,13 @@ def test_blends_of_unusable_landmarks_weigh_nothing_in_ds_loss(shards, runs):
     try:
         batch = next(iter(trainer.loader))
         batch.landmarks[1:] = float("nan")  # one usable face, three unusable
-        stats, _ = trainer.train_step(batch)
+        stats = trainer.train_step(batch)
         assert stats["sbi/valid"] == 0.25 and torch.isfinite(stats["loss/D"])
         with torch.no_grad():
-            real, blend, valid = trainer.make_inputs(batch)
+            valid = trainer.step_fn.make_inputs(batch).valid
         assert valid.tolist() == [True, False, False, False]
         batch.landmarks[:] = float("nan")
-        stats, _ = trainer.train_step(batch)
+        stats = trainer.train_step(batch)
         assert stats["sbi/valid"] == 0 and stats["D/blend"] == 0  # no usable blend: D learns the reals only
     finally:
         trainer.close()

@@ -61,9 +61,9 @@ class IndexedShards(Dataset):
 
 
 class BaselineLoader(ShardLoader):
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
-        super().__init__(cfg, rank, world_size, device)
-        self.dataset = IndexedShards(self.split, cfg.image_size, self.center_crop, self.image_member, cfg.with_landmarks)
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, fit_batch: bool = False):
+        super().__init__(cfg, rank, world_size, device, fit_batch)
+        self.dataset = IndexedShards(self.split, self.cfg.image_size, self.center_crop, self.image_member, self.cfg.with_landmarks)
         self._workers = None  # the epoch's DataLoader iterator, which owns the worker processes
 
     def _indices(self, epoch: int) -> list[tuple[int, bool]]:

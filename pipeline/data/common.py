@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -188,12 +188,14 @@ def find_undecodable(split: SplitInfo, member: str = "jpg") -> tuple[Path, str] 
 class ShardLoader:
     """The epoch and position bookkeeping of both loaders; subclasses yield one epoch's batches."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, fit_batch: bool = False):
         if cfg.dtype not in DTYPES:
             raise UserError(f"data.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}: choose one of those.")
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.split = load_split(cfg)
         weakref.finalize(self, self.split.close)  # filtered index files go with the loader (or at exit)
+        if fit_batch:  # a split smaller than world x batch (validation) is read in smaller batches
+            cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, self.split.samples // world_size)))
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         if cfg.drop_last:
             where = " and ".join(shard_folders(cfg))
             self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{where} split {cfg.split!r}")
@@ -207,10 +209,10 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.batches
 
-    def part(self) -> range:
-        """This rank's contiguous share of the split's sample positions, as DALI's reader cuts it."""
-        n = self.split.samples
-        return range(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+    def part(self, index: int | None = None) -> range:
+        """Part `index` (this rank's by default) of the split's sample positions, cut as DALI's reader cuts them."""
+        n, i = self.split.samples, self.rank if index is None else index
+        return range(n * i // self.world_size, n * (i + 1) // self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the epoch then advances."""
@@ -226,9 +228,12 @@ class ShardLoader:
         return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
                 "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
 
+    def _same_shape(self, state: dict) -> bool:
+        return (state["world_size"], state["batch_size"]) == (self.world_size, self.cfg.batch_size)
+
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch = state["epoch"], state["batch"]
-        if (state["world_size"], state["batch_size"]) != (self.world_size, self.cfg.batch_size):
+        if not self._same_shape(state):
             # Another shape of run sees other batches; keep the epoch and the share of it already seen.
             seen = state["batch"] * state["world_size"] * state["batch_size"]
             self.batch = min(self.batches, seen // (self.world_size * self.cfg.batch_size))

@@ -1,21 +1,29 @@
 """The DALI loader: `fn.readers.webdataset` with the index files, JPEG decoding on the GPU.
 
-One pipeline per epoch: it is built with the epoch's seed and tar order, reads this rank's part
-(`shard_id=rank`, `num_shards=world_size`), yields exactly the epoch's batch count and is then
-dropped. Building costs well under a second, which buys an order that changes every epoch yet is a
-pure function of (seed, epoch, rank), and a fresh reader that emits each of its samples at most once.
-Resuming inside an epoch replays the epoch's pipeline and drops the batches already seen.
+One pipeline per run. The reader reads this rank's part (`shard_id=rank`, `num_shards=world_size`) and
+moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes; its
+epochs end on a batch boundary (`pad_last_batch`). An epoch of ours is the loader's common batch count
+(`ShardLoader.batches`, equal on all ranks): the 0-2 batches the reader's epoch holds beyond it are run
+and dropped, so that every epoch starts at the reader's epoch start and reads each sample at most once.
+The order is a pure function of (data.seed, epoch, rank).
+
+Resuming restores DALI's own checkpoint (`enable_checkpointing`, `Pipeline.checkpoint()`), which
+holds the reader's position and every random generator's state: a resumed stream is the uninterrupted
+one, without replaying a single batch. A run resumed with another world size or batch size starts a
+fresh stream at the saved epoch and position, in a different order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.common import Batch, ShardLoader, epoch_rng, find_undecodable, finish_images, finish_landmarks
+from pipeline.data.common import Batch, ShardLoader, find_undecodable, finish_images, finish_landmarks
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,19 +46,20 @@ def image_ops(jpg, image_size: int, decoder: dict, center_crop: bool, dtype, lay
                                     mirror=mirror)  # [0, 255] -> [-1, 1]
 
 
-def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id, seed, center_crop, image_ext):
+def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id, seed, center_crop, image_ext,
+                    checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     on_gpu = device_id is not None
     extra = ["lmk"] if cfg.with_landmarks else []
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_checkpointing=True)
     def pipeline():
         jpg, cls, *lmk = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=[image_ext, "cls", *extra], missing_component_behavior="error",
             random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer, shard_id=rank, num_shards=world_size,
-            pad_last_batch=not cfg.drop_last, name="reader",
+            stick_to_shard=False, pad_last_batch=True, name="reader",
         )
         decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if on_gpu else {"device": "cpu"}
         mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else fn.constant(idata=0, dtype=types.INT32)
@@ -58,9 +67,11 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
                            types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
                            "HWC" if cfg.channels_last else "CHW", mirror)
         labels = fn.cast(cls, dtype=types.INT64) - ord("0")  # `.cls` holds the label as ASCII text
+        if lmk and on_gpu:  # landmarks and flips arrive on the GPU with the images: no host copy in the step
+            return images, labels, lmk[0].gpu(), mirror.gpu()
         return (images, labels, *lmk, mirror) if lmk else (images, labels)
 
-    pipe = pipeline()
+    pipe = pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
     pipe.build()
     return pipe
 
@@ -78,41 +89,52 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 class DaliLoader(ShardLoader):
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
-        super().__init__(cfg, rank, world_size, device)
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, fit_batch: bool = False):
+        super().__init__(cfg, rank, world_size, device, fit_batch)
         self.device_id = device.index if device.type == "cuda" else None
         if device.type == "cuda" and self.device_id is None:
             self.device_id = torch.cuda.current_device()
         self._pipe = None
+        self._checkpoint: str | None = None  # DALI's, restored when the pipeline is built
+        self._reader_epoch = 0  # the reader's epochs since the pipeline's stream began
+        self._reader_batch = 0  # batches run in the reader's current epoch
 
-    def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
-        rng = epoch_rng(self.cfg.seed, epoch)
+    def _build(self) -> None:
+        rng = np.random.default_rng([self.cfg.seed])
         order = rng.permutation(len(self.split.shards)) if self.cfg.shuffle else range(len(self.split.shards))
         tars = [str(self.split.shards[i][0]) for i in order]
         indexes = [str(self.split.shards[i][1]) for i in order]
         seed = (int(rng.integers(2**31 - 1)) + self.rank) % (2**31 - 1)  # flips differ per rank, reproducibly
-        self.close()
         self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
-                                     self.center_crop, self.image_member)
-        try:
-            for b in range(self.batches):
-                images, labels, *landmarks = self._run()
-                if b < start:
-                    continue  # replaying up to the saved position
-                batch = Batch(finish_images(_to_torch(images, self.device), self.cfg, self.device, self.cfg.channels_last))
-                if landmarks:
-                    cpu = torch.device("cpu")
-                    batch.landmarks = finish_landmarks(_to_torch(landmarks[0], cpu), _to_torch(landmarks[1], cpu), self.device)
-                if self.cfg.with_meta:
-                    batch.labels = _to_torch(labels, torch.device("cpu")).reshape(-1).to(self.device)
-                    batch.keys = [_key(images[i].source_info()) for i in range(len(images))]
-                yield batch
-        finally:
-            self.close()
+                                     self.center_crop, self.image_member, self._checkpoint)
+
+    def _reader_epoch_batches(self) -> int:
+        """Batches in the reader's current epoch: the part it reads now, padded to whole batches."""
+        part = self.part((self.rank + self._reader_epoch) % self.world_size)
+        return -(-len(part) // self.cfg.batch_size)
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        if self._pipe is None:
+            self._build()
+        for _ in range(start, self.batches):
+            images, labels, *landmarks = self._run()
+            batch = Batch(finish_images(_to_torch(images, self.device), self.cfg, self.device, self.cfg.channels_last))
+            if landmarks:
+                where = self.device if self.device_id is not None else torch.device("cpu")
+                batch.landmarks = finish_landmarks(_to_torch(landmarks[0], where), _to_torch(landmarks[1], where), self.device)
+            if self.cfg.with_meta:
+                batch.labels = _to_torch(labels, torch.device("cpu")).reshape(-1).to(self.device)
+                batch.keys = [_key(images[i].source_info()) for i in range(len(images))]
+            yield batch
+        while self._reader_batch < self._reader_epoch_batches():
+            self._run()  # the reader's epoch beyond ours: dropped, so the next epoch starts at the reader's
+        self._reader_epoch, self._reader_batch = self._reader_epoch + 1, 0
 
     def _run(self):
         try:
-            return self._pipe.run()
+            out = self._pipe.run()
+            self._reader_batch += 1
+            return out
         except RuntimeError as e:
             # DALI's messages name neither the shard nor the sample (nor always the word "decode"):
             # look for a broken JPEG ourselves, and pass any other failure on as it is.
@@ -121,8 +143,25 @@ class DaliLoader(ShardLoader):
                 raise
             raise UserError(f"{bad[0]} holds sample {bad[1]}, whose JPEG does not decode: remove it or write the shard again with `python -m shards`.") from e
 
+    def state_dict(self) -> dict:
+        dali = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        return {**super().state_dict(), "dali": dali, "reader_epoch": self._reader_epoch, "reader_batch": self._reader_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.close()
+        if self._same_shape(state) and state.get("dali"):
+            self._checkpoint, self._reader_epoch, self._reader_batch = state["dali"], state["reader_epoch"], state["reader_batch"]
+        else:  # another shape of run, or a checkpoint from before one pipeline per run: a fresh stream
+            self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
+            if self._same_shape(state):
+                log.warning("loader resumed from a checkpoint without a DALI state: epoch %d continues at batch %d, "
+                            "in a different order", self.epoch, self.batch)
+
     def close(self) -> None:
         if self._pipe is not None:
+            with contextlib.suppress(RuntimeError):  # a pipeline that failed has no stream to continue
+                self._checkpoint = self._pipe.checkpoint()  # iterating again continues the stream where it stopped
             del self._pipe  # DALI stops its threads when the pipeline is freed
             self._pipe = None
 

@@ -1,0 +1,103 @@
+"""The GPU fast paths and their switches: precision, channels-last, fused Adam, torch.compile, TF32.
+
+`auto` turns a fast path on where it pays (on CUDA) and off on CPUs, where the tests and the demo run.
+A switch that cannot work here falls back at set-up with one warning line saying what it fell back
+to, so that a run never dies on it at its first step or an hour in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FUSED_ADAM_DEVICES = ("cuda", "cpu", "mps", "xpu", "hpu")  # where torch has fused Adam kernels, for float dtypes
+TENSOR_CORE_CHANNELS = 8  # channels-last convolutions need channel counts in multiples of this to pay
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    precision: str  # fp32 | bf16 | fp16: the autocast dtype (fp16 also scales the loss)
+    channels_last: bool
+    fused_adam: bool  # asked for; `adam()` falls back per parameter set
+    compile: bool
+    compile_mode: str
+    tf32: bool
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def _switch(value: str | bool, key: str, device: torch.device) -> bool:
+    if value == "auto":
+        return device.type == "cuda"
+    if isinstance(value, bool):
+        return value
+    raise UserError(f"train.{key} is {value!r}: write auto, true or false.")
+
+
+def resolve(train, model, device: torch.device) -> FastPaths:
+    """The fast paths for this device, from the config's switches, with fallbacks where one cannot work."""
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log.warning("train.precision auto: this GPU has no bfloat16, falling back to fp16 with a loss scaler")
+            precision = "fp16"
+    if precision not in PRECISIONS:
+        raise UserError(f"train.precision {precision!r} is not one of {['auto', *PRECISIONS]}: choose one of those.")
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("train.precision fp16 on a CPU is slow and gains nothing; bf16 is the CPU's half precision")
+    channels_last = _switch(train.channels_last, "channels_last", device)
+    odd = [f"model.{k} {getattr(model, k)}" for k in ("ngf", "ndf") if getattr(model, k) % TENSOR_CORE_CHANNELS]
+    if channels_last and odd:
+        log.warning("train.channels_last: %s is not a multiple of %d, which channels-last convolutions need to pay; "
+                    "falling back to the contiguous layout", " and ".join(odd), TENSOR_CORE_CHANNELS)
+        channels_last = False
+    compile_ = _switch(train.compile, "compile", device)
+    if compile_:
+        problem = compiler_problem(device)
+        if problem:
+            log.warning("train.compile: torch.compile does not work here (%s); falling back to eager mode", problem)
+            compile_ = False
+    tf32 = bool(train.tf32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # DCGAN's convolutions lose nothing at TF32's 10-bit mantissa
+        torch.backends.cudnn.allow_tf32 = tf32
+    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32)
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """None if torch.compile compiles and runs a small function on `device`, else the first line of why not."""
+    try:
+        out = torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        if not torch.equal(out.cpu(), torch.full((4,), 3.0)):
+            return "a compiled test function gave a wrong result"
+    except Exception as e:  # a missing C++ compiler or Triton shows up only when a graph is compiled
+        first = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {first[0] if first else ''}"[:200]
+    return None
+
+
+def adam(params, lr: float, betas: tuple[float, float], fused: bool, name: str) -> torch.optim.Adam:
+    """Adam, fused where asked and supported: one kernel for the whole update, and it reads the loss
+    scaler's inf flag on the device, so a step with non-finite gradients is skipped without a host sync."""
+    params = list(params)
+    if fused:
+        # Fused Adam checks its parameters only at its first step: check them here, and fall back now.
+        refused = next((p for p in params if not (p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES)), None)
+        if refused is None:
+            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+        log.warning("train.fused_adam: fused Adam has no kernel for %s's %s parameters on %s; falling back to foreach "
+                    "Adam, which skips non-finite steps with a host sync", name, refused.dtype, refused.device.type)
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)

@@ -1,0 +1,226 @@
+"""One training step: self-blends, D's update, G's update, G's EMA; and nothing that waits for the host.
+
+D learns from three kinds of input: real faces (real), G's samples (fake, weighted by train.gan_weight)
+and self-blends of the real batch (fake, weighted by train.sbi_weight; pipeline/sbi.py), made on the
+training device inside the step. Reals and blends get the same random quality degradations, so that
+image quality never tells them apart. G then learns to make D call its samples real.
+
+No host round trip: a step with non-finite gradients is skipped on the device. Every optimizer has a
+GradScaler (scale 1 and fixed in fp32 and bf16, dynamic in fp16), and fused Adam reads the scaler's
+inf flag in its own kernel. DDP has all-reduced the gradients before that, so every rank sees the same
+non-finite values and skips the same step. Adam does not count a skipped update, so comparing its
+step counter with the steps attempted tells, on the device, how many were skipped and how many in a
+row; the trainer reads those only at its logging boundaries.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from pipeline.config import Config
+from pipeline.fastpaths import FastPaths, adam
+from pipeline.models import build_models
+from pipeline.sbi import degrade, self_blend
+
+
+def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor | None, logits_blend: torch.Tensor | None,
+           valid: torch.Tensor | None, gan_weight: float, sbi_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D's loss, -log D(x) - w_gan log(1 - D(G(z))) - w_sbi log(1 - D(blend)), and its detached statistics."""
+    loss = F.softplus(-logits_real.float()).mean()
+    stats = {"D/real": torch.sigmoid(logits_real.detach().float()).mean()}
+    if logits_fake is not None:
+        loss = loss + gan_weight * F.softplus(logits_fake.float()).mean()
+        stats["D/fake"] = torch.sigmoid(logits_fake.detach().float()).mean()
+    if logits_blend is not None:
+        # Blends whose landmarks were unusable equal their real: they weigh nothing here.
+        weight = valid.float() / valid.sum().clamp(min=1)
+        loss = loss + sbi_weight * (F.softplus(logits_blend.float()) * weight).sum()
+        stats["D/blend"] = (torch.sigmoid(logits_blend.detach().float()) * weight).sum()
+        stats["sbi/valid"] = valid.float().mean()
+    return loss, stats
+
+
+def g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """G's non-saturating loss, -log D(G(z))."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+@dataclass
+class Inputs:
+    real: torch.Tensor  # [B, 3, S, S]: the real faces (degraded like the blends, with self-blends)
+    blend: torch.Tensor | None = None  # [B, 3, S, S]: their self-blends
+    valid: torch.Tensor | None = None  # [B] bool: which blends had usable landmarks
+
+
+class GANStep:
+    """G, D, G_ema, their optimizers and loss scalers, and the step that updates them.
+
+    `G`, `D` are what the step calls (DDP-wrapped with several ranks, compiled with train.compile);
+    `G_raw`, `D_raw` are the modules themselves, whose weights checkpoints hold.
+    """
+
+    def __init__(self, cfg: Config, fast: FastPaths, device: torch.device, noise: torch.Generator, wrap=None):
+        m, t = cfg.model, cfg.train
+        self.cfg, self.fast, self.device, self.noise = cfg, fast, device, noise
+        G, D = build_models(m.nz, m.ngf, m.ndf, cfg.data.image_size, torch.Generator().manual_seed(t.seed), m.d_norm)
+        self.G_raw = G.to(device, memory_format=fast.layout)
+        self.D_raw = D.to(device, memory_format=fast.layout)
+        self.G_ema = copy.deepcopy(self.G_raw).eval().requires_grad_(False)
+        betas = tuple(t.betas)
+        self.opt_G = adam(self.G_raw.parameters(), t.lr_G, betas, fast.fused_adam, "G")
+        self.opt_D = adam(self.D_raw.parameters(), t.lr_D, betas, fast.fused_adam, "D")
+        fp16 = fast.precision == "fp16"
+        # A scaler in every precision, so that fused Adam skips non-finite steps on the device; only fp16 scales.
+        scaler = dict(init_scale=2.0**16) if fp16 else dict(init_scale=1.0)
+        self.scaler_G = torch.amp.GradScaler(device.type, **scaler)
+        self.scaler_D = torch.amp.GradScaler(device.type, **scaler)
+        self._new_scale = None if fp16 else 1.0  # update(1.0) keeps the scale fixed without reading found_inf
+        self.with_G = t.gan_weight > 0
+        self.sbi = t.sbi_weight > 0
+        self.G, self.D = (wrap(self.G_raw), wrap(self.D_raw)) if wrap else (self.G_raw, self.D_raw)
+        self.D_for_G = self.D_raw  # G's pass needs no gradient sync for D: no DDP, no gradients for D's weights
+        if fast.compile:
+            self.G, self.D = torch.compile(self.G, mode=fast.compile_mode), torch.compile(self.D, mode=fast.compile_mode)
+            self.D_for_G = torch.compile(self.D_raw, mode=fast.compile_mode)
+        # One forward of reals, fakes and blends together: GroupNorm makes each score independent of the
+        # batch, so this equals three forwards in a third of the launches. BatchNorm's D keeps them apart.
+        self.one_forward = m.d_norm == "group"
+        # Skipped-step accounting on the device: [D, G]. `attempted` counts steps taken, Adam counts updates.
+        self.watch = torch.tensor([True, self.with_G], device=device)
+        self.attempted = torch.zeros(2, device=device)
+        self.in_row = torch.zeros((), device=device)  # steps skipped in a row up to now (in fp16: with a non-finite
+        # loss on this rank; the trainer agrees on the maximum over ranks)
+        self.worst_in_row = torch.zeros((), device=device)  # the most in a row since the trainer last looked
+        self._applied_before = self.applied()
+
+    def autocast(self):
+        dtype = self.fast.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # ------------------------------------------------------------------ inputs
+    @torch.no_grad()
+    def make_inputs(self, batch) -> Inputs:
+        """D's real faces and, with self-blends, their blends (made in float32: data, not model)."""
+        if not self.sbi:
+            return Inputs(batch.images)
+        p = self.cfg.train.degrade_prob
+        pairs = self_blend(batch.images, batch.landmarks, self.noise)
+        real = degrade(pairs.real, self.noise, p).to(batch.images.dtype, memory_format=self.fast.layout)
+        blend = degrade(pairs.fake, self.noise, p).to(batch.images.dtype, memory_format=self.fast.layout)
+        return Inputs(real, blend, pairs.valid)
+
+    def _score(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.one_forward and len(parts) > 1:
+            return list(self.D(torch.cat(parts)).split([len(p) for p in parts]))
+        return [self.D(p) for p in parts]
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, batch, step: int) -> dict[str, torch.Tensor]:
+        """One D update, then one G update; returns detached statistics (device tensors, never read here).
+
+        `step` is the number of steps done before this one (G_ema's warm-up uses it).
+        """
+        t = self.cfg.train
+        with record_function("step/inputs"):  # named ranges: bench/step.py times each part with the profiler
+            x = self.make_inputs(batch)
+        fake = None
+
+        # (1) D: reals are real; G's samples (detached) and self-blends are fake.
+        with record_function("step/D"):
+            self.opt_D.zero_grad(set_to_none=True)
+            with self.autocast():
+                if self.with_G:
+                    z = torch.randn(x.real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise)
+                    fake = self.G(z)
+                parts = [x.real] + ([fake.detach()] if fake is not None else []) + ([x.blend] if x.blend is not None else [])
+                logits = self._score(parts)
+                logits_fake = logits[1] if fake is not None else None
+                logits_blend = logits[-1] if x.blend is not None else None
+                loss_D, stats = d_loss(logits[0], logits_fake, logits_blend, x.valid, t.gan_weight, t.sbi_weight)
+            self.scaler_D.scale(loss_D).backward()
+            self.scaler_D.step(self.opt_D)
+            self.scaler_D.update(self._new_scale)
+
+        # (2) G: make D call G's samples real. D's weights need no gradients here.
+        loss_G = torch.zeros((), device=self.device)
+        if self.with_G:
+            with record_function("step/G"):
+                self.opt_G.zero_grad(set_to_none=True)
+                self.D_raw.requires_grad_(False)
+                try:
+                    with self.autocast():
+                        loss_G = g_loss(self.D_for_G(fake))
+                    self.scaler_G.scale(loss_G).backward()
+                finally:
+                    self.D_raw.requires_grad_(True)
+                self.scaler_G.step(self.opt_G)
+                self.scaler_G.update(self._new_scale)
+            with record_function("step/ema"):
+                self._update_ema(step)
+        self._count_skips(loss_D.detach() + loss_G.detach())
+        stats.update({"loss/D": loss_D.detach(), "loss/G": loss_G.detach()})
+        return stats
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        # Warm-up: early on G_ema follows G closely, or short runs would show their random initial weights.
+        beta = min(self.cfg.train.ema_beta, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G_raw.parameters()), 1 - beta)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G_raw.buffers()):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ skipped steps
+    def applied(self) -> torch.Tensor:
+        """[D, G]: updates Adam has applied (its step counter, which a skipped step does not advance)."""
+        counts = []
+        for opt in (self.opt_D, self.opt_G):
+            state = opt.state.get(opt.param_groups[0]["params"][0])
+            counts.append(state["step"].to(self.device, torch.float32, non_blocking=True) if state
+                          else torch.zeros((), device=self.device))
+        return torch.stack(counts)
+
+    @torch.no_grad()
+    def _count_skips(self, losses: torch.Tensor) -> None:
+        self.attempted += self.watch
+        now = self.applied()
+        skipped = ((now == self._applied_before) & self.watch).any()
+        self._applied_before = now
+        if self.fast.precision == "fp16":  # fp16's loss scale overflows now and then by design: that is no divergence
+            skipped = skipped & ~torch.isfinite(losses)
+        self.in_row = (self.in_row + 1) * skipped
+        torch.maximum(self.worst_in_row, self.in_row, out=self.worst_in_row)
+
+    def skipped(self) -> torch.Tensor:
+        """Steps skipped since the run began, D's and G's added (a device tensor)."""
+        return (self.attempted - self.applied()).sum()
+
+    def restore_skips(self, skipped_total: int) -> None:
+        """After loading the optimizers: the attempted steps are the applied ones plus those skipped."""
+        applied = self.applied()
+        self.attempted = applied.clone()
+        self.attempted[0] += skipped_total  # which optimizer skipped is not saved; the total is what is reported
+        self._applied_before = applied
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"G": self.G_raw.state_dict(), "D": self.D_raw.state_dict(), "G_ema": self.G_ema.state_dict(),
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G_raw.load_state_dict(state["G"])
+        self.D_raw.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        for name in ("scaler_G", "scaler_D"):
+            if state[name]:  # empty: saved by a disabled scaler (fp32/bf16 before every optimizer had one)
+                getattr(self, name).load_state_dict(state[name])
+        for opt, lr in ((self.opt_G, self.cfg.train.lr_G), (self.opt_D, self.cfg.train.lr_D)):
+            for group in opt.param_groups:
+                group["lr"] = lr  # the config, not the checkpoint, says the learning rate

@@ -1,0 +1,143 @@
+"""The training step and its fast paths, in one process: what each switch does here, and its fallbacks."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from pipeline.config import load_config
+from pipeline.dist import DistInfo
+from pipeline.fastpaths import adam, resolve
+
+
+def _trainer(shards, runs, *extra, device="cpu"):
+    from pipeline.trainer import Trainer
+
+    overrides = [f"data.shards=[{','.join(map(str, shards))}]", "data.batch_size=4", "model.ngf=16", "model.ndf=16",
+                 f"train.runs_dir={runs}", "train.name=step", "train.resume=never", "log.wandb=disabled",
+                 "log.tensorboard=false", *extra]
+    cfg = load_config(REPO / "configs" / "sbi-smoke.yaml", overrides)
+    return Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
+
+
+@pytest.fixture(scope="module")
+def shards(celeba_shards, celebdf_shards):
+    return [celeba_shards.out_dir, celebdf_shards.out_dir]
+
+
+def test_auto_keeps_the_cpu_on_its_plain_paths_and_fused_adam_is_used():
+    cfg = load_config(REPO / "configs" / "base.yaml")
+    fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
+    assert (fast.precision, fast.channels_last, fast.compile, fast.fused_adam) == ("fp32", False, False, True)
+    opt = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.5, 0.999), fast.fused_adam, "D")
+    assert opt.defaults["fused"] is True
+
+
+def test_channels_last_with_channel_counts_it_cannot_use_falls_back_with_one_warning(caplog):
+    cfg = load_config(REPO / "configs" / "base.yaml", ["train.channels_last=true", "model.ndf=12"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.fastpaths"):
+        fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
+    assert fast.channels_last is False
+    (record,) = caplog.records
+    assert "model.ndf 12 is not a multiple of 8" in record.message and "falling back to the contiguous layout" in record.message
+
+
+def test_fused_adam_where_it_cannot_run_falls_back_to_foreach_adam_with_one_warning(caplog):
+    # Fused Adam takes real floating-point parameters only: a complex one is a real case it refuses.
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    with caplog.at_level(logging.WARNING, logger="pipeline.fastpaths"):
+        opt = adam([p], 0.1, (0.5, 0.999), True, "G")
+    assert not opt.defaults["fused"] and opt.defaults["foreach"]
+    (record,) = caplog.records
+    assert "train.fused_adam" in record.message and "falling back to foreach Adam" in record.message
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(3, dtype=torch.complex64))
+
+
+def test_compile_without_a_working_compiler_falls_back_to_eager_mode(shards, tmp_path):
+    # Inductor compiles CPU kernels with the C++ compiler that CXX names: a missing one is a real failure.
+    script = (
+        "import logging, sys, torch\n"
+        "logging.basicConfig(level=logging.WARNING, stream=sys.stdout)\n"
+        "from pipeline.config import load_config\nfrom pipeline.fastpaths import resolve\n"
+        "cfg = load_config('configs/base.yaml', ['train.compile=true'])\n"
+        "print('compile', resolve(cfg.train, cfg.model, torch.device('cpu')).compile)\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.compile: torch.compile does not work here" in result.stdout and "falling back to eager mode" in result.stdout
+    assert "compile False" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_g_and_d_train_on_the_cpu(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "train.compile=true")
+    try:
+        assert trainer.fast.compile
+        batches = iter(trainer.loader)
+        for _ in range(2):
+            stats = trainer.train_step(next(batches))
+        assert torch.isfinite(stats["loss/D"]) and torch.isfinite(stats["loss/G"])
+    finally:
+        trainer.close()
+
+
+def test_g_step_computes_no_gradients_for_ds_weights(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path)
+    try:
+        calls = []
+        for p in trainer.step_fn.D_raw.parameters():
+            p.register_hook(lambda grad: calls.append(1))
+        trainer.train_step(next(iter(trainer.loader)))
+        assert len(calls) == len(list(trainer.step_fn.D_raw.parameters()))  # D's own step only, not G's
+        assert all(p.requires_grad for p in trainer.step_fn.D_raw.parameters())
+    finally:
+        trainer.close()
+
+
+def test_one_forward_of_reals_fakes_and_blends_scores_as_three(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path)
+    try:
+        step = trainer.step_fn
+        x = step.make_inputs(next(iter(trainer.loader)))
+        fake = step.G_raw(torch.randn(4, 100, 1, 1))
+        with torch.no_grad():
+            together = step._score([x.real, fake, x.blend])
+            step.one_forward = False
+            apart = step._score([x.real, fake, x.blend])
+        for a, b in zip(together, apart):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.gpu
+def test_steady_state_steps_never_wait_for_the_host():
+    from pipeline.data import Batch
+    from pipeline.sbi import template_batch
+    from pipeline.step import GANStep
+
+    cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=32", "data.image_size=64"])
+    device = torch.device("cuda")
+    fast = resolve(cfg.train, cfg.model, device)
+    assert (fast.precision, fast.channels_last, fast.fused_adam) == ("bf16", True, True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images, landmarks = template_batch(64, 32, gen)
+    batch = Batch(images.contiguous(memory_format=torch.channels_last), landmarks=landmarks)
+    step = GANStep(cfg, fast, device, gen)
+    for i in range(3):  # warm-up: compilation, allocation and kernel choice may sync the first times
+        step(batch, i)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(3, 8):
+            stats = step(batch, i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats["loss/D"]) and step.skipped().item() == 0
