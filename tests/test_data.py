@@ -55,15 +55,16 @@ def test_half_precision_and_channels_last(uneven, loader, dtype):
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world_size):
+@pytest.mark.parametrize("batch_size", [4, 5])  # 5: a rank's part holds more than the epoch's batches
+def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world_size, batch_size):
     epochs = 3  # DALI's reader moves to another rank's part at each epoch: check more than the first
     per_rank = []
     for rank in range(world_size):
-        with build_loader(_cfg(uneven, loader), rank, world_size) as data:
+        with build_loader(_cfg(uneven, loader, batch_size=batch_size), rank, world_size) as data:
             per_rank.append([_epoch_keys(data) for _ in range(epochs)])
-            assert all(len(keys) == len(data) * 4 for keys in per_rank[-1])
+            assert all(len(keys) == len(data) * batch_size for keys in per_rank[-1])
     assert len({len(k) for keys in per_rank for k in keys}) == 1  # the same number of batches on every rank
-    assert len(per_rank[0][0]) == (48 // world_size) // 4 * 4
+    assert len(per_rank[0][0]) == (48 // world_size) // batch_size * batch_size
     for epoch in range(epochs):
         everything = [k for keys in per_rank for k in keys[epoch]]
         assert len(set(everything)) == len(everything)  # no sample twice in an epoch, across ranks
