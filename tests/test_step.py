@@ -126,7 +126,8 @@ def test_steady_state_steps_never_wait_for_the_host():
     cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=32", "data.image_size=64"])
     device = torch.device("cuda")
     fast = resolve(cfg.train, cfg.model, device)
-    assert (fast.precision, fast.channels_last, fast.fused_adam) == ("bf16", True, True)
+    assert (fast.precision, fast.channels_last, fast.fused_adam, fast.tf32) == ("bf16", True, True, True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     gen = torch.Generator(device=device).manual_seed(0)
     images, landmarks = template_batch(64, 32, gen)
     batch = Batch(images.contiguous(memory_format=torch.channels_last), landmarks=landmarks)
