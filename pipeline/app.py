@@ -4,8 +4,17 @@
 
 Pages: `/` (upload), `POST /detect` (result page: verdict, score, per-frame plot, face thumbnails).
 API: `POST /api/detect` (multipart field `file`), described at `/openapi.json` and `/docs`; `/health`.
-The model loads once. Uploads are streamed to a private temporary folder under a fixed name (nothing a
-user sends becomes a path), limited in size, judged by their content, and deleted after use.
+
+The model loads once. What a person can send is bounded before it costs anything:
+- the body: a Content-Length over the limit is answered 413 before a byte of the body is read, and a
+  body without one (chunked) is counted as it arrives and cut off at the limit (`BodyLimit`);
+- the work: at most `--max-concurrent` detections run at once; a request waits for a slot at most
+  `--queue-timeout-s`, then gets 503 with Retry-After, and a detection stops at `--request-timeout-s`;
+- the content: the first bytes must be a JPEG, PNG, MP4/MOV, AVI or WebM/MKV; pixels per frame and
+  frames per video are checked from the headers before decoding (pipeline/detect.py).
+Uploads go to a private temporary folder under a fixed name (nothing a user sends becomes a path, a
+log line or a command) and are deleted after use. Pages carry a content security policy they pass
+(no scripts, no framing, styles and images only from the page itself) and `nosniff`.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import hashlib
 import html
 import io
+import json
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -29,11 +41,13 @@ from pydantic import BaseModel
 
 from pipeline import __version__
 from pipeline.data.preprocess import FacePreprocessor
-from pipeline.detect import Detector, NoFaceError, NotMediaError
+from pipeline.detect import MAX_PIXELS, MAX_VIDEO_FRAMES, Detector, MediaTooLargeError, NoFaceError, NotMediaError, TooSlowError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
 
 CHUNK = 1 << 20
+MULTIPART_OVERHEAD = 64 << 10  # the form's boundaries and part headers around the file, in bytes
+RETRY_AFTER_S = 10
 
 
 class FrameScore(BaseModel):
@@ -63,18 +77,24 @@ class Problem(BaseModel):
     detail: str
 
 
-ERRORS = {400: "the request has no file, or the upload is empty or unreadable", 413: "the upload is larger than the limit",
-          415: "the upload is neither an image nor a video", 422: "no face was found"}
+ERRORS = {400: "the request has no file, or the upload is empty or unreadable",
+          413: "the upload, or its pixels or frames, are beyond the limits", 415: "the upload is neither an image nor a video",
+          422: "no face was found", 503: "the server is busy (see Retry-After) or the detection took too long"}
 
 
 class Service:
     """One model for all requests; one dlib face detector and one DALI preprocessing pipeline per request
     thread (neither is thread-safe)."""
 
-    def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32):
+    def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32,
+                 max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
+                 max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES):
         self.template = Detector(checkpoint, device)
         self.max_bytes = max_upload_mb << 20
         self.frames = frames
+        self.slots = threading.BoundedSemaphore(max_concurrent)  # detections running at once
+        self.queue_timeout_s, self.request_timeout_s = queue_timeout_s, request_timeout_s
+        self.limits = {"max_pixels": max_pixels, "max_video_frames": max_video_frames}
         self._local = threading.local()
 
     def detector(self) -> Detector:
@@ -98,15 +118,77 @@ class Service:
                     f.write(chunk)
             if size == 0:
                 raise HTTPException(400, "the upload is empty: choose a video or an image file.")
+            if not self.slots.acquire(timeout=self.queue_timeout_s):
+                raise HTTPException(503, f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds.",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)})
             try:
-                result, thumbnails = self.detector().detect(path, self.frames)
+                deadline = time.monotonic() + self.request_timeout_s
+                result, thumbnails = self.detector().detect(path, self.frames, deadline, **self.limits)
             except UserError as e:
-                status = 415 if isinstance(e, NotMediaError) else 422 if isinstance(e, NoFaceError) else 400
-                raise HTTPException(status, str(e).replace(str(path), "the upload")) from None
+                raise HTTPException(_status(e), str(e).replace(str(path), "the upload")) from None
+            finally:
+                self.slots.release()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result["file"] = upload.filename or "upload"  # shown to the user, never used as a path
         return result, thumbnails
+
+
+def _status(e: UserError) -> int:
+    for kind, status in ((NotMediaError, 415), (NoFaceError, 422), (MediaTooLargeError, 413), (TooSlowError, 503)):
+        if isinstance(e, kind):
+            return status
+    return 400
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `max_bytes` get 413 before they are read (Content-Length) or as
+    soon as they pass the limit (chunked), so an upload can never fill the disk the form parser spools to."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, send)
+        received, refused = 0, False
+
+        async def counted():
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes and not refused:
+                refused = True  # answer now; the form parser may turn the exception below into its own error,
+                await self._refuse(scope, send)  # which `answer` then drops
+                raise BodyLimit.TooLarge
+            return message
+
+        async def answer(message):
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, answer)
+        except BodyLimit.TooLarge:
+            pass
+
+    async def _refuse(self, scope, send):
+        mb = (self.max_bytes - MULTIPART_OVERHEAD) >> 20
+        detail = f"the upload is larger than {mb} MB: send a shorter video."
+        if scope["path"] == "/detect":
+            body, kind = _error_page(detail).encode(), b"text/html; charset=utf-8"
+        else:
+            body, kind = json.dumps({"detail": detail}).encode(), b"application/json"
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                   *SECURITY_HEADERS]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _data_uri(png_or_jpg: bytes, mime: str) -> str:
@@ -134,10 +216,18 @@ def _plot(result: dict) -> bytes:
     return buf.getvalue()
 
 
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;max-width:860px;margin:2em auto;padding:0 1em}}
-.verdict{{font-size:2em;font-weight:bold}} .fake{{color:#b00020}} .real{{color:#1b5e20}}
-img.thumb{{width:96px;height:96px;margin:2px}} .note{{color:#555}}</style></head><body>{body}</body></html>"""
+STYLE = """body{font-family:sans-serif;max-width:860px;margin:2em auto;padding:0 1em}
+.verdict{font-size:2em;font-weight:bold} .fake{color:#b00020} .real{color:#1b5e20}
+img.thumb{width:96px;height:96px;margin:2px} .note{color:#555}"""
+PAGE = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>'
+        + STYLE.replace("{", "{{").replace("}", "}}") + "</style></head><body>{body}</body></html>")
+# The pages' policy: no scripts at all, the one stylesheet above by its hash, images from the page itself
+# (the plot and thumbnails are data: URIs), forms posting back here only, and no framing by other sites.
+STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
+PAGE_POLICY = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; img-src 'self' data:; form-action 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
 
 UPLOAD = """<h1>Is it a deepfake?</h1>
 <p>Upload a video or an image with a face. The discriminator of a DCGAN trained on CelebA scores each
@@ -162,14 +252,30 @@ def result_page(result: dict, thumbnails: list) -> str:
     return PAGE.format(title="Verdict", body=body)
 
 
+def _error_page(detail: str) -> str:
+    body = f'<h1>Cannot check this file</h1><p id="error">{html.escape(detail)}</p><p><a href="/">Try another</a></p>'
+    return PAGE.format(title="Error", body=body)
+
+
 def build_app(service: Service) -> FastAPI:
     app = FastAPI(title="deepfake-gan detector", version=__version__,
                   description="A DCGAN discriminator's verdict on a video or an image, per frame and overall.")
     error_responses = {code: {"model": Problem, "description": text} for code, text in ERRORS.items()}
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS:
+            response.headers[name.decode()] = value.decode()
+        if response.headers.get("content-type", "").startswith("text/html") and request.url.path in ("/", "/detect"):
+            response.headers["content-security-policy"] = PAGE_POLICY
+        return response
+
     @app.exception_handler(RequestValidationError)
-    def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # One shape for every 4xx ({"detail": a sentence}); 422 stays "no face was found".
+    def malformed(request: Request, exc: RequestValidationError):
+        # One shape for every 4xx ({"detail": a sentence}); 422 stays "no face was found". A person gets the page.
+        if request.url.path == "/detect":
+            return HTMLResponse(_error_page("choose a video or an image file, then press Check."), status_code=400)
         return JSONResponse({"detail": "the request needs a multipart/form-data field `file` holding a video or an image."},
                             status_code=400)
 
@@ -182,8 +288,7 @@ def build_app(service: Service) -> FastAPI:
         try:
             result, thumbnails = service.run(file)
         except HTTPException as e:
-            body = f'<h1>Cannot check this file</h1><p id="error">{html.escape(e.detail)}</p><p><a href="/">Try another</a></p>'
-            return HTMLResponse(PAGE.format(title="Error", body=body), status_code=e.status_code)
+            return HTMLResponse(_error_page(e.detail), status_code=e.status_code, headers=e.headers)
         return HTMLResponse(result_page(result, thumbnails))
 
     @app.post("/api/detect", response_model=Detection, responses=error_responses)
@@ -196,6 +301,7 @@ def build_app(service: Service) -> FastAPI:
     def health() -> dict:
         return {"status": "ok", "checkpoint_step": service.template.step}
 
+    app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD)  # outermost: before any parsing
     return app
 
 
@@ -207,9 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-upload-mb", type=int, default=200)
     parser.add_argument("--frames", type=int, default=32, help="frames sampled from a video")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="detections running at once (default: %(default)s)")
+    parser.add_argument("--queue-timeout-s", type=float, default=30.0, help="longest wait for a free slot, then 503")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 503")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image or video frame")
+    parser.add_argument("--max-video-frames", type=int, default=MAX_VIDEO_FRAMES, help="frames decoded at most")
     args = parser.parse_args(argv)
     try:
-        service = Service(args.checkpoint, args.device, args.max_upload_mb, args.frames)
+        service = Service(args.checkpoint, args.device, args.max_upload_mb, args.frames, args.max_concurrent,
+                          args.queue_timeout_s, args.request_timeout_s, args.max_pixels, args.max_video_frames)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

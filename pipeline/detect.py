@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -39,20 +40,75 @@ class NoFaceError(UserError):
     """No frame looked at shows a face."""
 
 
-def read_frames(path: Path, frames: int) -> tuple[str, list[tuple[int, np.ndarray]]]:
-    """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name."""
-    from shards.video import VideoError, sample_frames
+class MediaTooLargeError(UserError):
+    """An image or video beyond the pixel or frame limits, refused before it is decoded."""
+
+
+class TooSlowError(UserError):
+    """Detection ran past its deadline."""
+
+
+# The containers a person may upload, told by their first bytes (never by the name). MP4 and MOV put
+# "ftyp" (or, in old QuickTime files, another atom) at byte 4; AVI is a RIFF file of form "AVI ".
+QUICKTIME_ATOMS = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+MAX_PIXELS = 40_000_000  # per image or video frame: an 8K frame is 33 megapixels
+MAX_VIDEO_FRAMES = 100_000  # frames decoded at most: about 55 minutes at 30 fps
+
+
+def media_kind(head: bytes) -> str | None:
+    """"image" or "video" from a file's first 12 bytes, if they are a JPEG, PNG, MP4/MOV, AVI or WebM/MKV."""
+    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image"
+    if head[4:8] in QUICKTIME_ATOMS or (head.startswith(b"RIFF") and head[8:12] == b"AVI ") or head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video"
+    return None
+
+
+def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS,
+                max_video_frames: int = MAX_VIDEO_FRAMES) -> tuple[str, list[tuple[int, np.ndarray]]]:
+    """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name, and the
+    size is checked from the headers before anything is decoded."""
+    from PIL import Image
+
+    from shards.video import VideoError, probe, sample_frames
 
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a video or an image file.")
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is not None:
+    with open(path, "rb") as f:
+        kind = media_kind(f.read(12))
+    not_media = NotMediaError(f"{path} is neither an image nor a video that can be decoded: pass a JPEG/PNG image or an "
+                              "MP4/MOV, AVI or WebM/MKV video.")
+    if kind is None:
+        raise not_media
+    if kind == "image":
+        try:
+            with Image.open(path) as im:  # reads the header only
+                width, height = im.size
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours, says so before we can
+            width = height = int(max_pixels**0.5) + 1
+        except Exception:
+            raise not_media from None
+        _check_pixels(path, width, height, max_pixels)
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise not_media
         return "image", [(0, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))]
     try:
-        return "video", sample_frames(str(path), frames).frames
-    except VideoError:
-        raise NotMediaError(f"{path} is neither an image nor a video that OpenCV can decode: pass a JPEG/PNG image or an MP4/AVI video.") from None
+        claimed, _, width, height = probe(str(path))
+        _check_pixels(path, width, height, max_pixels)
+        if claimed > max_video_frames:
+            raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a shorter video.")
+        return "video", sample_frames(str(path), frames, max_video_frames).frames
+    except VideoError as e:
+        if e.reason.startswith("more than"):
+            raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.") from None
+        raise not_media from None
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise MediaTooLargeError(f"{path} has more pixels than the limit of {max_pixels / 1e6:g} megapixels a frame "
+                                 f"(at least {width}x{height}): send a smaller one.")
 
 
 class Detector:
@@ -74,11 +130,16 @@ class Detector:
         """P(fake) of RGB face crops (FACE_SIZE square), prepared exactly as the training shards are."""
         return torch.sigmoid(-self.D(self.preprocess(crops)).float()).cpu().tolist()
 
-    def detect(self, path: Path, frames: int = 32) -> tuple[dict, list[np.ndarray]]:
-        """The report (JSON-ready) and the scored face crops, one per frame with a face."""
-        kind, sampled = read_frames(Path(path), frames)
+    def detect(self, path: Path, frames: int = 32, deadline: float | None = None, **limits) -> tuple[dict, list[np.ndarray]]:
+        """The report (JSON-ready) and the scored face crops, one per frame with a face.
+
+        `deadline` (time.monotonic()) stops the work between frames; `limits` go to `read_frames`."""
+        kind, sampled = read_frames(Path(path), frames, **limits)
         results, crops_kept = [], []
         for index, rgb in sampled:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TooSlowError(f"{path} took too long to check ({len(results)} of {len(sampled)} frames done): "
+                                   "send a shorter or smaller video.")
             faces = self.faces.detect(rgb)
             if not faces:
                 results.append({"frame": index, "faces": 0, "score": None})

@@ -37,14 +37,16 @@ def even_indices(n_frames: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n_frames - 1, k, dtype=int).tolist()))
 
 
-def _decode(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (BGR) and the number of frames decoded, reading to the end."""
+def _decode(path: str, wanted: set[int], max_frames: int | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames (BGR) and the number of frames decoded, reading to the end (or past `max_frames`)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError("unreadable video")
     frames, n = {}, 0
     try:
         while cap.grab():  # grab() decodes; retrieve() only converts, so call it for wanted frames alone
+            if max_frames is not None and n >= max_frames:
+                raise VideoError(f"more than {max_frames} frames")
             if n in wanted:
                 ok, frame = cap.retrieve()
                 if ok:
@@ -55,16 +57,23 @@ def _decode(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     return frames, n
 
 
-def sample_frames(path: str, k: int) -> SampledFrames:
+def probe(path: str) -> tuple[int, float, int, int]:
+    """What the container claims, without decoding a frame: (frame count, fps, width, height)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError("unreadable video")
-    claimed = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    cap.release()
+    try:
+        claimed = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        return claimed, fps, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        cap.release()
 
-    frames, decoded = _decode(path, set(even_indices(claimed, k)))
+
+def sample_frames(path: str, k: int, max_frames: int | None = None) -> SampledFrames:
+    """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError."""
+    claimed, fps, width, height = probe(path)
+    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames)
     if decoded == 0:
         raise VideoError("no frame decoded")
     wanted = even_indices(decoded, k)
