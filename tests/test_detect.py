@@ -104,3 +104,15 @@ def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(cel
     face = FaceDetector(upsample=1, landmarks=False).largest(frames[int(frame)])
     detected = FacePreprocessor(64)([crop_face(frames[int(frame)], face, FACE_SIZE, FACE_SCALE).image])[0]
     assert torch.equal(detected, loaded[key])
+
+
+def test_a_detection_past_its_deadline_stops_with_a_clear_error(smoke_checkpoint, celebdf_root):
+    import time
+
+    from pipeline.detect import Detector, TooSlowError
+
+    video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
+    detector = Detector(smoke_checkpoint)
+    with pytest.raises(TooSlowError, match=r"took too long to check \(0 of 4 frames done\)"):
+        detector.detect(video, 4, deadline=time.monotonic() - 1)
+    assert detector.detect(video, 4, deadline=time.monotonic() + 600)[0]["frames_looked_at"] == 4
