@@ -28,7 +28,7 @@ setup(
         # kornia: batched, device-side image operations (elastic warps, Gaussian blurs, colour, a JPEG codec)
         # for the self-blends and degradations inside the training step.
         "kornia>=0.8",
-        "numpy>=1.24",
+        "numpy>=2.0",  # np.trapezoid
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",

@@ -45,6 +45,10 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None
     except Exception as e:
         raise UserError(f"checkpoint {checkpoint} does not load as a training checkpoint ({e}): pass another one.") from None
+    broken = [name for name, value in state["D"].items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:  # its scores would be NaN, and an AUC of NaN scores is a silent 0.5
+        raise UserError(f"checkpoint {checkpoint} holds non-finite weights in D ({', '.join(broken[:3])}): it cannot score "
+                        "anything; pass an earlier checkpoint of the run.")
     return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id"),
                                  "threshold": state.get("threshold"), "calibration": state.get("calibration") or {}}
 
@@ -72,6 +76,10 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
     for part in dist.all_gather_objects(mine):
         merged.update(part)
     keys = sorted(merged)
+    bad = [k for k in keys if not np.isfinite(merged[k][1])]
+    if bad:
+        raise UserError(f"D gave non-finite scores to {len(bad)} of {len(keys)} samples of {shards} split {split} (the first: "
+                        f"{bad[0]}): its checkpoint is broken; pass an earlier one.")
     return Scores(keys, np.array([merged[k][0] for k in keys]), np.array([merged[k][1] for k in keys]))
 
 

@@ -15,6 +15,8 @@ def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("labels and scores must be 1-d and of one length")
     if not ((labels == 0) | (labels == 1)).all():
         raise ValueError("labels must be 0 (real) or 1 (fake)")
+    if not np.isfinite(scores).all():  # NaN sorts anywhere: the curve would be meaningless, not an error
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
     return labels, scores
 
 

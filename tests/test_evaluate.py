@@ -42,6 +42,8 @@ def test_metrics_at_the_extremes():
     assert metrics.eer([0, 1, 0, 1], [0.2, 0.5, 0.5, 0.9]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="0 .real. or 1"):
         metrics.auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="1 scores are NaN or infinite"):  # not a silent 0.5
+        metrics.auc([0, 1, 0, 1], [0.1, float("nan"), 0.2, 0.9])
 
 
 def test_a_video_is_named_by_its_key_without_the_frame():
@@ -136,3 +138,19 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
     events.Reload()
     steps = [e.step for e in events.Scalars("celebdf/video_auc")]
     assert steps == [12]  # one epoch of 48 images at batch 4 in one process
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoint, celebdf_shards, tmp_path):
+    state = torch.load(smoke_checkpoint, weights_only=True)
+    first = next(k for k, v in state["D"].items() if v.is_floating_point())
+    state["D"][first] = torch.full_like(state["D"][first], float("nan"))
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
+    assert result.returncode == 2 and f"checkpoint {broken} holds non-finite weights in D ({first})" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    # Finite weights that overflow: the scores are NaN, and evaluation says so instead of reporting 0.5.
+    state["D"][first] = torch.load(smoke_checkpoint, weights_only=True)["D"][first] * 1e38
+    torch.save(state, broken)
+    result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "D gave non-finite scores to" in result.stderr and "pass an earlier one" in result.stderr
