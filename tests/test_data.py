@@ -202,6 +202,20 @@ def test_a_corrupt_jpeg_in_a_shard_is_named_by_shard_and_key(uneven, tmp_path, l
             list(data)
 
 
+def test_a_dali_error_that_is_not_a_decoders_is_passed_on_without_a_rescan(uneven, tmp_path):
+    shards = _copy(uneven, tmp_path)
+    data = build_loader(_cfg(shards, "dali", shuffle=False))
+    tar = shards / "train-000002.tar"
+    content = tar.read_bytes()
+    tar.write_bytes(content[:len(content) // 3])  # cut short after the index was read: the reader fails, not a decoder
+    with pytest.raises(RuntimeError) as caught:
+        for _ in range(2):
+            list(data)
+    data.close()
+    # A rescan would have found the cut JPEGs and named one (a UserError); DALI's own error names the reader.
+    assert not isinstance(caught.value, UserError) and "readers.webdataset" in str(caught.value)
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_a_shard_without_an_index_is_named(uneven, tmp_path, loader):
     shards = _copy(uneven, tmp_path)

@@ -136,8 +136,11 @@ class DaliLoader(ShardLoader):
             self._reader_batch += 1
             return out
         except RuntimeError as e:
-            # DALI's messages name neither the shard nor the sample (nor always the word "decode"):
-            # look for a broken JPEG ourselves, and pass any other failure on as it is.
+            # DALI names the failing operator but neither the shard nor the sample: for a decoder's failure,
+            # find the broken JPEG ourselves (a full rescan, slow); anything else (the reader, memory, CUDA)
+            # passes on as it is.
+            if not _is_decode_error(str(e)):
+                raise
             bad = find_undecodable(self.split, self.image_member)
             if bad is None:
                 raise
@@ -164,6 +167,16 @@ class DaliLoader(ShardLoader):
                 self._checkpoint = self._pipe.checkpoint()  # iterating again continues the stream where it stopped
             del self._pipe  # DALI stops its threads when the pipeline is freed
             self._pipe = None
+
+
+NOT_DATA_ERRORS = ("out of memory", "cuda error", "cudaerror", "cuda_error")
+
+
+def _is_decode_error(message: str) -> bool:
+    """DALI's error names the operator: `fn.decoders.image` (and `image_crop`) fail on data, unless the
+    failure is the device's (memory, CUDA), which no rescan of the shards would explain."""
+    text = message.lower()
+    return "fn.decoders.image" in text and not any(s in text for s in NOT_DATA_ERRORS)
 
 
 def _key(source_info: str) -> str:
