@@ -39,7 +39,7 @@ def main() -> int:
             print(f"warning: {note}", file=sys.stderr)
         size = meta["config"]["data"]["image_size"]
         common = dict(image_size=size, device=info.device, rank=info.rank, world_size=info.world_size,
-                      batch_size=args.batch, loader=args.loader, threads=args.threads)
+                      batch_size=args.batch, loader=args.loader, threads=args.threads, progress=info.is_main)
         frames = score_split(D, args.shards, args.split, **common)
         celeba = score_split(D, args.celeba, "test", **common) if args.celeba else None
         if info.is_main:

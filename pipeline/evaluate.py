@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def verdict_threshold(meta: dict, checkpoint: Path) -> tuple[float, str | None]:
 
 @torch.no_grad()
 def score_split(D, shards: str, split: str, image_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-                batch_size: int = 64, loader: str = "dali", threads: int = 4) -> Scores:
-    """Every sample of the split scored once, gathered on every rank."""
+                batch_size: int = 64, loader: str = "dali", threads: int = 4, progress: bool = False) -> Scores:
+    """Every sample of the split scored once, gathered on every rank; `progress`: a bar of this rank's batches."""
+    from tqdm import tqdm
+
     cfg = DataConfig(shards=str(shards), split=split, loader=loader, batch_size=batch_size, image_size=image_size,
                      crop="face", flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:
-        for batch in data:
+        for batch in tqdm(data, desc=f"scoring {Path(str(shards)).name} {split}", unit="batch", disable=not progress,
+                          mininterval=1.0, file=sys.stderr):
             fake = torch.sigmoid(-D(batch.images.float()).float()).cpu().tolist()
             mine.update(zip(batch.keys, zip(batch.labels.cpu().tolist(), fake)))
     merged: dict[str, tuple[int, float]] = {}

@@ -61,6 +61,7 @@ def test_evaluation_scores_every_test_frame_and_writes_its_report(smoke_checkpoi
     result = evaluate(1, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--celeba", celeba_shards.out_dir,
                       "--out", tmp_path, "--batch", 8, "--log-to-run")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "scoring celebdf test: 100%" in result.stderr and "scoring celeba test: 100%" in result.stderr  # progress
     summary = json.loads((tmp_path / "metrics.json").read_text())
     test = load_manifest(celebdf_shards.out_dir)["splits"]["test"]
     assert summary["counts"]["frames"] == test["samples"]
