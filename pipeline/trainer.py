@@ -15,7 +15,8 @@ DDP wraps G and D separately without buffer syncing before each forward (`broadc
 called `forward_sync_buffers=False` from torch 2.15): broadcasting BatchNorm's running statistics in the
 middle of a step is an in-place write to tensors autograd still needs. Train-mode BatchNorm (G, and D
 with `model.d_norm=batch`) normalizes with the batch's own statistics; the running statistics matter
-only in eval mode, each rank keeps its own, and checkpoints hold rank 0's.
+only in eval mode. Each rank keeps its own: checkpoints hold rank 0's in the modules' state and every
+rank's under "buffers", and a resume with the same world size gives every rank its own back.
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ class Trainer:
             "step": self.step, "nimg": self.nimg, "epoch": self.loader.epoch,
             "loader": dist.all_gather_objects(self.loader.state_dict()),
             "rng": dist.all_gather_objects(_rng_state(self.noise, self.device)),
+            # Each rank's own BatchNorm running statistics (G's; D's with d_norm batch), which DDP does not sync.
+            "buffers": dist.all_gather_objects(self._buffers()),
             "nonfinite_total": int(self.step_fn.skipped()), "config": to_dict(self.cfg),
             "threshold": self.calibration.threshold, "calibration": self.calibration.info,
             "wandb_run_id": self.run_id, "world_size": self.info.world_size,
@@ -190,10 +193,21 @@ class Trainer:
         self.loader.load_state_dict(loaders[rank] if same_world and len(loaders) > rank else loaders[0])
         if same_world:
             _set_rng_state(state["rng"][rank], self.noise, self.device)
+            if "buffers" in state:  # else (older checkpoints) every rank starts from rank 0's statistics
+                self._load_buffers(state["buffers"][rank])
         else:  # other ranks than were saved: fresh, reproducible streams
             self.noise.manual_seed(self.cfg.train.seed * 1000 + rank + 7919 * self.step)
         # The periodic work of the resumed step ran (or was due) before it was saved.
         self._last_done = {job: self.step for job in self.clocks}
+
+    def _buffers(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.detach().cpu() for k, v in getattr(self.step_fn, name).named_buffers()}
+                for name in ("G_raw", "D_raw", "G_ema")}
+
+    def _load_buffers(self, buffers: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, values in buffers.items():
+            for key, buf in getattr(self.step_fn, name).named_buffers():
+                buf.copy_(values[key])
 
     def load_checkpoint(self) -> str | None:
         """Resume as train.resume says; rank 0 chooses the file so that all ranks load the same one."""

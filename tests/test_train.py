@@ -124,6 +124,11 @@ def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
         for key, value in whole[name].items():
             assert torch.equal(value, halves[name][key]), f"{name}.{key}"
     assert whole["opt_G"]["state"][0]["exp_avg"].equal(halves["opt_G"]["state"][0]["exp_avg"])
+    # Each rank's own BatchNorm running statistics came back (rank 1's would be rank 0's otherwise).
+    assert not torch.equal(whole["buffers"][0]["G_raw"]["main.1.running_mean"], whole["buffers"][1]["G_raw"]["main.1.running_mean"])
+    for rank in (0, 1):
+        for module, values in whole["buffers"][rank].items():
+            assert all(torch.equal(v, halves["buffers"][rank][module][k]) for k, v in values.items()), (rank, module)
     ids = {p.parent.name.rsplit("-", 1)[-1] for p in _wandb_files(runs / "halves")}
     assert len(_wandb_files(runs / "halves")) == 2 and ids == {halves["wandb_run_id"]}  # the same W&B run continues
 
@@ -243,6 +248,19 @@ def test_half_precision_runs_train_and_fp16_checkpoints_its_scalers(celeba_shard
         assert state["scaler_D"]["scale"] > 0 and state["scaler_G"]["scale"] > 0
     else:  # every precision has a scaler, for fused Adam's on-device skips; only fp16 scales
         assert state["scaler_D"]["scale"] == state["scaler_G"]["scale"] == 1.0
+
+
+def test_fp16_resumes_exactly_with_its_loss_scalers(celeba_shards, runs):
+    common = ("train.precision=fp16", "log.wandb=disabled", "train.ckpt_every_steps=100")
+    whole = train(1, _overrides(celeba_shards.out_dir, runs, "fp16-whole", "train.max_steps=6", *common))
+    first = train(1, _overrides(celeba_shards.out_dir, runs, "fp16-halves", "train.max_steps=3", *common))
+    second = train(1, _overrides(celeba_shards.out_dir, runs, "fp16-halves", "train.max_steps=6", *common))
+    assert whole.returncode == first.returncode == second.returncode == 0, second.stderr[-2000:]
+    a, b = _state(runs / "fp16-whole", 6), _state(runs / "fp16-halves", 6)
+    assert a["scaler_D"] == b["scaler_D"] and a["scaler_G"] == b["scaler_G"]
+    assert a["scaler_D"]["scale"] < 2.0**16 or a["scaler_D"]["_growth_tracker"] > 0  # the scale moved: state to restore
+    for name in ("G", "D"):
+        assert all(torch.equal(v, b[name][k]) for k, v in a[name].items()), name
 
 
 def test_dry_run_prints_the_resolved_config_and_bad_keys_exit_2():
