@@ -76,7 +76,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     log = log_path.read_text()
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
     assert 3 <= stopped < 60
-    assert "requeueing to resume from the checkpoint" in log and "(restart 1)" in log
+    assert "ranks stopped cleanly with a checkpoint; requeueing" in log and "(restart 1)" in log
     assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / f'step-{stopped:08d}.pt'}" in log
     whole, resumed = _state(tmp_path / "reference", 60), _state(tmp_path / "preempted", 60)
     for name in ("G", "D", "G_ema"):
@@ -84,6 +84,26 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
             assert torch.equal(value, resumed[name][key]), f"{name}.{key}"
     runs = sorted((tmp_path / "preempted").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and {run_info(r).run_id for r in runs} == {resumed["wandb_run_id"]}
+
+
+def test_a_job_whose_ranks_fail_after_the_preemption_signal_is_not_requeued(cluster, celeba_shards, tmp_path):
+    # The checkpoint folder's name is taken by a file: the save on USR1 fails, as a full or broken disk would.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoints").write_text("not a folder")
+    extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.ckpt_every_epochs=0",
+             "train.val_every_epochs=0", "log.wandb=disabled")
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "broken", *extra))}
+    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
+    log_path = tmp_path / "logs" / f"dcgan-{job}.out"
+    deadline = time.monotonic() + 120
+    while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
+        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_until_gone(job, timeout_s=300)
+    log = log_path.read_text()
+    assert "Restarts=0" in info and "JobState=FAILED" in info, info
+    assert "ranks failed after the preemption signal" in log and "not requeued" in log and "requeueing" not in log
 
 
 def test_the_sweep_array_runs_every_task_in_its_own_folder_and_one_wandb_group(cluster, celeba_shards, tmp_path):

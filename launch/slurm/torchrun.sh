@@ -8,9 +8,10 @@
 #
 # Preemption and time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before
 # the end. The trap passes it to srun, which passes it to torchrun on every node; torchrun 2.15 passes on
-# only the signals named in --signals-to-handle, so USR1 is added there. The trainer on every rank saves
-# a checkpoint at the end of its step and exits 0; this script then requeues the job, which resumes
-# from that checkpoint (train.resume=auto) with the same wandb run.
+# only the signals named in --signals-to-handle, so USR1 is added there. The ranks agree to stop at
+# their next logging boundary (train.log_every_steps; validation and evaluation stop early too), save a
+# checkpoint (seconds) and exit 0; only then does this script requeue the job, which resumes from that
+# checkpoint (train.resume=auto) with the same wandb run. Ranks that fail instead are not requeued.
 #
 # NCCL settings worth knowing (export them in SETUP or before sbatch): NCCL_DEBUG=WARN (INFO to debug
 # hangs), NCCL_SOCKET_IFNAME=<the fabric's interface> when nodes have several, NCCL_IB_HCA=<mlx5 ports>
@@ -54,10 +55,14 @@ while :; do  # `wait` returns early whenever the trap runs; wait again until sru
   status=$?
   kill -0 "$srun_pid" 2>/dev/null || break
 done
-if [ "$preempted" = 1 ]; then
-  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped (status $status); requeueing to resume from the checkpoint"
+if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly with a checkpoint; requeueing to resume from it"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+elif [ "$preempted" = 1 ]; then
+  # A rank failed (the save, or anything else): a requeue would loop on the fault or lose work silently.
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks failed after the preemption signal (status $status): not requeued; read the log above"
+  exit "$status"
 fi
 echo "$(date +%T) job $SLURM_JOB_ID: training ended with status $status"
 exit "$status"
