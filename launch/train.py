@@ -11,16 +11,20 @@ default (`train.resume=auto`) the same command continues from its newest checkpo
 Exit codes: 0 done or stopped on SIGTERM/SIGUSR1 with a checkpoint, 2 bad config or input, 3 diverged.
 """
 
-import argparse
-import logging
-import sys
+from pipeline import signals
 
-import yaml
+signals.install()  # before torch is imported: a preemption signal during start-up is recorded, not fatal
 
-from pipeline import dist
-from pipeline.config import load_config, to_dict
-from pipeline.errors import UserError
-from pipeline.trainer import Trainer
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import yaml  # noqa: E402
+
+from pipeline import dist  # noqa: E402
+from pipeline.config import load_config, to_dict  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:

@@ -64,16 +64,24 @@ def verdict_threshold(meta: dict, checkpoint: Path) -> tuple[float, str | None]:
 
 @torch.no_grad()
 def score_split(D, shards: str, split: str, image_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-                batch_size: int = 64, loader: str = "dali", threads: int = 4, progress: bool = False) -> Scores:
-    """Every sample of the split scored once, gathered on every rank; `progress`: a bar of this rank's batches."""
+                batch_size: int = 64, loader: str = "dali", threads: int = 4, progress: bool = False,
+                should_stop=None) -> Scores | None:
+    """Every sample of the split scored once, gathered on every rank; `progress`: a bar of this rank's batches.
+
+    `should_stop` (a collective every rank calls alike), asked before each batch that every rank has, stops the
+    scoring: None."""
     from tqdm import tqdm
 
     cfg = DataConfig(shards=str(shards), split=split, loader=loader, batch_size=batch_size, image_size=image_size,
                      crop="face", flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:
-        for batch in tqdm(data, desc=f"scoring {Path(str(shards)).name} {split}", unit="batch", disable=not progress,
-                          mininterval=1.0, file=sys.stderr):
+        # Ranks' batch counts differ by one at most; the collective `should_stop` is asked on the common ones.
+        common = min(-(-len(data.part(r)) // data.cfg.batch_size) for r in range(world_size))
+        for i, batch in enumerate(tqdm(data, desc=f"scoring {Path(str(shards)).name} {split}", unit="batch", disable=not progress,
+                               mininterval=1.0, file=sys.stderr)):
+            if should_stop is not None and i < common and should_stop():
+                return None
             fake = torch.sigmoid(-D(batch.images.float()).float()).cpu().tolist()
             mine.update(zip(batch.keys, zip(batch.labels.cpu().tolist(), fake)))
     merged: dict[str, tuple[int, float]] = {}

@@ -50,11 +50,13 @@ class Calibration:
 
 @torch.no_grad()
 def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split: str, at_step: int,
-             calibration: Calibration) -> dict[str, float]:
+             calibration: Calibration, should_stop=None) -> dict[str, float] | None:
     """D's accuracy on real val images and on G_ema's images, and D's loss, over all ranks.
 
     On face crops (`calibrates`), also D's AUC on the val reals against their self-blends, and the threshold
     on P(fake) at their equal-error point, which becomes the detector's verdict threshold (in `calibration`).
+    `should_stop` (a collective every rank calls alike) is asked before every batch; if it says so, the
+    validation stops there and returns None, leaving `calibration` as it was.
     """
     D, device, nz = step.D_raw, step.device, step.cfg.model.nz
     D.eval()
@@ -62,6 +64,9 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
     sums = torch.zeros(4, device=device)  # right on real, right on fake, loss, images
     real_scores, blend_scores = [], []
     for batch in val_loader:
+        if should_stop is not None and should_stop():  # every rank has the same batch count here (drop_last)
+            D.train()
+            return None
         z = torch.randn(batch.images.shape[0], nz, 1, 1, device=device, generator=gen)
         # The blends are data: made in float32 outside autocast (CPU half precision is slow there).
         pairs = self_blend(batch.images, batch.landmarks, gen) if calibrates else None
@@ -99,15 +104,18 @@ def _calibrate(real_scores: list[torch.Tensor], blend_scores: list[torch.Tensor]
             "val/threshold": calibration.threshold}
 
 
-def evaluate_detector(step, cfg, rank: int, world_size: int, threshold: float | None) -> dict[str, float]:
-    """D as a deepfake detector on the configured Celeb-DF split (every rank scores its part)."""
+def evaluate_detector(step, cfg, rank: int, world_size: int, threshold: float | None, should_stop=None) -> dict[str, float] | None:
+    """D as a deepfake detector on the configured Celeb-DF split (every rank scores its part); None if stopped."""
     from pipeline.evaluate import per_video, score_split, summarize
 
     t = cfg.train
     step.D_raw.eval()
     frames = score_split(step.D_raw, t.eval_shards, t.eval_split, cfg.data.image_size, step.device, rank, world_size,
-                         batch_size=cfg.data.batch_size, loader=cfg.data.loader, threads=cfg.data.threads)
+                         batch_size=cfg.data.batch_size, loader=cfg.data.loader, threads=cfg.data.threads,
+                         should_stop=should_stop)
     step.D_raw.train()
+    if frames is None:
+        return None
     threshold = 0.5 if threshold is None else threshold
     summary = summarize(frames, per_video(frames, threshold), threshold=threshold)
     return {f"celebdf/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}

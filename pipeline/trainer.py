@@ -25,7 +25,6 @@ import inspect
 import logging
 import random
 import resource
-import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import dist, periodic
+from pipeline import dist, periodic, signals
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, flat_dict, to_dict
 from pipeline.data import build_loader
@@ -109,7 +108,7 @@ class Trainer:
         torch.manual_seed(t.seed * 1000 + info.rank)
         self.noise = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + info.rank)
         self.step = self.nimg = 0
-        self._stop_signal = 0
+        self._interrupted = False  # a periodic job stopped early on a signal
         self.fast = resolve(t, cfg.model, self.device)
         self.step_fn = GANStep(cfg, self.fast, self.device, self.noise, self._ddp if info.distributed else None)
         # Any D scored on face crops gets a threshold: val reals against their self-blends need only landmarks.
@@ -125,8 +124,6 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.ckpt_keep_last)
         run_id = self.load_checkpoint()
         self.init_logging(run_id)
-        # Preemption and time limits: save, then stop. The previous handlers come back in close().
-        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _ddp(self, module: torch.nn.Module) -> DDP:
         ids = [self.info.local_rank] if self.device.type == "cuda" else None
@@ -161,8 +158,10 @@ class Trainer:
             self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id, resumed)
         self.run_id = dist.broadcast_object(run_id)
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
+    def stop_agreed(self) -> bool:
+        """Whether any rank received SIGTERM or SIGUSR1 (pipeline/signals.py); a collective, so all agree."""
+        flag = torch.tensor(float(signals.requested() != 0), device=self.device)
+        return bool(dist.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX).item())
 
     # ------------------------------------------------------------------ state
     @property
@@ -250,6 +249,10 @@ class Trainer:
             log.info("training %s: %d ranks x batch %d = global batch %d, %d steps an epoch, %d steps in all, run folder %s; "
                      "%s", t.name, self.info.world_size, self.cfg.data.batch_size, self.global_batch, len(self.loader),
                      self.total_steps, self.run_dir, self.fast)
+        if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
+            if self.info.is_main:
+                log.info("stopping at step %d on a signal, before training; resume with the same command", self.step)
+            return "signal"
         meter = Meter(self.info.world_size)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
@@ -257,7 +260,7 @@ class Trainer:
                 stop = self._log(meter) if self.step % t.log_every_steps == 0 else False
                 done = t.max_steps is not None and self.step >= t.max_steps
                 self.run_periodic(lambda clock: clock.at_step(self.step), final=done)
-                if stop:
+                if stop or self._interrupted:
                     self._run("ckpt", self.save)
                     if self.info.is_main:
                         log.info("stopping at step %d on a signal; resume with the same command", self.step)
@@ -266,6 +269,11 @@ class Trainer:
                     return "max_steps"
             epoch = self.loader.epoch
             self.run_periodic(lambda clock: clock.at_epoch_end(epoch), final=epoch == t.epochs)
+            if self._interrupted:
+                self._run("ckpt", self.save)
+                if self.info.is_main:
+                    log.info("stopping at step %d on a signal; resume with the same command", self.step)
+                return "signal"
         if self.logger is not None:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
@@ -278,8 +286,10 @@ class Trainer:
         """
         if self.val_loader is not None and (due(self.clocks["val"]) or final):
             self._run("val", self._validate_and_log)
-        if due(self.clocks["eval"]) or (final and self.clocks["eval"].on):
+        if (due(self.clocks["eval"]) or (final and self.clocks["eval"].on)) and not self._interrupted:
             self._run("eval", self._evaluate_and_log)
+        if self._interrupted:
+            return  # on a signal: straight to the checkpoint
         if due(self.clocks["samples"]) or final:
             self._run("samples", self._samples)
         if due(self.clocks["ckpt"]) or final:
@@ -290,20 +300,24 @@ class Trainer:
             self._last_done[job] = self.step
             work()
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float] | None:
+        """The validation metrics, or None if a signal stopped it (the calibration then stays as it was)."""
         t = self.cfg.train
         return periodic.validate(self.step_fn, self.val_loader, self.calibrates, t.seed, self.info.rank, t.val_split,
-                                 self.step, self.calibration)
+                                 self.step, self.calibration, should_stop=self.stop_agreed)
 
     def _validate_and_log(self) -> None:
         metrics = self.validate()
-        if self.logger is not None:
+        self._interrupted = metrics is None
+        if metrics is not None and self.logger is not None:
             self.logger.scalars(metrics, self.step)
             log.info("step %d, epoch %d: %s", self.step, self.loader.epoch, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def _evaluate_and_log(self) -> None:
-        values = periodic.evaluate_detector(self.step_fn, self.cfg, self.info.rank, self.info.world_size, self.threshold)
-        if self.logger is not None:
+        values = periodic.evaluate_detector(self.step_fn, self.cfg, self.info.rank, self.info.world_size, self.threshold,
+                                            should_stop=self.stop_agreed)
+        self._interrupted = values is None
+        if values is not None and self.logger is not None:
             self.logger.scalars(values, self.step)
             log.info("step %d: Celeb-DF %s frame AUC %.3f, video AUC %.3f", self.step, self.cfg.train.eval_split,
                      values["celebdf/frame_auc"], values["celebdf/video_auc"])
@@ -318,7 +332,7 @@ class Trainer:
     def _log(self, meter: Meter) -> bool:
         """Statistics, skipped steps and the stop signal reach the host; returns whether every rank stops."""
         values, seconds = meter.flush()
-        health = torch.stack([torch.tensor(float(self._stop_signal != 0), device=self.device), self.step_fn.worst_in_row])
+        health = torch.stack([torch.tensor(float(signals.requested() != 0), device=self.device), self.step_fn.worst_in_row])
         stop, worst_in_row = dist.all_reduce_(health, op=torch.distributed.ReduceOp.MAX).tolist()
         skipped = int(self.step_fn.skipped())
         self.step_fn.worst_in_row.copy_(self.step_fn.in_row)
@@ -346,8 +360,6 @@ class Trainer:
         return bool(stop)
 
     def close(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()

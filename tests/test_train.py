@@ -223,6 +223,51 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_and_exits_0(celeba_shards, runs,
     assert ckpt.name == f"step-{stopped:08d}.pt" and _state(runs / "sigterm", stopped)["step"] == stopped
 
 
+def _signal_at(moment, overrides, log_path):
+    """Run 2 ranks through tests/inject_pause.py, SIGTERM rank 1 while it pauses at `moment`; the exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_pause.py",
+               "--config", "configs/smoke.yaml", *overrides]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "INJECT_PAUSE": moment})
+    deadline = time.monotonic() + 180
+    while f"PAUSED {moment}" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)
+    return proc.wait(timeout=120)
+
+
+@pytest.mark.parametrize("moment", ["startup", "resume"])
+def test_sigterm_during_startup_or_resume_stops_cleanly_before_training(celeba_shards, runs, tmp_path, moment):
+    name = f"signal-{moment}"
+    extra = ("train.epochs=1000", "log.wandb=disabled")
+    if moment == "resume":
+        assert train(2, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=2", *extra)).returncode == 0
+    code = _signal_at(moment, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=20", *extra), tmp_path / "log")
+    output = (tmp_path / "log").read_text()
+    assert code == 0, output[-3000:]
+    step = 2 if moment == "resume" else 0
+    assert f"stopping at step {step} on a signal, before training" in output and f"step {step + 1}/" not in output
+    saved = sorted(p.name for p in (runs / name / "checkpoints").iterdir()) if moment == "resume" else []
+    assert saved == (["step-00000002.pt"] if moment == "resume" else [])  # nothing new to save, nothing lost
+
+
+@pytest.mark.parametrize("moment", ["validation", "evaluation"])
+def test_sigterm_during_validation_or_evaluation_stops_it_and_saves(celeba_shards, celebdf_shards, runs, tmp_path, moment):
+    name = f"signal-{moment}"
+    extra = ["train.epochs=1000", "log.wandb=disabled", "train.ckpt_every_steps=1000", "train.ckpt_every_epochs=0",
+             "train.sample_every_epochs=0"]
+    if moment == "evaluation":  # evaluation alone at the first epoch's end (6 steps)
+        extra += ["train.val_every_epochs=0", "train.eval_every_epochs=1", f"train.eval_shards={celebdf_shards.out_dir}"]
+    code = _signal_at(moment, _overrides(celeba_shards.out_dir, runs, name, *extra), tmp_path / "log")
+    output = (tmp_path / "log").read_text()
+    assert code == 0, output[-3000:]
+    assert "stopping at step 6 on a signal" in output  # at the epoch's end, where the job was stopped
+    assert "val/D_acc_real" not in output and "Celeb-DF val frame AUC" not in output  # the job did not finish
+    assert [p.name for p in (runs / name / "checkpoints").iterdir()] == ["step-00000006.pt"]
+
+
 def test_kill_9_of_one_rank_then_resume_auto_loses_at_most_k_steps(celeba_shards, runs, tmp_path):
     k = 2
     overrides = _overrides(celeba_shards.out_dir, runs, "killed", "train.epochs=1000", f"train.ckpt_every_steps={k}",

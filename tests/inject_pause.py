@@ -1,0 +1,50 @@
+"""launch/train.py with a pause at one moment, so that a test can send a signal right then.
+
+    INJECT_PAUSE=startup|resume|validation|evaluation torchrun ... tests/inject_pause.py --config ... (overrides)
+
+It prints "PAUSED <moment>" and sleeps INJECT_PAUSE_S seconds (default 4) the first time the moment
+comes, then goes on as launch/train.py would. The signal handler is installed first, as there.
+"""
+
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+from pipeline import signals
+
+signals.install()
+
+import pipeline.checkpoint  # noqa: E402
+import pipeline.periodic  # noqa: E402
+import pipeline.trainer  # noqa: E402
+
+MOMENT, SECONDS = os.environ["INJECT_PAUSE"], float(os.environ.get("INJECT_PAUSE_S", 4))
+_paused = False
+
+
+def _pausing(fn):
+    def wrapper(*args, **kwargs):
+        global _paused
+        if not _paused:
+            _paused = True
+            print(f"PAUSED {MOMENT} rank {os.environ.get('RANK', 0)}", flush=True)
+            time.sleep(SECONDS)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+if MOMENT == "startup":
+    pipeline.trainer.Trainer.init_data = _pausing(pipeline.trainer.Trainer.init_data)
+elif MOMENT == "resume":
+    pipeline.checkpoint.CheckpointManager.load = staticmethod(_pausing(pipeline.checkpoint.CheckpointManager.load))
+elif MOMENT == "validation":
+    pipeline.periodic.validate = _pausing(pipeline.periodic.validate)
+elif MOMENT == "evaluation":
+    pipeline.periodic.evaluate_detector = _pausing(pipeline.periodic.evaluate_detector)
+else:
+    sys.exit(f"INJECT_PAUSE={MOMENT!r} is not startup, resume, validation or evaluation")
+script = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+sys.argv = [str(script), *sys.argv[1:]]
+runpy.run_path(str(script), run_name="__main__")
