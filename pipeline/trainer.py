@@ -252,7 +252,7 @@ class Trainer:
         if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
             if self.info.is_main:
                 log.info("stopping at step %d on a signal, before training; resume with the same command", self.step)
-            return "signal"
+            return self._stopped()
         meter = Meter(self.info.world_size)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
@@ -264,7 +264,7 @@ class Trainer:
                     self._run("ckpt", self.save)
                     if self.info.is_main:
                         log.info("stopping at step %d on a signal; resume with the same command", self.step)
-                    return "signal"
+                    return self._stopped()
                 if done:
                     return "max_steps"
             epoch = self.loader.epoch
@@ -273,11 +273,18 @@ class Trainer:
                 self._run("ckpt", self.save)
                 if self.info.is_main:
                     log.info("stopping at step %d on a signal; resume with the same command", self.step)
-                return "signal"
+                return self._stopped()
         if self.logger is not None:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
         return "done"
+
+    def _stopped(self) -> str:
+        """After a stop on a signal, with the checkpoint written: say so in train.stop_marker for the job script."""
+        marker = self.cfg.train.stop_marker
+        if marker and self.info.is_main:
+            write_bytes_atomic(Path(marker), f"{self.step}\n".encode())
+        return "signal"
 
     def run_periodic(self, due, final: bool) -> None:
         """The jobs whose clock is `due`; at the end of training, every job that is on, and a checkpoint.

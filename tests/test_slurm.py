@@ -76,7 +76,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     log = log_path.read_text()
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
     assert 3 <= stopped < 60
-    assert "ranks stopped cleanly with a checkpoint; requeueing" in log and "(restart 1)" in log
+    assert f"ranks stopped cleanly with a checkpoint at step {stopped}; requeueing" in log and "(restart 1)" in log
     assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / f'step-{stopped:08d}.pt'}" in log
     whole, resumed = _state(tmp_path / "reference", 60), _state(tmp_path / "preempted", 60)
     for name in ("G", "D", "G_ema"):

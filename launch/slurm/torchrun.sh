@@ -34,6 +34,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCH_NCCL_ASYNC_ERROR_HANDLING=${T
 
 preempted=0
 srun_pid=
+# Rank 0 writes this file only after every rank saved and stopped on the signal (train.stop_marker): the
+# one sign of a clean stop, as torchrun itself exits non-zero whenever it passed a signal on.
+marker=${STOP_MARKER:-$REPO/.stopped-$SLURM_JOB_ID}
+rm -f "$marker"
 on_usr1() {
   preempted=1
   echo "$(date +%T) job $SLURM_JOB_ID: USR1 (preemption or time limit): asking every rank to checkpoint and stop"
@@ -48,21 +52,22 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 150 \
-  launch/train.py --config "$CONFIG" ${OVERRIDES:-} &
+  launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" &
 srun_pid=$!
 while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
   wait "$srun_pid"
   status=$?
   kill -0 "$srun_pid" 2>/dev/null || break
 done
-if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
-  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly with a checkpoint; requeueing to resume from it"
+if [ "$preempted" = 1 ] && [ -f "$marker" ]; then
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly with a checkpoint at step $(cat "$marker"); requeueing to resume from it"
+  rm -f "$marker"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 elif [ "$preempted" = 1 ]; then
   # A rank failed (the save, or anything else): a requeue would loop on the fault or lose work silently.
   echo "$(date +%T) job $SLURM_JOB_ID: ranks failed after the preemption signal (status $status): not requeued; read the log above"
-  exit "$status"
+  exit $((status == 0 ? 1 : status))
 fi
 echo "$(date +%T) job $SLURM_JOB_ID: training ended with status $status"
 exit "$status"
