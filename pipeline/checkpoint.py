@@ -6,6 +6,8 @@ does not load (a disk fault, a copy cut short) is skipped with a warning in favo
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import re
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -36,11 +38,20 @@ class CheckpointManager:
         return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Rank 0 only."""
+        """Rank 0 only. Older checkpoints are removed only once the new one is complete under its name."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(step)
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # serialized first: a failed write is then the file system's plain OSError
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(buffer.getbuffer())
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            newest = self.existing()
+            raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and run the "
+                            f"same command again; it resumes from {newest[0] if newest else 'the start'}, which is intact.") from None
         for old in self.existing()[self.keep_last:]:
             old.unlink(missing_ok=True)
         return path
@@ -49,6 +60,9 @@ class CheckpointManager:
         """The checkpoint to resume from: `never`, `auto` (newest that loads) or a path."""
         if resume == "never":
             return None
+        if self.folder.is_dir():
+            for stale in remove_stale_tmp(self.folder):  # a save cut short (kill -9, a crash) left it there
+                log.warning("removed %s, a checkpoint whose writing was cut short", stale)
         if resume != "auto":
             path = Path(resume)
             if not path.is_file():

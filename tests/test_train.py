@@ -282,6 +282,57 @@ def test_kill_9_of_one_rank_then_resume_auto_loses_at_most_k_steps(celeba_shards
     assert last_logged - k <= step <= last_logged
 
 
+def test_kill_9_in_the_middle_of_writing_a_checkpoint_loses_nothing_older(celeba_shards, runs, tmp_path):
+    overrides = _overrides(celeba_shards.out_dir, runs, "cut", "train.epochs=1000", "train.max_steps=20",
+                           "train.ckpt_every_epochs=0", "log.wandb=disabled")
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "tests/inject_slow_save.py", "--config", "configs/smoke.yaml", *overrides],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SLOW_SAVE_AT": "2"})
+    deadline = time.monotonic() + 180
+    while "SAVING" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    folder = runs / "cut" / "checkpoints"
+    before = (folder / "step-00000002.pt").read_bytes()
+    proc.kill()  # SIGKILL, half of step 4 written under its temporary name
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == ["step-00000002.pt"]
+    resumed = train(1, overrides[:-3] + ["train.max_steps=6", "train.ckpt_every_epochs=0", "log.wandb=disabled"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {folder / 'step-00000002.pt'}" in resumed.stdout and "cut short" in resumed.stdout + resumed.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000002.pt", "step-00000004.pt", "step-00000006.pt"]
+    assert (folder / "step-00000002.pt").read_bytes() == before
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_loses_nothing(celeba_shards, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill ({mounted.stderr.strip()})")
+    try:
+        common = ("train.epochs=1000", "train.ckpt_every_epochs=0", "train.sample_every_epochs=0", "log.wandb=disabled",
+                  "log.tensorboard=false")
+        first = train(1, _overrides(celeba_shards.out_dir, disk, "full", "train.max_steps=2", *common))
+        assert first.returncode == 0, first.stderr[-3000:]
+        folder = disk / "full" / "checkpoints"
+        before = (folder / "step-00000002.pt").read_bytes()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - (len(before) // 2)))  # room for the sample grid, not a checkpoint
+        full = train(1, _overrides(celeba_shards.out_dir, disk, "full", "train.max_steps=4", *common))
+        assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
+        assert f"no space left in {folder} for checkpoint step-00000004.pt" in full.stderr
+        assert f"it resumes from {folder / 'step-00000002.pt'}, which is intact" in full.stderr
+        assert sorted(p.name for p in folder.iterdir()) == ["step-00000002.pt"]  # no temporary file left either
+        assert (folder / "step-00000002.pt").read_bytes() == before
+        (disk / "filler").unlink()
+        again = train(1, _overrides(celeba_shards.out_dir, disk, "full", "train.max_steps=4", *common))
+        assert again.returncode == 0 and "resumed from" in again.stdout and (folder / "step-00000004.pt").is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_runs_train_and_fp16_checkpoints_its_scalers(celeba_shards, runs, precision):
     result = train(1, _overrides(celeba_shards.out_dir, runs, precision, f"train.precision={precision}",
