@@ -333,6 +333,34 @@ def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_loses_nothi
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(overrides, log_dir):
+    """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1, as two nodes would."""
+    port, agents = _free_port(), []
+    for node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "launch/train.py",
+                   "--config", "configs/smoke.yaml", *overrides]
+        log = open(log_dir / f"node{node}.log", "w")
+        agents.append(subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True))
+    return agents
+
+
+def test_two_agents_meet_at_a_c10d_rendezvous_and_train_as_two_nodes(celeba_shards, runs, tmp_path):
+    overrides = _overrides(celeba_shards.out_dir, runs, "two-nodes", "train.epochs=1000", "train.max_steps=4", "log.wandb=disabled")
+    agents = _two_nodes(overrides, tmp_path)
+    assert [a.wait(timeout=300) for a in agents] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert "parameters identical on all 2 ranks" in logs and _state(runs / "two-nodes", 4)["world_size"] == 2
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_runs_train_and_fp16_checkpoints_its_scalers(celeba_shards, runs, precision):
     result = train(1, _overrides(celeba_shards.out_dir, runs, precision, f"train.precision={precision}",
