@@ -250,9 +250,7 @@ class Trainer:
                      "%s", t.name, self.info.world_size, self.cfg.data.batch_size, self.global_batch, len(self.loader),
                      self.total_steps, self.run_dir, self.fast)
         if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
-            if self.info.is_main:
-                log.info("stopping at step %d on a signal, before training; resume with the same command", self.step)
-            return self._stopped()
+            return self._stop_on_signal(", before training", save=False)
         meter = Meter(self.info.world_size)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
@@ -261,26 +259,24 @@ class Trainer:
                 done = t.max_steps is not None and self.step >= t.max_steps
                 self.run_periodic(lambda clock: clock.at_step(self.step), final=done)
                 if stop or self._interrupted:
-                    self._run("ckpt", self.save)
-                    if self.info.is_main:
-                        log.info("stopping at step %d on a signal; resume with the same command", self.step)
-                    return self._stopped()
+                    return self._stop_on_signal()
                 if done:
                     return "max_steps"
             epoch = self.loader.epoch
             self.run_periodic(lambda clock: clock.at_epoch_end(epoch), final=epoch == t.epochs)
             if self._interrupted:
-                self._run("ckpt", self.save)
-                if self.info.is_main:
-                    log.info("stopping at step %d on a signal; resume with the same command", self.step)
-                return self._stopped()
+                return self._stop_on_signal()
         if self.logger is not None:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
         return "done"
 
-    def _stopped(self) -> str:
-        """After a stop on a signal, with the checkpoint written: say so in train.stop_marker for the job script."""
+    def _stop_on_signal(self, when: str = "", save: bool = True) -> str:
+        """Save (once at this step), say so, and leave train.stop_marker for the job script: a clean stop."""
+        if save:
+            self._run("ckpt", self.save)
+        if self.info.is_main:
+            log.info("stopping at step %d on a signal%s; resume with the same command", self.step, when)
         marker = self.cfg.train.stop_marker
         if marker and self.info.is_main:
             write_bytes_atomic(Path(marker), f"{self.step}\n".encode())

@@ -14,24 +14,18 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 from shards.synth.celebdf import photo_paths
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(smoke_checkpoint):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.app", "--checkpoint", str(smoke_checkpoint), "--port", str(port),
-                             "--max-upload-mb", "2", "--frames", "6"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _serve(checkpoint, *options):
+    """A real `python -m pipeline.app` on a free localhost port: yields its URL once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.app", "--checkpoint", str(checkpoint), "--port", str(port), *options],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -45,6 +39,11 @@ def server(smoke_checkpoint):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(smoke_checkpoint):
+    yield from _serve(smoke_checkpoint, "--max-upload-mb", "2", "--frames", "6")
 
 
 def post(url, name, data):
@@ -198,23 +197,7 @@ def test_content_is_judged_by_its_first_bytes_and_its_size_before_decoding(serve
 @pytest.fixture(scope="module")
 def busy_server(smoke_checkpoint):
     """One detection at a time, a short wait for it, and short videos only."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.app", "--checkpoint", str(smoke_checkpoint), "--port", str(port),
-                             "--max-concurrent", "1", "--queue-timeout-s", "0.5", "--frames", "4"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from _serve(smoke_checkpoint, "--max-concurrent", "1", "--queue-timeout-s", "0.5", "--frames", "4")
 
 
 def test_a_flood_of_uploads_gets_results_or_503_and_nothing_mixed_up(busy_server):

@@ -43,6 +43,19 @@ def wait_until_gone(job, timeout_s=300):
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
 
 
+def preempt_at_step_3(env, logs):
+    """Submit train.sbatch, send USR1 to its batch shell once rank 0 logged step 3 (what --signal=B:USR1@180
+    does), and wait for the job to end: (scontrol's job record, the job's log path)."""
+    job = sbatch("launch/slurm/train.sbatch", logs, env)
+    log_path = logs / f"dcgan-{job}.out"
+    deadline = time.monotonic() + 120
+    while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
+        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    return wait_until_gone(job, timeout_s=300), log_path
+
+
 def _tiny(shards, runs, name, *extra):
     return " ".join(_overrides(shards, runs, name, "train.val_every_epochs=0", *extra))
 
@@ -63,14 +76,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "preempted", *extra))}
-    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
-    log_path = tmp_path / "logs" / f"dcgan-{job}.out"
-    deadline = time.monotonic() + 120
-    while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
-        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@180 does
-    info = wait_until_gone(job, timeout_s=300)
+    info, log_path = preempt_at_step_3(env, tmp_path / "logs")
     assert "JobState=COMPLETED" in info and "Restarts=1" in info, info
 
     log = log_path.read_text()
@@ -93,14 +99,7 @@ def test_a_job_whose_ranks_fail_after_the_preemption_signal_is_not_requeued(clus
     extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.ckpt_every_epochs=0",
              "train.val_every_epochs=0", "log.wandb=disabled")
     env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "broken", *extra))}
-    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
-    log_path = tmp_path / "logs" / f"dcgan-{job}.out"
-    deadline = time.monotonic() + 120
-    while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
-        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    info = wait_until_gone(job, timeout_s=300)
+    info, log_path = preempt_at_step_3(env, tmp_path / "logs")
     log = log_path.read_text()
     assert "Restarts=0" in info and "JobState=FAILED" in info, info
     assert "ranks failed after the preemption signal" in log and "not requeued" in log and "requeueing" not in log

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_records import history, run_info
 
@@ -333,17 +333,9 @@ def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_loses_nothi
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_nodes(overrides, log_dir):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1, as two nodes would."""
-    port, agents = _free_port(), []
+    port, agents = free_port(), []
     for node in range(2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                    f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "launch/train.py",
