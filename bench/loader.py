@@ -3,9 +3,9 @@
     python -m bench.loader                                  # CPU, on 12,000 synthetic CelebA images (make bench)
     python -m bench.loader --shards /data/shards/celeba --device cuda --threads 8 --batch 256
 
-Each loader runs `--warmup` batches untimed, then `--batches` timed ones (across epochs if needed,
-so per-epoch pipeline builds are included), with the training preprocessing: decode, centre crop,
-resize to 64, flip, normalize, to the device. Writes JSON and prints one line with the ratio.
+Each loader runs `--warmup` batches untimed, then `--batches` timed ones (across epochs if needed),
+with the training preprocessing: decode the face crops (data.crop face), resize to 64, flip,
+normalize, to the device. Writes JSON and prints one line with the ratio.
 """
 
 from __future__ import annotations
