@@ -2,7 +2,8 @@
 
     python launch/train.py --config configs/smoke.yaml                         # one process (CPU or GPU)
     torchrun --nproc_per_node=8 launch/train.py --config configs/dcgan-10ep.yaml data.shards=/data/shards/celeba
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=$JOB \\
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 \\
+        --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=$JOB \\
         launch/train.py --config configs/dcgan-10ep.yaml data.shards=/shared/shards/celeba
     python launch/train.py --config configs/smoke.yaml --dry-run               # print the resolved config
 

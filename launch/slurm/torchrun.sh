@@ -31,6 +31,9 @@ fi
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# A fresh rendezvous store for every torchrun restart: the shared default can hand a restarted worker the
+# dead workers' addresses (pytorch/pytorch#135712; README, "Several nodes without SLURM").
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 preempted=0
 srun_pid=
