@@ -89,7 +89,7 @@ def synthetic_shards(data: Path, workers: int) -> tuple[str, str]:
     from shards.synth.datasets import write_photo_datasets
 
     celeba, celebdf = write_photo_datasets(data / "data")
-    for source in (CelebASource(celeba), CelebDFSource(celebdf, frames_per_video=16)):
+    for source in (CelebASource(celeba), CelebDFSource(celebdf, frames_per_video=8)):  # as make demo
         build(source, data / "shards", workers=workers, progress=False)
     return str(data / "shards" / "celeba"), str(data / "shards" / "celebdf")
 

