@@ -6,7 +6,7 @@ Real videos pan and zoom over real face photos that ship inside wheels (matplotl
 camera path of the target's real video `id<t>_<j>` over the target's photo with the donor's face pasted
 in, leaving the marks real face swaps leave: a blending seam, a colour mismatch and a blurrier face.
 
-`write_celebdf_photos` writes the same layout from about 58 real people (`shards.synth.photos`), with
+`write_celebdf_photos` writes the same layout from about 937 real people (`shards.synth.photos`), with
 face swaps made as swap tools make them (`shards.synth.swap`) and a test list of the test people only.
 """
 
