@@ -136,9 +136,9 @@ def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
 def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
     overrides = _overrides(celeba_shards.out_dir, runs, "nan", "train.max_steps=5", "train.ckpt_every_steps=1",
                            "train.ckpt_keep_last=10", "train.log_every_steps=5", "log.wandb=disabled")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_nan.py",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_fault.py",
                "--config", "configs/smoke.yaml", *overrides]
-    env = {**os.environ, "INJECT_NAN_RANK": "1", "INJECT_NAN_STEP": "3"}
+    env = {**os.environ, "INJECT_FAULT": "nan", "INJECT_RANK": "1", "INJECT_STEP": "3"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in result.stdout  # checked at every checkpoint
@@ -359,12 +359,13 @@ def test_an_agent_whose_worker_dies_restarts_both_nodes_from_the_last_checkpoint
     overrides = _overrides(celeba_shards.out_dir, runs, "elastic", "train.epochs=1000", "train.max_steps=8", "log.wandb=disabled")
     # As the README and launch/slurm/torchrun.sh say: a fresh store per restart. Without it this failed 2 runs
     # in 5 (the restarted workers read the dead ones' addresses: pytorch/pytorch#135712).
-    agents = _two_nodes(overrides, tmp_path, script="tests/inject_crash.py", agent_args=["--max-restarts=1"],
-                        env={"INJECT_CRASH_RANK": "1", "INJECT_CRASH_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    agents = _two_nodes(overrides, tmp_path, script="tests/inject_fault.py", agent_args=["--max-restarts=1"],
+                        env={"INJECT_FAULT": "kill", "INJECT_RANK": "1", "INJECT_STEP": "5",
+                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     codes = [a.wait(timeout=300) for a in agents]
     logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert codes == [0, 0], logs[-4000:]
-    assert "CRASH rank 1 at step 5" in logs
+    assert "KILLED rank 1 at step 5" in logs
     folder = runs / "elastic" / "checkpoints"
     assert f"resumed from {folder / 'step-00000004.pt'}: step 4" in logs  # the restarted rank 0 (both restart)
     assert "step 8: parameters identical on all 2 ranks" in logs

