@@ -346,10 +346,26 @@ def _two_nodes(overrides, log_dir, script="launch/train.py", agent_args=(), env=
     return agents
 
 
+def _wait_all(agents, timeout_s=300):
+    """The agents' exit codes; on a timeout each agent still running gets SIGTERM, which torchrun passes on to
+    its workers, then SIGKILL after 30 s, so that no process outlives the failed test."""
+    try:
+        return [a.wait(timeout=timeout_s) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.terminate()
+                try:
+                    a.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    a.kill()
+                    a.wait()
+
+
 def test_two_agents_meet_at_a_c10d_rendezvous_and_train_as_two_nodes(celeba_shards, runs, tmp_path):
     overrides = _overrides(celeba_shards.out_dir, runs, "two-nodes", "train.epochs=1000", "train.max_steps=4", "log.wandb=disabled")
     agents = _two_nodes(overrides, tmp_path)
-    assert [a.wait(timeout=300) for a in agents] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    assert _wait_all(agents) == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
     logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert "parameters identical on all 2 ranks" in logs and _state(runs / "two-nodes", 4)["world_size"] == 2
 
@@ -362,7 +378,7 @@ def test_an_agent_whose_worker_dies_restarts_both_nodes_from_the_last_checkpoint
     agents = _two_nodes(overrides, tmp_path, script="tests/inject_fault.py", agent_args=["--max-restarts=1"],
                         env={"INJECT_FAULT": "kill", "INJECT_RANK": "1", "INJECT_STEP": "5",
                              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    codes = [a.wait(timeout=300) for a in agents]
+    codes = _wait_all(agents)
     logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert codes == [0, 0], logs[-4000:]
     assert "KILLED rank 1 at step 5" in logs
