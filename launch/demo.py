@@ -30,6 +30,7 @@ from shards.build import build, format_report
 from shards.celeba import CelebASource
 from shards.celebdf import CelebDFSource
 from shards.synth.datasets import write_photo_datasets
+from shards.synth.photos import MIN_PEOPLE
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("--frames-per-video", type=int, default=8, help="Celeb-DF frames sharded per video")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args()
+    if args.people is not None and args.people < MIN_PEOPLE:
+        parser.error(f"--people {args.people} is too few: the train and the test side need at least 2 people each")
     data, shards_dir = args.out / "data", args.out / "shards"
     try:
         write_photo_datasets(data, args.images, people=args.people)

@@ -95,11 +95,11 @@ def run_synth(args: argparse.Namespace) -> None:
     if args.faces in ("cartoon", "twophotos"):
         _run_procedural(args)
         return
-    from shards.synth.photos import load_people, pick_people, split_people
+    from shards.synth.photos import MIN_PEOPLE, load_people, pick_people, split_people
 
     if not 0 < args.test_fraction < 1:
         raise UserError(f"--test-fraction {args.test_fraction} must lie strictly between 0 and 1.")
-    if args.people is not None and args.people < 4:
+    if args.people is not None and args.people < MIN_PEOPLE:
         raise UserError(f"--people {args.people} is too few: the train and the test side need at least 2 people each.")
     people = pick_people(load_people(), args.people, args.seed)
     train, test = split_people(people, args.test_fraction, args.seed)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
-from conftest import run_shards
+from conftest import REPO, run_shards
 
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
@@ -267,3 +268,6 @@ def test_synth_celeba_from_the_command_line_holds_the_train_people_of_the_same_s
     assert "40 train people" not in result.stdout and f"{len(identities)} train people of 40" in result.stdout
     few = run_shards("synth", "celeba", "--out", tmp_path / "few", "--people", 3)
     assert few.returncode == 2 and "--people 3 is too few" in few.stderr and not (tmp_path / "few").exists()
+    demo = subprocess.run([sys.executable, "launch/demo.py", "--out", str(tmp_path / "demo"), "--people", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 2 and "--people 3 is too few" in demo.stderr and not (tmp_path / "demo").exists()

@@ -369,12 +369,15 @@ def blur_outside(img: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return (img * (1 - outside) + cv2.GaussianBlur(img, (0, 0), 10) * outside).astype(np.uint8)
 
 
+MIN_PEOPLE = 4  # a train and a test side of at least 2 people each
+
+
 def pick_people(people: list[Person], count: int | None, seed: int = 0) -> list[Person]:
     """A seeded draw of `count` people (all of them when None or more), renumbered 0..count-1 in id order,
     so that a smaller dataset costs less to write and shard but keeps the same mix of sources."""
     if count is None or count >= len(people):
         return people
-    if count < 4:
+    if count < MIN_PEOPLE:
         raise ValueError(f"{count} people are too few: a train and a test side need at least 2 each")
     rng = np.random.default_rng([seed, 37])
     chosen = sorted((people[i] for i in rng.choice(len(people), count, replace=False)), key=lambda p: p.id)
