@@ -25,8 +25,8 @@ def write_photo_datasets(data: Path, images_per_person: int = 4, seed: int = 0, 
     celeba, celebdf = Path(data) / "celeba", Path(data) / "celebdf"
     if celeba.exists() and celebdf.exists():
         return celeba, celebdf
-    people = pick_people(load_people(), people, seed)  # fetched into a cache on first use
-    train, test = split_people(people, test_fraction=test_fraction, seed=seed)
+    chosen = pick_people(load_people(), people, seed)  # fetched into a cache on first use
+    train, test = split_people(chosen, test_fraction=test_fraction, seed=seed)
     if not celeba.exists():
         print(f"generating a CelebA-layout dataset of {len(train)} real people ...", flush=True)
         write_celeba_photos(celeba, train, seed=seed, images_per_person=images_per_person)
