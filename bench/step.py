@@ -138,18 +138,18 @@ def main() -> int:
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
-    rows = []
-    for size in args.size:
-        for batch in args.batch:
-            rows.append(measure(args, size, batch, device))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     report = {"benchmark": "step", "device": name, "torch": torch.__version__, "width": args.width,
-              "warmup": args.warmup, "steps": args.steps, "overrides": args.overrides, "rows": rows}
+              "warmup": args.warmup, "steps": args.steps, "overrides": args.overrides, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"step-{args.device}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(rows))
+    for size in args.size:
+        for batch in args.batch:
+            torch._dynamo.reset()  # each shape compiles afresh and static, as a run of that shape would
+            report["rows"].append(measure(args, size, batch, device))
+            print(table(report["rows"][-1:]).splitlines()[-1], flush=True)
+            path.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a time limit keeps the rows done
+    print(table(report["rows"]))
     print(f"wrote {path}")
     return 0
 
