@@ -23,13 +23,30 @@ def _check_size(image_size: int) -> int:
     return SIZES.index(image_size)  # extra up/down-sampling blocks beyond the 64 px network
 
 
+class NoiseProjection(nn.ConvTranspose2d):
+    """G's first layer, ConvTranspose2d(nz, C, 4) on a [N, nz, 1, 1] noise, computed as the matrix product it is.
+
+    Same parameter, same state dict and the same function as the transposed convolution. At 1x1 the
+    channels-last and contiguous layouts are the same tensor, and under torch.compile (torch 2.11, CUDA,
+    channels-last weights) the compiled backward expected cuDNN's weight gradient channels-last and got it
+    contiguous: an assert_size_stride failure. A matrix product has no layout to disagree about.
+    """
+
+    def __init__(self, nz: int, channels: int, side: int = 4):
+        super().__init__(nz, channels, side, 1, 0, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        side = self.kernel_size
+        return (z.flatten(1) @ self.weight.flatten(1)).view(z.shape[0], self.out_channels, *side)
+
+
 class Generator(nn.Module):
     def __init__(self, nz: int = 100, ngf: int = 64, image_size: int = 64):
         super().__init__()
         extra = _check_size(image_size)
         top = ngf * 8 * 2**extra
         layers: list[nn.Module] = [  # z: [N, nz, 1, 1]
-            nn.ConvTranspose2d(nz, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True),  # [N, top, 4, 4]
+            NoiseProjection(nz, top), nn.BatchNorm2d(top), nn.ReLU(True),  # [N, top, 4, 4]
         ]
         ch = top
         while ch > ngf:  # each block doubles the side and halves the channels: 8, 16, 32 (, 64)

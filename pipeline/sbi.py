@@ -8,7 +8,9 @@ its pixel constants are at 256 px and are scaled by S/256 here.
 
 Every function is a pure function of tensors and a `torch.Generator` on the images' device. Per-sample
 choices are masks and `torch.where`, never Python branches on tensor values, so a GPU step never waits
-for the host.
+for the host. For that reason the Gaussian blur and the JPEG codec are written here: kornia's
+(`gaussian_blur2d`, `jpeg_codec_differentiable`) check their per-image sigma and quality by reading them
+on the host, a GPU sync per call (kornia 0.9, on an H200); tests hold them to kornia's blur and OpenCV's JPEG.
 
 Write the README's grid (real | mask | blend, one face per row):
     python -m pipeline.sbi docs/sbi-grid.png
@@ -24,8 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from kornia.color import hsv_to_rgb, rgb_to_hsv
-from kornia.enhance import jpeg_codec_differentiable
-from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import elastic_transform2d
 
 REF_SIZE_PX = 256  # the size the reference's pixel constants hold at
@@ -136,6 +136,20 @@ def _gaussian_kernel_px(max_sigma_px: float) -> int:
     return 2 * math.ceil(3 * max_sigma_px) + 1
 
 
+def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with a sigma per image and axis ([B, 2]: y, x, in pixels),
+    `kernel_px` taps (odd), reflected at the edges: kornia's gaussian_blur2d, without its host check."""
+    b, c, h, w = x.shape
+    r = kernel_px // 2
+    t = torch.arange(kernel_px, device=x.device, dtype=torch.float32) - r
+    k = torch.exp(-t.square() / (2 * sigma.float()[..., None].square()))  # [B, 2, K]
+    k = (k / k.sum(-1, keepdim=True)).to(x.dtype).repeat_interleave(c, 0)  # [B*C, 2, K]: one filter per plane
+    out = F.pad(x, (r, r, r, r), mode="reflect").reshape(1, b * c, h + 2 * r, w + 2 * r)
+    out = F.conv2d(out, k[:, 0, None, :, None], groups=b * c)
+    out = F.conv2d(out, k[:, 1, None, None, :], groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
 def _warp(source: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """SBI's randaffine: one random affine for the source and the mask, then an elastic warp of the mask."""
     b, _, s, _ = source.shape
@@ -181,11 +195,11 @@ def _blend_mask(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     sigma2_px = _uniform(u[:, 4], *SECOND_BLUR_SIGMA_PX)
     sigma2 = (sigma2_px.pow(-2) + 12 / k2.pow(2)).rsqrt()
     kernel = _gaussian_kernel_px(max(_cv2_sigma(high), high / math.sqrt(12)) * s / MASK_BLUR_SIZE_PX[0])
-    blurred = _normalize_max(gaussian_blur2d(mask, kernel, sigma1[:, None] * px))
+    blurred = _normalize_max(_blur(mask, kernel, sigma1[:, None] * px))
     # The blur reaches 1 only a kernel radius inside a straight edge: there it is Phi(radius / sigma).
     threshold = torch.special.ndtr((k1 - 1) / 2 / sigma1) - 1e-4
     eroded = (blurred >= threshold[:, None, None, None]).float()
-    return _normalize_max(gaussian_blur2d(eroded, kernel, sigma2[:, None] * px))
+    return _normalize_max(_blur(eroded, kernel, sigma2[:, None] * px))
 
 
 def _color_jitter(x: torch.Tensor, u: torch.Tensor, p: tuple[float, float, float], bc_limit: float) -> torch.Tensor:
@@ -247,9 +261,58 @@ def _source_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where((u[:, 14] < 0.5)[:, None, None, None], down, sharp)
 
 
+# The JPEG standard's example quantization tables (ITU-T T.81, Annex K), which libjpeg scales by quality.
+JPEG_LUMA_TABLE = (
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99),
+)
+JPEG_CHROMA_TABLE = (
+    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99), (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99), *((99,) * 8,) * 4,
+)
+_JPEG_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _jpeg_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8x8 DCT-II matrix and the two tables ([2, 8, 8]), made once per device: a copy from the host
+    inside the step would wait for the GPU."""
+    if device not in _JPEG_CONSTANTS:
+        k = torch.arange(8, dtype=torch.float64)
+        dct = torch.cos((2 * k[None] + 1) * k[:, None] * math.pi / 16) * 0.5  # [frequency, position]
+        dct[0] /= math.sqrt(2)
+        tables = torch.tensor([JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE], dtype=torch.float32)
+        _JPEG_CONSTANTS[device] = (dct.float().to(device), tables.to(device))
+    return _JPEG_CONSTANTS[device]
+
+
 def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    # kornia pads to its 16 px blocks internally and crops back, so any S works.
-    return jpeg_codec_differentiable(x, quality).clamp(0, 1)
+    """Baseline JPEG at a quality per image ([B] in 1..100), on [B, 3, H, W] in [0, 1]: YCbCr with 4:2:0
+    chroma, 8x8 DCT, libjpeg's scaled tables, rounding, and back. Any H, W: edges are replicated to 16 px."""
+    dct, tables = _jpeg_constants(x.device)
+    b, _, h, w = x.shape
+    x = F.pad(x.float(), (0, -w % 16, 0, -h % 16), mode="replicate") * 255
+    r, g, bl = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * bl
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * bl + 128
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * bl + 128
+    chroma = F.avg_pool2d(torch.stack([cb, cr], 1), 2)  # [B, 2, H/2, W/2]
+    q = quality.float().clamp(1, 100)
+    scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)[:, None, None, None]  # libjpeg's jpeg_quality_scaling
+    table = ((tables[None] * scale + 50) / 100).floor().clamp(1, 255)  # [B, 2, 8, 8]
+
+    def code(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:  # [B, C, H, W], table [B, 1, 8, 8]
+        bb, c, hh, ww = plane.shape
+        blocks = (plane - 128).reshape(bb, c, hh // 8, 8, ww // 8, 8).transpose(3, 4)  # [B, C, h, w, 8, 8]
+        coeff = dct @ blocks @ dct.T
+        t = table[:, :, None, None]
+        blocks = dct.T @ ((coeff / t).round() * t) @ dct
+        return blocks.transpose(3, 4).reshape(bb, c, hh, ww) + 128
+
+    y = code(y[:, None], table[:, :1])[:, 0]
+    cb, cr = F.interpolate(code(chroma, table[:, 1:]), scale_factor=2, mode="bilinear", align_corners=False).unbind(1)
+    rgb = torch.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)], 1)
+    return (rgb[..., :h, :w] / 255).clamp(0, 1)
 
 
 def _shared_augment(real: torch.Tensor, fake: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +362,9 @@ def degrade(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
     factor = _uniform(u[:, 4], 0.3, 0.8)
     # Anti-aliasing as skimage picks it, so that the downscale is area-like rather than point sampling.
     aa_sigma = ((1 / factor - 1) / 2).clamp_min(0.05)[:, None].repeat(1, 2)
-    x = torch.where(on[:, 0], _down_up(gaussian_blur2d(x, _gaussian_kernel_px(1 / 0.3 / 2), aa_sigma), factor), x)
+    x = torch.where(on[:, 0], _down_up(_blur(x, _gaussian_kernel_px(1 / 0.3 / 2), aa_sigma), factor), x)
     blur_sigma = (_uniform(u[:, 5], 0.2, 1.5) * s / 64)[:, None].repeat(1, 2)
-    x = torch.where(on[:, 1], gaussian_blur2d(x, _gaussian_kernel_px(1.5 * s / 64), blur_sigma), x)
+    x = torch.where(on[:, 1], _blur(x, _gaussian_kernel_px(1.5 * s / 64), blur_sigma), x)
     noise_std = _uniform(u[:, 6], 0.0, 0.03)[:, None, None, None]
     noise = torch.randn(x.shape, generator=generator, device=x.device) * noise_std
     x = torch.where(on[:, 2], (x + noise).clamp(0, 1), x)

@@ -142,3 +142,28 @@ def test_steady_state_steps_never_wait_for_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(stats["loss/D"]) and step.skipped().item() == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_steady_state_steps_read_no_device_value_on_the_host(precision):
+    """The CPU twin of the gpu test above (tests/host_reads.py): between logging boundaries no step, its
+    self-blends, its skip of non-finite steps or fp16's loss scaling reads a device value on the host."""
+    from host_reads import HostReads
+
+    from pipeline.data import Batch
+    from pipeline.sbi import template_batch
+    from pipeline.step import GANStep
+
+    overrides = ["data.batch_size=8", "data.image_size=64", "model.ngf=16", "model.ndf=16", f"train.precision={precision}"]
+    cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    images, landmarks = template_batch(64, 8, gen)
+    step = GANStep(cfg, resolve(cfg.train, cfg.model, device), device, gen)
+    for i in range(2):
+        step(Batch(images, landmarks=landmarks), i)
+    with HostReads() as reads:
+        for i in range(2, 4):
+            stats = step(Batch(images, landmarks=landmarks), i)
+    assert reads.reads == []
+    assert torch.isfinite(stats["loss/D"])
