@@ -33,11 +33,8 @@ run() {  # name, seconds, command...: each part is bounded so that the call's to
   timeout "$limit" "$@" >> "$out/parts.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$out/parts.log" "$out/summary.txt"
 }
-shards() {
-  $py -m shards synth celeba --out "$data/celeba" --faces cartoon --images 3000 &&
-    $py -m shards celeba --root "$data/celeba" --out "$data/shards" --workers "$(nproc)" --maxcount 500 --no-progress
-}
-run shards 75 shards
+run shards 75 bash -c "$py -m shards synth celeba --out $data/celeba --faces cartoon --images 3000 &&
+  $py -m shards celeba --root $data/celeba --out $data/shards --workers $(nproc) --maxcount 500 --no-progress"
 run step 200 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
 run gpu-tests 100 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
 run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
