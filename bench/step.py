@@ -61,8 +61,11 @@ def ms_per_step(step, batch: Batch, device: torch.device, warmup: int, steps: in
     return (time.perf_counter() - t0) / steps * 1000
 
 
-def parts_ms(step, batch: Batch, device: torch.device, steps: int) -> dict[str, float]:
-    """Each named part's time per step: device time on GPUs, CPU time on CPUs."""
+def parts_ms(step, batch: Batch, device: torch.device, steps: int) -> tuple[dict[str, float], float | None]:
+    """Each named part's time per step (device time on GPUs, CPU time on CPUs), and GPU kernels per step.
+
+    A part's device time runs from its first kernel's start to its last one's end, gaps included: where
+    the host cannot launch kernels as fast as the GPU runs them, the gaps are most of it."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for i in range(steps):
@@ -73,7 +76,10 @@ def parts_ms(step, batch: Batch, device: torch.device, steps: int) -> dict[str, 
         if event.key in PARTS:
             total_us = event.device_time_total if device.type == "cuda" else event.cpu_time_total
             out[event.key.split("/")[1]] = round(total_us / steps / 1000, 3)
-    return out
+    kernels = None
+    if device.type == "cuda":
+        kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+    return out, kernels
 
 
 def step_flops(step: GANStep, batch: Batch) -> int:
@@ -94,12 +100,13 @@ def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
     batch = Batch(images.contiguous(memory_format=fast.layout), landmarks=landmarks)
     new = GANStep(cfg, fast, device, gen)
     row = {"image_size": size, "batch": batch_size, "fast_paths": {k: getattr(fast, k) for k in
-                                                                     ("precision", "channels_last", "fused_adam", "compile")}}
+                                                                     ("precision", "channels_last", "fused_adam", "compile",
+                                                                      "graph_inputs")}}
     row["new_ms"] = ms_per_step(new, batch, device, args.warmup, args.steps)
-    row["parts_ms"] = parts_ms(new, batch, device, min(args.steps, 10))
-    eager = GANStep(cfg, fast.__class__(**{**fast.__dict__, "compile": False}), device, gen)
-    row["flops_per_step"] = step_flops(eager, batch)
-    old = LegacyStep(GANStep(cfg, fast.__class__(**{**fast.__dict__, "compile": False}), device, gen))
+    row["parts_ms"], row["kernels_per_step"] = parts_ms(new, batch, device, min(args.steps, 10))
+    plain = fast.__class__(**{**fast.__dict__, "compile": False, "graph_inputs": False})
+    row["flops_per_step"] = step_flops(GANStep(cfg, plain, device, gen), batch)
+    old = LegacyStep(GANStep(cfg, plain, device, gen))
     row["old_ms"] = ms_per_step(old, batch, device, args.warmup, args.steps)
     row["new_img_per_s"] = round(batch_size / row["new_ms"] * 1000, 1)
     row["old_img_per_s"] = round(batch_size / row["old_ms"] * 1000, 1)
@@ -113,14 +120,14 @@ def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | batch | new ms/step | old ms/step | new/old speed | new img/s | inputs ms | D ms | G ms | EMA ms | MFU |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| size | batch | new ms/step | old ms/step | new/old speed | new img/s | inputs ms | D ms | G ms | EMA ms | MFU | kernels |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         p = r["parts_ms"]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['image_size']} | {r['batch']} | {r['new_ms']:.2f} | {r['old_ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['new_img_per_s']:.0f} | {p.get('inputs', 0):.2f} | {p.get('D', 0):.2f} | {p.get('G', 0):.2f} | "
-                     f"{p.get('ema', 0):.2f} | {mfu} |")
+                     f"{p.get('ema', 0):.2f} | {mfu} | {r['kernels_per_step'] or 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -133,6 +140,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", help="the JSON's name under --out (default: step-DEVICE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -142,7 +150,7 @@ def main() -> int:
     report = {"benchmark": "step", "device": name, "torch": torch.__version__, "width": args.width,
               "warmup": args.warmup, "steps": args.steps, "overrides": args.overrides, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"step-{args.device}.json"
+    path = args.out / f"{args.name or 'step-' + args.device}.json"
     for size in args.size:
         for batch in args.batch:
             torch._dynamo.reset()  # each shape compiles afresh and static, as a run of that shape would

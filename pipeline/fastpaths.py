@@ -1,4 +1,5 @@
-"""The GPU fast paths and their switches: precision, channels-last, fused Adam, torch.compile, TF32.
+"""The GPU fast paths and their switches: precision, channels-last, fused Adam, torch.compile, TF32,
+and a CUDA graph of the self-blends.
 
 `auto` turns a fast path on where it pays (on CUDA) and off on CPUs, where the tests and the demo run.
 A switch that cannot work here falls back at set-up with one warning line saying what it fell back
@@ -28,6 +29,7 @@ class FastPaths:
     compile: bool
     compile_mode: str
     tf32: bool
+    graph_inputs: bool = False  # the self-blends and degradations from one CUDA graph (pipeline/graphs.py)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -70,11 +72,16 @@ def resolve(train, model, device: torch.device) -> FastPaths:
         if problem:
             log.warning("train.compile: torch.compile does not work here (%s); falling back to eager mode", problem)
             compile_ = False
+    graph_inputs = _switch(train.graph_inputs, "graph_inputs", device)
+    if graph_inputs and device.type != "cuda":
+        log.warning("train.graph_inputs: CUDA graphs need a CUDA device, not %s; falling back to eager self-blends",
+                    device.type)
+        graph_inputs = False
     tf32 = bool(train.tf32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32  # DCGAN's convolutions lose nothing at TF32's 10-bit mantissa
         torch.backends.cudnn.allow_tf32 = tf32
-    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32)
+    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32, graph_inputs)
 
 
 def compiler_problem(device: torch.device) -> str | None:

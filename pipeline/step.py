@@ -24,6 +24,7 @@ from torch.profiler import record_function
 
 from pipeline.config import Config
 from pipeline.fastpaths import FastPaths, adam
+from pipeline.graphs import GraphedFunction
 from pipeline.models import build_models
 from pipeline.sbi import degrade, self_blend
 
@@ -97,6 +98,7 @@ class GANStep:
         # loss on this rank; the trainer agrees on the maximum over ranks)
         self.worst_in_row = torch.zeros((), device=device)  # the most in a row since the trainer last looked
         self._applied_before = self.applied()
+        self._blends = GraphedFunction(self._blends_eager, noise) if fast.graph_inputs and self.sbi else self._blends_eager
 
     def autocast(self):
         dtype = self.fast.autocast_dtype
@@ -108,11 +110,14 @@ class GANStep:
         """D's real faces and, with self-blends, their blends (made in float32: data, not model)."""
         if not self.sbi:
             return Inputs(batch.images)
+        return Inputs(*self._blends(batch.images, batch.landmarks))
+
+    def _blends_eager(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.cfg.train.degrade_prob
-        pairs = self_blend(batch.images, batch.landmarks, self.noise)
-        real = degrade(pairs.real, self.noise, p).to(batch.images.dtype, memory_format=self.fast.layout)
-        blend = degrade(pairs.fake, self.noise, p).to(batch.images.dtype, memory_format=self.fast.layout)
-        return Inputs(real, blend, pairs.valid)
+        pairs = self_blend(images, landmarks, self.noise)
+        real = degrade(pairs.real, self.noise, p).to(images.dtype, memory_format=self.fast.layout)
+        blend = degrade(pairs.fake, self.noise, p).to(images.dtype, memory_format=self.fast.layout)
+        return real, blend, pairs.valid
 
     def _score(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.one_forward and len(parts) > 1:

@@ -33,6 +33,7 @@ def test_auto_keeps_the_cpu_on_its_plain_paths_and_fused_adam_is_used():
     cfg = load_config(REPO / "configs" / "base.yaml")
     fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
     assert (fast.precision, fast.channels_last, fast.compile, fast.fused_adam) == ("fp32", False, False, True)
+    assert fast.graph_inputs is False
     opt = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.5, 0.999), fast.fused_adam, "D")
     assert opt.defaults["fused"] is True
 
@@ -44,6 +45,64 @@ def test_channels_last_with_channel_counts_it_cannot_use_falls_back_with_one_war
     assert fast.channels_last is False
     (record,) = caplog.records
     assert "model.ndf 12 is not a multiple of 8" in record.message and "falling back to the contiguous layout" in record.message
+
+
+def test_graph_inputs_on_a_cpu_falls_back_with_one_warning(caplog):
+    cfg = load_config(REPO / "configs" / "base.yaml", ["train.graph_inputs=true"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.fastpaths"):
+        fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
+    assert fast.graph_inputs is False
+    (record,) = caplog.records
+    assert "train.graph_inputs: CUDA graphs need a CUDA device" in record.message and "falling back to eager" in record.message
+
+
+@pytest.mark.gpu
+def test_graphed_self_blends_equal_eager_ones_and_draw_fresh_numbers_each_replay():
+    from pipeline.graphs import GraphedFunction
+    from pipeline.sbi import degrade, self_blend, template_batch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    images, landmarks = template_batch(64, 16, gen)
+
+    def blends(images, landmarks):
+        pairs = self_blend(images, landmarks, gen)
+        return pairs.fake, degrade(pairs.real, gen), pairs.valid
+
+    graphed = GraphedFunction(blends, gen, eager_calls=1)
+    graphed(images, landmarks)
+    assert graphed.graph is None  # still eager
+    before = gen.get_state()
+    replayed = [t.clone() for t in graphed(images, landmarks)]  # captured, then replayed
+    assert graphed.graph is not None
+    after = gen.get_state()
+    gen.set_state(before)
+    eager = blends(images, landmarks)
+    assert torch.equal(gen.get_state(), after)  # a replay advances the generator as an eager call does
+    for a, b in zip(replayed, eager):
+        torch.testing.assert_close(a, b)
+    again = graphed(images, landmarks)
+    assert not torch.equal(again[0], replayed[0])  # each replay draws fresh numbers
+    short = graphed(images[:8], landmarks[:8])  # another shape runs eagerly
+    assert short[0].shape[0] == 8 and short[0].data_ptr() != again[0].data_ptr()
+
+
+@pytest.mark.gpu
+def test_a_function_that_cannot_be_captured_stays_eager_with_one_warning(caplog):
+    from pipeline.graphs import GraphedFunction
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def reads_on_the_host(x):
+        return (x * float(x.sum()),)  # a sync: not allowed in a capture
+
+    graphed = GraphedFunction(reads_on_the_host, gen, eager_calls=1)
+    x = torch.ones(4, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="pipeline.graphs"):
+        for _ in range(3):
+            assert torch.equal(graphed(x)[0], x * 4)
+    assert graphed.graph is None
+    (record,) = caplog.records
+    assert "could not be captured in a CUDA graph" in record.message and "falling back to eager" in record.message
 
 
 def test_fused_adam_where_it_cannot_run_falls_back_to_foreach_adam_with_one_warning(caplog):
