@@ -3,7 +3,7 @@
 #   bench/gpu.sh OUT        (make bench-gpu: OUT = bench/results/gpu)
 # 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts; 2. shards 3,000 synthetic CelebA faces
 # once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256, new against old, split
-# into parts, with MFU (bench.step); 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from
+# into parts, with MFU (bench.step), and again with the self-blends from a CUDA graph; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from
 # shards on local disk (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on
 # a batch already on the GPU (bench.train). Each part has its own time limit, so that a slow or broken one
 # leaves the others their time. OUT gets device.txt, parts.log (every part's output), the benchmarks' JSON
@@ -35,12 +35,14 @@ run() {  # name, seconds, command...: each part is bounded so that the call's to
 }
 run shards 75 bash -c "$py -m shards synth celeba --out $data/celeba --faces cartoon --images 3000 &&
   $py -m shards celeba --root $data/celeba --out $data/shards --workers $(nproc) --maxcount 500 --no-progress"
-run step 200 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
-run gpu-tests 100 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
+run step 170 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
+run step-graph 80 $py -m bench.step --device cuda --size 64 128 --batch 128 --warmup 10 --steps 50 --out "$out" \
+  --name step-cuda-graph-inputs train.graph_inputs=true
+run gpu-tests 90 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
 run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
 run train 100 $py -m bench.train --device cuda --shards "$data/shards/celeba" --batch 128 --steps 100 --warmup 10 \
-  --precision bf16 --channels-last 1 --compile 1 --inputs tensors dali --sbi 0 1 --out "$out"
+  --precision bf16 --channels-last 1 --compile 1 --inputs tensors dali --sbi 0 1 --graph-inputs 0 1 --out "$out"
 rm -rf "$data"
-echo; grep -h -A8 '^| size' "$out/parts.log" | tail -n 7
+echo; grep -h '^| [0-9]' "$out/parts.log" | sort -u
 grep -h -E '^(cuda batch|bf16 channels_last|[0-9]+ (passed|failed)|FAILED|ERROR)' "$out/parts.log"
 cat "$out/summary.txt"

@@ -1,4 +1,4 @@
-"""One CUDA graph for a step's self-blends and degradations (train.graph_inputs).
+"""One CUDA graph for a step's self-blends and degradations (train.graph_inputs, off by default for now).
 
 Made in eager PyTorch, the self-blends and degradations of a batch are about 800 small kernels. On an
 H200 they took 16 ms a step at batch 128 and 64 px whatever the batch size (bench/gpu.sh, 2026-11-26):
@@ -12,16 +12,21 @@ register_generator_state): checkpoints keep saving and restoring its state.
 
 The outputs of a replay live in the graph's own buffers and are overwritten by the next replay: the
 step uses them within itself (D's backward included) and keeps none.
+
+A capture that fails stops the run with a sentence naming the switch, rather than falling back: on the
+H200 a failed capture left the default CUDA generator unusable ("Offset increment outside graph capture
+encountered unexpectedly" at the next random draw), so eager self-blends after it would fail anyway.
+Measured on an H200 (torch 2.11, 2026-11-26): replays equal eager calls from the same generator state,
+and the step at batch 128 and 64 px took 14.8 ms instead of 35.6 (bench/step.py). Not yet run inside the
+trainer on a GPU (DALI's threads, DDP, checkpoints), hence off by default.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
 Tensors = tuple[torch.Tensor, ...]
 
 
@@ -45,10 +50,9 @@ class GraphedFunction:
         if self.graph is None and self.calls == self.eager_calls:
             try:
                 self._capture(args, key)
-            except RuntimeError as e:  # an operation that cannot be captured: say which, and stay eager
-                log.warning("train.graph_inputs: the self-blends could not be captured in a CUDA graph (%s); "
-                            "falling back to eager self-blends", str(e).splitlines()[0])
-                self.graph = None
+            except RuntimeError as e:
+                raise RuntimeError(f"train.graph_inputs: the self-blends could not be captured in a CUDA graph "
+                                   f"({str(e).splitlines()[0]}); set train.graph_inputs=false to make them eagerly") from e
         self.calls += 1
         if self.graph is None or key != self.key:
             return self.fn(*args)
@@ -70,6 +74,7 @@ class GraphedFunction:
         self.generator.set_state(state)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):
+        # thread_local: DALI's threads keep allocating and synchronising while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_out = tuple(self.fn(*self.static_in))
         self.graph, self.key = graph, key

@@ -87,22 +87,20 @@ def test_graphed_self_blends_equal_eager_ones_and_draw_fresh_numbers_each_replay
 
 
 @pytest.mark.gpu
-def test_a_function_that_cannot_be_captured_stays_eager_with_one_warning(caplog):
-    from pipeline.graphs import GraphedFunction
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def reads_on_the_host(x):
-        return (x * float(x.sum()),)  # a sync: not allowed in a capture
-
-    graphed = GraphedFunction(reads_on_the_host, gen, eager_calls=1)
-    x = torch.ones(4, device="cuda")
-    with caplog.at_level(logging.WARNING, logger="pipeline.graphs"):
-        for _ in range(3):
-            assert torch.equal(graphed(x)[0], x * 4)
-    assert graphed.graph is None
-    (record,) = caplog.records
-    assert "could not be captured in a CUDA graph" in record.message and "falling back to eager" in record.message
+def test_a_function_that_cannot_be_captured_stops_the_run_naming_the_switch():
+    # In a process of its own: a failed capture leaves the default CUDA generator unusable.
+    code = (
+        "import torch\n"
+        "from pipeline.graphs import GraphedFunction\n"
+        "graphed = GraphedFunction(lambda x: (x * float(x.sum()),), torch.Generator(device='cuda'), eager_calls=1)\n"
+        "x = torch.ones(4, device='cuda')\n"
+        "assert torch.equal(graphed(x)[0], x * 4)\n"
+        "graphed(x)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0
+    assert "train.graph_inputs: the self-blends could not be captured in a CUDA graph" in result.stderr
+    assert "set train.graph_inputs=false" in result.stderr
 
 
 def test_fused_adam_where_it_cannot_run_falls_back_to_foreach_adam_with_one_warning(caplog):
@@ -177,26 +175,29 @@ def test_one_forward_of_reals_fakes_and_blends_scores_as_three(shards, tmp_path)
 
 
 @pytest.mark.gpu
-def test_steady_state_steps_never_wait_for_the_host():
+@pytest.mark.parametrize("graph_inputs", [False, True])
+def test_steady_state_steps_never_wait_for_the_host(graph_inputs):
     from pipeline.data import Batch
     from pipeline.sbi import template_batch
     from pipeline.step import GANStep
 
-    cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=32", "data.image_size=64"])
+    overrides = ["data.batch_size=32", "data.image_size=64", f"train.graph_inputs={graph_inputs}"]
+    cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
     device = torch.device("cuda")
     fast = resolve(cfg.train, cfg.model, device)
     assert (fast.precision, fast.channels_last, fast.fused_adam, fast.tf32) == ("bf16", True, True, True)
+    assert fast.graph_inputs is graph_inputs
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     gen = torch.Generator(device=device).manual_seed(0)
     images, landmarks = template_batch(64, 32, gen)
     batch = Batch(images.contiguous(memory_format=torch.channels_last), landmarks=landmarks)
     step = GANStep(cfg, fast, device, gen)
-    for i in range(3):  # warm-up: compilation, allocation and kernel choice may sync the first times
+    for i in range(4):  # warm-up: compilation, allocation, kernel choice and the capture may sync the first times
         step(batch, i)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in range(3, 8):
+        for i in range(4, 9):
             stats = step(batch, i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
