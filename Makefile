@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo
 
-.PHONY: install test demo bench bench-gpu clean
+.PHONY: install test demo bench bench-gpu bench-gpu-detector clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ bench: $(INSTALLED)
 # On a GPU machine, after bench/gpu-stage.sh (see its header): one call, at most 10 minutes.
 bench-gpu:
 	bench/gpu.sh bench/results/gpu
+
+# On a GPU machine, after bench/gpu-stage.sh prepare CELEBA_SHARDS CELEBDF_SHARDS: the detector, one call.
+bench-gpu-detector:
+	bench/gpu-detector.sh bench/results/gpu-detector
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

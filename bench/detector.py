@@ -104,24 +104,25 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="detector", help="the JSON's name under --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every variant")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     synthetic = args.celeba is None
     if synthetic:
         args.celeba, args.celebdf = synthetic_shards(args.data, os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as runs:
-        results = []
-        for name in args.variants:
-            results.append(run_variant(name, args, [args.celeba, args.celebdf], runs))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    results = []
     report = {"benchmark": "detector", "device": device, "torch": torch.__version__, "minutes_each": args.minutes,
               "config": args.config, "overrides": args.overrides, "synthetic_data": synthetic,
               "celeba": args.celeba, "celebdf": args.celebdf, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "detector.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = args.out / f"{args.name}.json"
+    with tempfile.TemporaryDirectory() as runs:
+        for name in args.variants:
+            results.append(run_variant(name, args, [args.celeba, args.celebdf], runs))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+            path.write_text(json.dumps(report, indent=2) + "\n")  # after each variant: a time limit keeps those done
     print(table(results))
     print(f"wrote {path}" + (" (synthetic real-photo datasets: not a result on CelebA or Celeb-DF)" if synthetic else ""))
     return 0

@@ -12,19 +12,8 @@ set -uo pipefail
 out=$(realpath -m "${1:?usage: bench/gpu.sh OUT}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-py=python3
-if ! $py -c 'import nvidia.dali, kornia, dlib, face_recognition_models' 2>/dev/null; then
-  if compgen -G "/tmp/parts/part-*" >/dev/null; then
-    cat /tmp/parts/part-* | tar -x -C /tmp && $py -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /tmp/wheels/*
-  else
-    echo "no staged wheels in /tmp/parts: run bench/gpu-stage.sh first (see its header)" >&2
-  fi
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  $py -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-  $py -c 'import nvidia.dali as d, kornia; print("dali", d.__version__, "kornia", kornia.__version__)'
-  nproc; git rev-parse HEAD 2>/dev/null; } > "$out/device.txt" 2>&1
+source bench/gpu-env.sh
+device_info > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 data=$(mktemp -d)
 run() {  # name, seconds, command...: each part is bounded so that the call's total fits in 10 minutes

