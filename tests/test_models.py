@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from pipeline.models import Discriminator, Generator, build_models
 
@@ -52,3 +53,18 @@ def test_a_faces_score_is_the_same_alone_in_any_batch_and_in_train_and_eval_mode
         assert spread < 1e-5
     else:  # the paper's BatchNorm D fails exactly this, which is why the detector's D does not use it
         assert spread > 1e-3
+
+
+def test_the_noise_projection_is_the_transposed_convolution_it_replaces():
+    """G's first layer is a matrix product (torch.compile's CUDA backward broke on the 1x1 convolution's
+    layouts) and must stay the same function with the same weights, so older checkpoints load and agree."""
+    from pipeline.models import NoiseProjection
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(100, 64, 4, 1, 0, bias=False)
+    projection = NoiseProjection(100, 64)
+    projection.load_state_dict(conv.state_dict())
+    z = torch.randn(8, 100, 1, 1)
+    torch.testing.assert_close(projection(z), conv(z))
+    projection.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(projection(z.contiguous(memory_format=torch.channels_last)), conv(z))
