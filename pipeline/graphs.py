@@ -31,7 +31,8 @@ Tensors = tuple[torch.Tensor, ...]
 
 
 class GraphedFunction:
-    """fn(*tensors) -> tuple of tensors: eager for the first `eager_calls` calls, then replayed from a graph."""
+    """fn(*tensors) -> tuple of tensors: eager for the first `eager_calls` calls, then replayed from a graph
+    captured at the first call whose shapes repeat the call before's."""
 
     def __init__(self, fn: Callable[..., Tensors], generator: torch.Generator, eager_calls: int = 3):
         self.fn, self.generator, self.eager_calls = fn, generator, eager_calls
@@ -47,14 +48,17 @@ class GraphedFunction:
 
     def __call__(self, *args: torch.Tensor) -> Tensors:
         key = self._key(args)
-        if self.graph is None and self.calls == self.eager_calls:
+        if self.graph is None:
+            if self.calls < self.eager_calls or key != self.key:
+                self.calls += 1
+                self.key = key
+                return self.fn(*args)
             try:
                 self._capture(args, key)
             except RuntimeError as e:
                 raise RuntimeError(f"train.graph_inputs: the self-blends could not be captured in a CUDA graph "
                                    f"({str(e).splitlines()[0]}); set train.graph_inputs=false to make them eagerly") from e
-        self.calls += 1
-        if self.graph is None or key != self.key:
+        if key != self.key:  # another shape than the graph's: eagerly
             return self.fn(*args)
         for buffer, arg in zip(self.static_in, args):
             buffer.copy_(arg, non_blocking=True)
