@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything the GPU machine can tell us, in one call of at most 10 minutes (stage first: bench/gpu-stage.sh).
 #   bench/gpu.sh OUT        (make bench-gpu: OUT = bench/results/gpu)
-# 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts; 2. shards 3,000 synthetic CelebA faces
-# once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256, new against old, split
-# into parts, with MFU (bench.step), and again with the self-blends from a CUDA graph; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from
-# shards on local disk (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on
-# a batch already on the GPU (bench.train). Each part has its own time limit, so that a slow or broken one
-# leaves the others their time. OUT gets device.txt, parts.log (every part's output), the benchmarks' JSON
-# and nothing else (the device tool brings back at most 8 files); the summary is printed last.
+# 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts (bench/gpu-env.sh); 2. shards 3,000
+# synthetic CelebA faces once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256,
+# new against old, split into parts, with MFU (bench.step), and again with the self-blends from a CUDA
+# graph; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from shards on local disk
+# (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on a batch already on
+# the GPU, with and without self-blends and their graph (bench.train). Each part has its own time limit,
+# so that a slow or broken one leaves the others their time. OUT gets device.txt, parts.log (every part's
+# output), summary.txt and the benchmarks' JSON, nothing else (the device tool brings back at most 8
+# files); the tables are printed last.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bench/gpu.sh OUT}")
 mkdir -p "$out"
