@@ -3,9 +3,11 @@
 Each such read (`.item()`, `bool()`, `.tolist()`, `nonzero`, a boolean mask index...) makes the host wait
 for the GPU. `torch.cuda.set_sync_debug_mode("error")` catches them only on a GPU; this dispatch mode
 catches them on the CPU, so CI guards the step too. A tensor counts as host-made when it was built from
-Python values alone (`torch.tensor([...])`, `arange`, `zeros`...) or only from host-made tensors: on a GPU
-those can stay on the host and be read for free. Every other tensor (the inputs, the parameters, anything
-random or computed from them) counts as a device tensor, and reading it is recorded with its caller.
+Python values alone (`torch.tensor([...])`, `arange`, `zeros`...) or only from host-made tensors: such a
+value is known to the host, as kornia's checks of Python-number arguments are. Every other tensor (the
+inputs, the parameters, anything random or computed from them) counts as a device tensor, and reading it
+is recorded with its caller. The blind spot: a constant built on the GPU and read back would sync too,
+and is not recorded; the `gpu` tests cover that case.
 """
 
 from __future__ import annotations
