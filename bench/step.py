@@ -15,6 +15,7 @@ dense bf16 peak. Batches are face-like random images with a template's landmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -104,7 +105,7 @@ def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
                                                                       "graph_inputs")}}
     row["new_ms"] = ms_per_step(new, batch, device, args.warmup, args.steps)
     row["parts_ms"], row["kernels_per_step"] = parts_ms(new, batch, device, min(args.steps, 10))
-    plain = fast.__class__(**{**fast.__dict__, "compile": False, "graph_inputs": False})
+    plain = dataclasses.replace(fast, compile=False, graph_inputs=False)
     row["flops_per_step"] = step_flops(GANStep(cfg, plain, device, gen), batch)
     old = LegacyStep(GANStep(cfg, plain, device, gen))
     row["old_ms"] = ms_per_step(old, batch, device, args.warmup, args.steps)

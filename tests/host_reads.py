@@ -32,10 +32,10 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        random = isinstance(kwargs.get("generator"), torch.Generator) or "rand" in func.__name__ or \
-            func._schema.name.split("::")[1] in ("normal", "uniform_", "bernoulli", "exponential_")
-        from_host = not random and all(self._host_made(t) for t in tensors)
         name = func._schema.name.split("::")[1]
+        random = isinstance(kwargs.get("generator"), torch.Generator) or "rand" in name or \
+            name in ("normal", "uniform_", "bernoulli", "exponential_")
+        from_host = not random and all(self._host_made(t) for t in tensors)
         bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
         if not from_host and (name in READS or bool_index):
             caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename
