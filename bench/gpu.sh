@@ -3,8 +3,8 @@
 #   bench/gpu.sh OUT        (make bench-gpu: OUT = bench/results/gpu)
 # 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts (bench/gpu-env.sh); 2. shards 3,000
 # synthetic CelebA faces once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256,
-# new against old, split into parts, with MFU (bench.step), and again with the self-blends from a CUDA
-# graph; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from shards on local disk
+# new against old, split into parts, with MFU (bench.step; the self-blends from a CUDA graph, as
+# train.graph_inputs: auto makes them on GPUs), and again with eager self-blends; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from shards on local disk
 # (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on a batch already on
 # the GPU, with and without self-blends and their graph (bench.train). Each part has its own time limit,
 # so that a slow or broken one leaves the others their time. OUT gets device.txt, parts.log (every part's
@@ -27,8 +27,8 @@ run() {  # name, seconds, command...: each part is bounded so that the call's to
 run shards 75 bash -c "$py -m shards synth celeba --out $data/celeba --faces cartoon --images 3000 &&
   $py -m shards celeba --root $data/celeba --out $data/shards --workers $(nproc) --maxcount 500 --no-progress"
 run step 170 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
-run step-graph 80 $py -m bench.step --device cuda --size 64 128 --batch 128 --warmup 10 --steps 50 --out "$out" \
-  --name step-cuda-graph-inputs train.graph_inputs=true
+run step-eager 80 $py -m bench.step --device cuda --size 64 128 --batch 128 --warmup 10 --steps 50 --out "$out" \
+  --name step-cuda-eager-blends train.graph_inputs=false
 run gpu-tests 90 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
 run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
 run train 100 $py -m bench.train --device cuda --shards "$data/shards/celeba" --batch 128 --steps 100 --warmup 10 \

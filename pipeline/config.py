@@ -68,7 +68,7 @@ class TrainConfig:
     channels_last: str | bool = "auto"  # models and batches in NHWC memory layout
     compile: str | bool = "auto"  # torch.compile G and D
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs (one GPU, no DDP)
-    graph_inputs: str | bool = False  # the self-blends replayed from one CUDA graph (pipeline/graphs.py); auto: on GPUs
+    graph_inputs: str | bool = "auto"  # the self-blends replayed from one CUDA graph (pipeline/graphs.py)
     fused_adam: bool = True  # one kernel per update, which skips non-finite steps on the device
     tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it
     ema_beta: float = 0.999  # G_ema <- beta * G_ema + (1 - beta) * G; beta warms up as (1 + step) / (10 + step)

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from pipeline.config import load_config
 from pipeline.dist import DistInfo
-from pipeline.fastpaths import adam, resolve
+from pipeline.fastpaths import _switch, adam, resolve
 
 
 def _trainer(shards, runs, *extra, device="cpu"):
@@ -34,6 +34,7 @@ def test_auto_keeps_the_cpu_on_its_plain_paths_and_fused_adam_is_used():
     fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
     assert (fast.precision, fast.channels_last, fast.compile, fast.fused_adam) == ("fp32", False, False, True)
     assert fast.graph_inputs is False
+    assert cfg.train.graph_inputs == "auto" and _switch(cfg.train.graph_inputs, "graph_inputs", torch.device("cuda"))
     opt = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.5, 0.999), fast.fused_adam, "D")
     assert opt.defaults["fused"] is True
 
