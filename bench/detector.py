@@ -28,6 +28,7 @@ from pipeline.config import load_config
 from pipeline.dist import DistInfo
 from pipeline.evaluate import per_video, score_split, summarize
 from pipeline.trainer import Trainer
+from shards.manifest import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (train.sbi_weight, train.gan_weight)
@@ -108,13 +109,13 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every variant")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    synthetic = args.celeba is None
-    if synthetic:
+    if args.celeba is None:
         args.celeba, args.celebdf = synthetic_shards(args.data, os.cpu_count() or 1)
+    made_up = synthetic(args.celeba, args.celebdf)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
     results = []
     report = {"benchmark": "detector", "device": device, "torch": torch.__version__, "minutes_each": args.minutes,
-              "config": args.config, "overrides": args.overrides, "synthetic_data": synthetic,
+              "config": args.config, "overrides": args.overrides, "synthetic_data": made_up,
               "celeba": args.celeba, "celebdf": args.celebdf, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"
@@ -124,7 +125,9 @@ def main() -> int:
             print(table(results[-1:]).splitlines()[-1], flush=True)
             path.write_text(json.dumps(report, indent=2) + "\n")  # after each variant: a time limit keeps those done
     print(table(results))
-    print(f"wrote {path}" + (" (synthetic real-photo datasets: not a result on CelebA or Celeb-DF)" if synthetic else ""))
+    note = {True: " (synthetic datasets: not a result on CelebA or Celeb-DF)", False: "",
+            None: " (the shards' manifests do not say whether they are synthetic: shard them again to record it)"}
+    print(f"wrote {path}{note[made_up]}")
     return 0
 
 

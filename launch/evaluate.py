@@ -17,6 +17,7 @@ import torch
 from pipeline import dist
 from pipeline.errors import UserError
 from pipeline.evaluate import load_discriminator, log_to_run, per_video, plots, score_split, summarize, verdict_threshold, write_report
+from shards.manifest import synthetic
 
 
 def main() -> int:
@@ -45,7 +46,9 @@ def main() -> int:
         if info.is_main:
             videos = per_video(frames, threshold)
             summary = {"checkpoint": str(args.checkpoint), "step": meta["step"], "shards": args.shards,
-                       "split": args.split, "calibration": meta["calibration"], **summarize(frames, videos, celeba, threshold)}
+                       "split": args.split, "calibration": meta["calibration"],
+                       "synthetic_data": synthetic(args.shards, *([args.celeba] if args.celeba else [])),
+                       **summarize(frames, videos, celeba, threshold)}
             run_dir = args.checkpoint.resolve().parent.parent
             out = args.out or run_dir / f"eval-step-{meta['step']:08d}"
             images = plots(frames, videos)
@@ -57,6 +60,8 @@ def main() -> int:
                   f"frame AUC {f['auc']:.4f}, video AUC {v['auc']:.4f}, frame EER {f['eer']:.4f}, "
                   f"video accuracy {v['accuracy']:.4f} at the threshold {threshold:.3f}" + (f", CelebA false positives {summary['celeba']['false_positive_rate']:.4f}" if celeba else ""))
             print(f"wrote {out}/metrics.json, videos.csv, roc.png, hist.png")
+            if summary["synthetic_data"]:
+                print("these shards come from synthetic datasets (shards/synth): the figures are not results on Celeb-DF")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

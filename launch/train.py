@@ -17,6 +17,7 @@ from pipeline import signals
 signals.install()  # before torch is imported: a preemption signal during start-up is recorded, not fatal
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
@@ -48,6 +49,10 @@ def main() -> int:
                 trainer.train()
             finally:
                 trainer.close()
+                # DDP's modules hold the process group: free them first, so that destroy() joins gloo's
+                # threads now. Left to interpreter exit, they sometimes ended the process in std::terminate.
+                del trainer
+                gc.collect()
         finally:
             dist.destroy()
     except UserError as e:

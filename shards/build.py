@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import shards
 from pipeline.fsutil import remove_stale_tmp, write_json_atomic
-from shards.manifest import FORMAT_VERSION, GEOMETRY, manifest_path, read_previous, shard_is_intact
+from shards.manifest import FORMAT_VERSION, GEOMETRY, SYNTHETIC_MARK, manifest_path, read_previous, shard_is_intact
 from shards.tarwriter import Sample, write_shard
 
 SPLITS = ("train", "val", "test")
@@ -41,6 +41,7 @@ class ItemResult:
 
 class Source(Protocol):
     dataset: str  # the output folder's name: "celeba", "celebdf"
+    root: Path  # the dataset as distributed (or as shards/synth writes it, with SYNTHETIC_MARK)
     item_unit: str  # what the progress bar counts: "img", "video"
     items_per_shard: int
 
@@ -179,7 +180,7 @@ def build(
         "format_version": FORMAT_VERSION,
         "dataset": source.dataset,
         "tool": {"name": "deepfake-shards", "version": shards.__version__},
-        "source": source.describe(),
+        "source": {**source.describe(), "synthetic": (Path(source.root) / SYNTHETIC_MARK).is_file()},
         "geometry": GEOMETRY,
         "arguments": arguments or {},
         "complete": False,

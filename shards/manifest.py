@@ -22,6 +22,9 @@ GEOMETRY = {
     "orig.jpg": "CelebA only: the original image file, for the DCGAN's centre crop",
 }
 MANIFEST_NAME = "manifest.json"
+# In the root of every dataset that shards/synth writes. Sharding records it in the manifest
+# (`source.synthetic`), so that no figure measured on those data passes for one on CelebA or Celeb-DF.
+SYNTHETIC_MARK = "SYNTHETIC.txt"
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,13 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     if not manifest.get("complete"):
         raise UserError(f"{path} describes an unfinished run: run the same `python -m shards` command again to finish it.")
     return manifest
+
+
+def synthetic(*dataset_dirs: str | Path) -> bool | None:
+    """True if any of these shards were made from shards/synth's data, False if none, None if a manifest
+    predates the record (sharded before `source.synthetic` existed)."""
+    flags = [load_manifest(d)["source"].get("synthetic") for d in dataset_dirs]
+    return True if True in flags else (None if None in flags else False)
 
 
 def shard_paths(dataset_dir: str | Path, split: str) -> list[tuple[Path, Path]]:

@@ -10,6 +10,7 @@ from conftest import CELEBA_IMAGES, run_shards, shard_bytes
 
 from shards.build import build
 from shards.celeba import FALLBACK_NOTE, CelebASource, read_partition
+from shards.manifest import SYNTHETIC_MARK, synthetic
 from shards.synth.celeba import write_celeba
 
 
@@ -188,3 +189,17 @@ def test_a_malformed_partition_line_exits_2_naming_file_and_line(tmp_path, celeb
     assert result.returncode == 2
     assert "list_eval_partition.txt line 1" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_records_whether_the_dataset_is_synthetic(celeba_root, celeba_shards, tmp_path):
+    assert (celeba_root / SYNTHETIC_MARK).is_file()
+    assert celeba_shards.manifest["source"]["synthetic"] is True and synthetic(celeba_shards.out_dir) is True
+    root = tmp_path / "celeba"  # as CelebA is distributed: no mark
+    shutil.copytree(celeba_root, root)
+    (root / SYNTHETIC_MARK).unlink()
+    out = build(CelebASource(root, maxcount=100), tmp_path / "out", progress=False).out_dir
+    assert synthetic(out) is False and synthetic(out, celeba_shards.out_dir) is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["source"]["synthetic"]  # sharded before the record existed: unknown, never "real"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert synthetic(out) is None

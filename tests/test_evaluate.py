@@ -63,6 +63,7 @@ def test_evaluation_scores_every_test_frame_and_writes_its_report(smoke_checkpoi
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scoring celebdf test: 100%" in result.stderr and "scoring celeba test: 100%" in result.stderr  # progress
     summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["synthetic_data"] is True and "the figures are not results on Celeb-DF" in result.stdout
     test = load_manifest(celebdf_shards.out_dir)["splits"]["test"]
     assert summary["counts"]["frames"] == test["samples"]
     assert (summary["counts"]["real_frames"], summary["counts"]["fake_frames"]) == (test["labels"]["0"], test["labels"]["1"])
