@@ -13,9 +13,10 @@ if [ ! -e /tmp/site/.installed ]; then  # a marker: an import check cost a reins
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-device_info() {  # the card, the versions and the commit, for BENCHMARKS.md
+device_info() {  # the card and the versions, for BENCHMARKS.md; not the commit: the device's copy of the
+  # working tree carried an older .git there (2026-11-26: it named 559a795 for f1d71f1), so note it here
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $py -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
   $py -c 'import nvidia.dali as d, kornia; print("dali", d.__version__, "kornia", kornia.__version__)'
-  echo "cpus $(nproc)"; git rev-parse HEAD 2>/dev/null
+  echo "cpus $(nproc)"
 }
