@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The detector trained on a GPU, in one call of at most 10 minutes (stage first, with the shards:
 # bench/gpu-stage.sh prepare CELEBA_SHARDS CELEBDF_SHARDS, folders named celeba and celebdf).
-#   bench/gpu-detector.sh OUT [SECONDS]      (SECONDS of training, default 360)
+#   bench/gpu-detector.sh OUT [SECONDS [key=value ...]]   (SECONDS of training, default 360; overrides
+#                                                          for the detector, e.g. data.image_size=256 model.ndf=32)
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
 # otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s on the 937-person
 # synthetic data, still climbing, where 64 px had stopped near 0.77 (BENCHMARKS.md). Scored on the staged
@@ -13,6 +14,7 @@
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bench/gpu-detector.sh OUT [SECONDS]}")
 seconds=${2:-360}
+shift $(($# < 2 ? $# : 2))  # what is left: overrides for the detector
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 source bench/gpu-env.sh
@@ -28,7 +30,7 @@ detector() {  # name, overrides...
     data.batch_size=128 data.image_size=128 model.ndf=64 "$@" >> "$out/detector.log" 2>&1
   local rc=$?; echo "== $name: exit $rc" | tee -a "$out/detector.log"; return $rc
 }
-detector 128px || detector 128px-eager train.graph_inputs=false
+detector gpu "$@" || detector gpu-eager "$@" train.graph_inputs=false
 timeout 100 $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
   --precision bf16 --channels-last 1 --compile 1 --inputs dali --sbi 1 --graph-inputs 0 1 --out "$out" > "$out/train.log" 2>&1
 echo "== train: exit $? ($(grep -c images/s "$out/train.log") rows)"

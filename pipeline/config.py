@@ -50,7 +50,7 @@ class ModelConfig:
     ndf: int = 64  # discriminator width: channels of its first layer
     d_norm: str = "group"  # group: a face's score is the same alone or in any batch, in train and eval mode |
     # batch: the DCGAN paper's BatchNorm (checkpoints written before d_norm existed)
-    # The image side is data.image_size (64 or 128): one number, so model and data cannot disagree.
+    # The image side is data.image_size (64, 128 or 256): one number, so model and data cannot disagree.
 
 
 @dataclass

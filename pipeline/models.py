@@ -1,4 +1,4 @@
-"""DCGAN generator and discriminator, as in the DCGAN paper and pytorch/examples, at 64 or 128 px.
+"""DCGAN generator and discriminator, as in the DCGAN paper and pytorch/examples, at 64, 128 or 256 px.
 
 D returns logits (no Sigmoid): losses use softplus, which autocast accepts and which is the
 numerically stable form of binary cross-entropy.
@@ -7,6 +7,11 @@ D normalizes with GroupNorm by default, not the paper's BatchNorm: D is also the
 score must not depend on the other faces in its batch, nor change between train and eval mode (with
 BatchNorm, eval mode uses running statistics gathered mostly from fake batches). `d_norm="batch"` keeps
 the paper's D, and loads checkpoints written before GroupNorm.
+
+Each size beyond 64 px adds one block to each network, and each block doubles the channels, as the
+DCGAN's own rule: at 256 px and width 64, G starts from 2,048 channels and D ends at 2,048. 256 px is
+the shards' own crop size, and the detector gained most from resolution (BENCHMARKS.md); a narrower
+model.ndf keeps a 256 px D affordable.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SIZES = (64, 128)
+SIZES = (64, 128, 256)
 
 
 def _check_size(image_size: int) -> int:
@@ -49,7 +54,7 @@ class Generator(nn.Module):
             NoiseProjection(nz, top), nn.BatchNorm2d(top), nn.ReLU(True),  # [N, top, 4, 4]
         ]
         ch = top
-        while ch > ngf:  # each block doubles the side and halves the channels: 8, 16, 32 (, 64)
+        while ch > ngf:  # each block doubles the side and halves the channels: 8, 16, 32 (, 64, 128)
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
         layers += [nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh()]  # [N, 3, S, S] in [-1, 1]

@@ -5,7 +5,7 @@ from torch import nn
 from pipeline.models import Discriminator, Generator, build_models
 
 
-@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("size", [64, 128, 256])
 def test_g_draws_images_of_the_size_and_d_returns_one_logit_each(size):
     G, D = build_models(nz=100, ngf=16, ndf=16, image_size=size, generator=torch.Generator().manual_seed(0))
     images = G(torch.randn(3, 100, 1, 1))
