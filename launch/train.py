@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -43,21 +44,21 @@ def main() -> int:
         info = dist.init_distributed()
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"[rank {info.rank}] %(message)s", stream=sys.stdout, force=True)
+        trainer = Trainer(cfg, info)
         try:
-            trainer = Trainer(cfg, info)
-            try:
-                trainer.train()
-            finally:
-                trainer.close()
-                # DDP's modules hold the process group: free them first, so that destroy() joins gloo's
-                # threads now. Left to interpreter exit, they sometimes ended the process in std::terminate.
-                del trainer
-                gc.collect()
+            trainer.train()
         finally:
-            dist.destroy()
+            trainer.close()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    finally:
+        # DDP's modules hold the process group: free them (here the handled error's traceback, which held
+        # them too, is gone) so that destroy() joins gloo's threads now. Left to interpreter exit, those
+        # threads sometimes ended the process in std::terminate.
+        del trainer
+        gc.collect()
+        dist.destroy()
     return 0
 
 

@@ -1,10 +1,12 @@
 """launch/train.py with a fault in D's loss on one rank at one step, for the fault tests in test_train.py.
 
-    INJECT_FAULT=nan|kill INJECT_RANK=1 INJECT_STEP=3 torchrun ... tests/inject_fault.py --config ... (overrides)
+    INJECT_FAULT=nan|nan-on|kill INJECT_RANK=1 INJECT_STEP=3 torchrun ... tests/inject_fault.py --config ... (overrides)
 
 nan: the loss becomes NaN, where a real fault appears (the loss pipeline/step.py computes).
+nan-on: NaN at that step and every one after it: a run that diverges.
 kill: the process kills itself with SIGKILL, as the OOM killer or a lost node would: no handler runs and
 nothing is saved. Only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0): its restarts run on.
+At exit it prints the process's threads (tests/threads_at_exit.py).
 """
 
 import os
@@ -13,11 +15,12 @@ import signal
 import sys
 from pathlib import Path
 
+import threads_at_exit  # noqa: F401
 from pipeline import step as step_module
 
 FAULT, RANK, AT_STEP = os.environ["INJECT_FAULT"], int(os.environ["INJECT_RANK"]), int(os.environ["INJECT_STEP"])
-if FAULT not in ("nan", "kill"):
-    sys.exit(f"INJECT_FAULT={FAULT!r} is not nan or kill")
+if FAULT not in ("nan", "nan-on", "kill"):
+    sys.exit(f"INJECT_FAULT={FAULT!r} is not nan, nan-on or kill")
 _d_loss = step_module.d_loss
 _calls = 0
 
@@ -26,8 +29,8 @@ def d_loss(*args, **kwargs):
     global _calls
     _calls += 1
     loss, stats = _d_loss(*args, **kwargs)
-    if _calls == AT_STEP and int(os.environ.get("RANK", 0)) == RANK:
-        if FAULT == "nan":
+    if (_calls == AT_STEP or (FAULT == "nan-on" and _calls > AT_STEP)) and int(os.environ.get("RANK", 0)) == RANK:
+        if FAULT.startswith("nan"):
             loss = loss * float("nan")
         elif os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             print(f"KILLED rank {RANK} at step {AT_STEP}", flush=True)

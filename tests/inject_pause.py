@@ -4,12 +4,9 @@
 
 It prints "PAUSED <moment>" and sleeps INJECT_PAUSE_S seconds (default 4) the first time the moment
 comes, then goes on as launch/train.py would. The signal handler is installed first, as there. At exit
-(atexit: after main, before the interpreter's teardown) it prints the process's threads as
-"THREADS AT EXIT rank R: name, ...": gloo's left running there sometimes ended the process in
-std::terminate during teardown.
+it prints the process's threads (tests/threads_at_exit.py).
 """
 
-import atexit
 import os
 import runpy
 import sys
@@ -20,13 +17,7 @@ from pipeline import signals
 
 signals.install()
 
-
-@atexit.register
-def _threads_at_exit():
-    names = sorted((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-    print(f"THREADS AT EXIT rank {os.environ.get('RANK', 0)}: {', '.join(names)}", flush=True)
-
-
+import threads_at_exit  # noqa: E402, F401
 import pipeline.checkpoint  # noqa: E402
 import pipeline.periodic  # noqa: E402
 import pipeline.trainer  # noqa: E402

@@ -151,6 +151,18 @@ def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
     assert _state(runs / "nan", 5)["nonfinite_total"] == 1 and "skipped 1 non-finite steps so far" in result.stdout
 
 
+def test_a_run_that_diverges_on_one_rank_stops_both_with_code_3_and_leaves_no_gloo_thread(celeba_shards, runs):
+    overrides = _overrides(celeba_shards.out_dir, runs, "diverged", "train.max_steps=20", "train.max_nonfinite_steps=2",
+                           "log.wandb=disabled")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_fault.py",
+               "--config", "configs/smoke.yaml", *overrides]
+    env = {**os.environ, "INJECT_FAULT": "nan-on", "INJECT_RANK": "1", "INJECT_STEP": "3"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "failed (exitcode: 3)" in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]  # torchrun's own: 1
+    assert result.stderr.count("2 steps in a row had a non-finite loss or gradients (up to step 4)") == 2
+    _assert_no_gloo_thread_at_exit(result.stdout)
+
+
 def _copy_run(full_run, runs, name):
     shutil.copytree(full_run[0], runs / name)
     shutil.rmtree(runs / name / "wandb")
@@ -236,10 +248,15 @@ def _signal_at(moment, overrides, log_path):
         time.sleep(0.05)
     os.kill(_workers(proc.pid)[1], signal.SIGTERM)
     code = proc.wait(timeout=120)
-    # No rank leaves its process group's threads to the interpreter's teardown (std::terminate there).
-    threads = re.findall(r"THREADS AT EXIT rank \d: (.*)", log_path.read_text())
-    assert code != 0 or (len(threads) == 2 and not [t for t in threads if "gloo" in t]), threads
+    if code == 0:
+        _assert_no_gloo_thread_at_exit(log_path.read_text())
     return code
+
+
+def _assert_no_gloo_thread_at_exit(output):
+    """No rank leaves its process group's threads to the interpreter's teardown (std::terminate there)."""
+    threads = re.findall(r"THREADS AT EXIT rank \d: (.*)", output)  # tests/threads_at_exit.py
+    assert len(threads) == 2 and not [t for t in threads if "gloo" in t], threads
 
 
 @pytest.mark.parametrize("moment", ["startup", "resume"])
