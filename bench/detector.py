@@ -111,7 +111,7 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.celeba is None:
         args.celeba, args.celebdf = synthetic_shards(args.data, os.cpu_count() or 1)
-    made_up = synthetic(args.celeba, args.celebdf)
+    made_up = True if args.celeba is None else synthetic(args.celeba, args.celebdf)  # ours, even from an older folder
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
     results = []
     report = {"benchmark": "detector", "device": device, "torch": torch.__version__, "minutes_each": args.minutes,

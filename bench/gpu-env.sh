@@ -14,7 +14,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 device_info() {  # the card and the versions, for BENCHMARKS.md; not the commit: the device's copy of the
-  # working tree carried an older .git there (2026-11-26: it named 559a795 for f1d71f1), so note it here
+  # working tree carried an older .git (2026-11-26: it named 559a795 for f1d71f1), so BENCHMARKS.md takes
+  # the commit from the machine that made the call
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $py -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
   $py -c 'import nvidia.dali as d, kornia; print("dali", d.__version__, "kornia", kornia.__version__)'

@@ -11,7 +11,8 @@
 # output), summary.txt and the benchmarks' JSON, nothing else (the device tool brings back at most 8
 # files); the tables are printed last.
 set -uo pipefail
-out=$(realpath -m "${1:?usage: bench/gpu.sh OUT}")
+[ $# -ge 1 ] || { echo "usage: bench/gpu.sh OUT" >&2; exit 2; }
+out=$(realpath -m "$1")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 source bench/gpu-env.sh
