@@ -4,12 +4,12 @@
 # 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts (bench/gpu-env.sh); 2. shards 3,000
 # synthetic CelebA faces once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256,
 # new against old, split into parts, with MFU (bench.step; the self-blends from a CUDA graph, as
-# train.graph_inputs: auto makes them on GPUs), and again with eager self-blends; 4. the `gpu` tests; 5. the DALI loader alone, mixed decoding from shards on local disk
-# (bench.loader); 6. end to end, the trainer fed by DALI against the same trainer on a batch already on
-# the GPU, with and without self-blends and their graph (bench.train). Each part has its own time limit,
-# so that a slow or broken one leaves the others their time. OUT gets device.txt, parts.log (every part's
-# output), summary.txt and the benchmarks' JSON, nothing else (the device tool brings back at most 8
-# files); the tables are printed last.
+# train.graph_inputs: auto makes them on GPUs), and again with eager self-blends; 4. the `gpu` tests;
+# 5. the DALI loader alone, mixed decoding from shards on local disk (bench.loader); 6. end to end, the
+# trainer fed by DALI against the same trainer on a batch already on the GPU, with and without self-blends
+# and their graph (bench.train). Each part has its own time limit, so that a slow or broken one leaves the
+# others their time. OUT gets device.txt, parts.log (every part's output), summary.txt and the benchmarks'
+# JSON, nothing else (the device tool brings back at most 8 files); the tables are printed last.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh OUT" >&2; exit 2; }
 out=$(realpath -m "$1")

@@ -29,7 +29,8 @@ def d_loss(*args, **kwargs):
     global _calls
     _calls += 1
     loss, stats = _d_loss(*args, **kwargs)
-    if (_calls == AT_STEP or (FAULT == "nan-on" and _calls > AT_STEP)) and int(os.environ.get("RANK", 0)) == RANK:
+    faulty = _calls >= AT_STEP if FAULT == "nan-on" else _calls == AT_STEP
+    if faulty and int(os.environ.get("RANK", 0)) == RANK:
         if FAULT.startswith("nan"):
             loss = loss * float("nan")
         elif os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":

@@ -27,9 +27,10 @@ def _overrides(shards, runs, name, *extra):
             "train.sample_every_steps=4", *extra]
 
 
-def _command(nproc, overrides):
+def _command(nproc, overrides, script="launch/train.py"):
+    """`script` (launch/train.py or a wrapper of it in tests/) as users launch it: torchrun for 2+ processes."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return [*launcher, "launch/train.py", "--config", "configs/smoke.yaml", *overrides]
+    return [*launcher, script, "--config", "configs/smoke.yaml", *overrides]
 
 
 def train(nproc, overrides, timeout_s=300):
@@ -136,10 +137,9 @@ def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
 def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
     overrides = _overrides(celeba_shards.out_dir, runs, "nan", "train.max_steps=5", "train.ckpt_every_steps=1",
                            "train.ckpt_keep_last=10", "train.log_every_steps=5", "log.wandb=disabled")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_fault.py",
-               "--config", "configs/smoke.yaml", *overrides]
     env = {**os.environ, "INJECT_FAULT": "nan", "INJECT_RANK": "1", "INJECT_STEP": "3"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_command(2, overrides, "tests/inject_fault.py"), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in result.stdout  # checked at every checkpoint
     # Step 3 was skipped for D on both ranks: Adam applied one update fewer, and no checkpoint was taken then.
@@ -154,10 +154,9 @@ def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
 def test_a_run_that_diverges_on_one_rank_stops_both_with_code_3_and_leaves_no_gloo_thread(celeba_shards, runs):
     overrides = _overrides(celeba_shards.out_dir, runs, "diverged", "train.max_steps=20", "train.max_nonfinite_steps=2",
                            "log.wandb=disabled")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_fault.py",
-               "--config", "configs/smoke.yaml", *overrides]
     env = {**os.environ, "INJECT_FAULT": "nan-on", "INJECT_RANK": "1", "INJECT_STEP": "3"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_command(2, overrides, "tests/inject_fault.py"), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert "failed (exitcode: 3)" in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]  # torchrun's own: 1
     assert result.stderr.count("2 steps in a row had a non-finite loss or gradients (up to step 4)") == 2
     _assert_no_gloo_thread_at_exit(result.stdout)
@@ -237,10 +236,8 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_and_exits_0(celeba_shards, runs,
 
 def _signal_at(moment, overrides, log_path):
     """Run 2 ranks through tests/inject_pause.py, SIGTERM rank 1 while it pauses at `moment`; the exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/inject_pause.py",
-               "--config", "configs/smoke.yaml", *overrides]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(_command(2, overrides, "tests/inject_pause.py"), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "INJECT_PAUSE": moment})
     deadline = time.monotonic() + 180
     while f"PAUSED {moment}" not in log_path.read_text():
