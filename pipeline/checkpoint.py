@@ -2,6 +2,8 @@
 
 A checkpoint exists under its final name only once complete (temporary name, then rename); one that
 does not load (a disk fault, a copy cut short) is skipped with a warning in favour of the one before.
+A run resumed from an older checkpoint moves the newer ones to `superseded/<time>-before-step-<step>/`
+at its first save: they belong to the branch it left, and `auto` must not return to it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import errno
 import io
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from pipeline.fsutil import atomic_path, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^step-(\d{8})\.pt$")
+SUPERSEDED = "superseded"  # checkpoints of a branch that a resume from an older one left behind
 
 
 class CheckpointManager:
@@ -52,9 +56,24 @@ class CheckpointManager:
             newest = self.existing()
             raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and run the "
                             f"same command again; it resumes from {newest[0] if newest else 'the start'}, which is intact.") from None
+        self._set_aside_newer(step)
         for old in self.existing()[self.keep_last:]:
             old.unlink(missing_ok=True)
         return path
+
+    def _set_aside_newer(self, step: int) -> None:
+        """A run resumed from an older checkpoint (train.resume=<file>) branches off: the newer checkpoints of the
+        branch it left move to superseded/, so that pruning keeps the new branch and `auto` resumes it."""
+        newer = [p for p in self.existing() if int(NAME.match(p.name).group(1)) > step]
+        if not newer:
+            return
+        # One folder per branch left behind, so that none overwrites another's files.
+        aside = self.folder / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-before-step-{step:08d}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in newer:
+            p.replace(aside / p.name)
+        log.warning("checkpoint of step %d written after newer ones: moved %s to %s (this run went on from an older "
+                    "checkpoint; delete them when no longer wanted)", step, ", ".join(p.name for p in newer), aside)
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `never`, `auto` (newest that loads) or a path."""

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+WANDB_MODES = ("offline", "online", "disabled")  # log.wandb; wandb.init's own modes, less its aliases
+
 
 def new_run_id() -> str:
     import secrets

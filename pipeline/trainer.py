@@ -34,13 +34,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import dist, periodic, signals
 from pipeline.checkpoint import CheckpointManager
-from pipeline.config import Config, flat_dict, to_dict
+from pipeline.config import Config, DataConfig, flat_dict, to_dict
 from pipeline.data import build_loader
+from pipeline.data.common import load_split
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
 from pipeline.fastpaths import resolve
 from pipeline.fsutil import write_bytes_atomic
-from pipeline.loggers import RunLogger, new_run_id
+from pipeline.loggers import WANDB_MODES, RunLogger, new_run_id
 from pipeline.models import D_NORMS, SIZES
 from pipeline.periodic import Calibration, Every
 from pipeline.progress import Meter, hms
@@ -67,6 +68,13 @@ def _check(cfg: Config) -> None:
         raise UserError("train.sbi_weight needs the face crops and their landmarks: set data.crop=face.")
     if cfg.model.d_norm not in D_NORMS:
         raise UserError(f"model.d_norm {cfg.model.d_norm!r} is not one of {D_NORMS}: choose one of those.")
+    if not cfg.data.drop_last:
+        raise UserError("data.drop_last is false: ranks would then take different numbers of steps and wait for each other "
+                        "for ever; training needs true (evaluation reads every sample whatever it says).")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise UserError(f"train.max_steps is {t.max_steps}: it must be at least 1, or null to run every epoch.")
+    if cfg.log.wandb not in WANDB_MODES:
+        raise UserError(f"log.wandb {cfg.log.wandb!r} is not one of {WANDB_MODES}: choose one of those.")
     for key in ("epochs", "log_every_steps", "ckpt_keep_last", "max_nonfinite_steps"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} is {getattr(t, key)}: it must be at least 1.")
@@ -110,6 +118,9 @@ class Trainer:
         self.step = self.nimg = 0
         self._interrupted = False  # a periodic job stopped early on a signal
         self.fast = resolve(t, cfg.model, self.device)
+        if self.fast.autocast_dtype is None and cfg.data.dtype != "float32":
+            raise UserError(f"data.dtype {cfg.data.dtype} needs autocast, but train.precision is {self.fast.precision} here: "
+                            "set data.dtype=float32, or train.precision=bf16 (fp16 for float16 data).")
         self.step_fn = GANStep(cfg, self.fast, self.device, self.noise, self._ddp if info.distributed else None)
         # Any D scored on face crops gets a threshold: val reals against their self-blends need only landmarks.
         self.calibrates = cfg.data.crop == "face"
@@ -137,6 +148,11 @@ class Trainer:
         d = replace(self.cfg.data, with_landmarks=self.step_fn.sbi, channels_last=self.fast.channels_last)
         self.loader = build_loader(d, info.rank, info.world_size, self.device)
         self.val_loader = None
+        if self.clocks["eval"].on:  # checked now, not an epoch into the run
+            try:
+                load_split(DataConfig(shards=t.eval_shards, split=t.eval_split, crop="face")).close()
+            except UserError as e:
+                raise UserError(f"train.eval_shards: {e}") from None
         if self.clocks["val"].on:
             # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`).
             val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates)
@@ -215,7 +231,13 @@ class Trainer:
         if path is None:
             return None
         state = CheckpointManager.load(Path(path))
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:  # the models' shapes differ: another model.* or data.image_size
+            saved = state.get("config", {})
+            raise UserError(f"checkpoint {path} holds another model (saved with model {saved.get('model')}, image size "
+                            f"{saved.get('data', {}).get('image_size')}; {str(e).splitlines()[0]}): give this run a new "
+                            "train.name, or set train.resume=never to start it afresh.") from None
         if self.info.is_main:
             log.info("resumed from %s: step %d, epoch %d, batch %d (saved by %d ranks, now %d)", path, self.step,
                      self.loader.epoch, self.loader.batch, state["world_size"], self.info.world_size)
@@ -251,21 +273,25 @@ class Trainer:
                      self.total_steps, self.run_dir, self.fast)
         if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
             return self._stop_on_signal(", before training", save=False)
+        if t.max_steps is not None and self.step >= t.max_steps:  # resumed a finished run: not one step more
+            if self.info.is_main:
+                log.info("%s is at step %d, train.max_steps %d: nothing left to train", self.run_dir, self.step, t.max_steps)
+            return "max_steps"
         meter = Meter(self.info.world_size)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
                 meter.add(self.train_step(batch))
                 stop = self._log(meter) if self.step % t.log_every_steps == 0 else False
-                done = t.max_steps is not None and self.step >= t.max_steps
-                self.run_periodic(lambda clock: clock.at_step(self.step), final=done)
+                # The loader counts a batch before yielding it: this step ended the epoch if none is left.
+                # One call for both clocks: validation then runs before any checkpoint of the same step.
+                ended = self.loader.epoch + 1 if self.loader.batch == len(self.loader) else None
+                max_steps = t.max_steps is not None and self.step >= t.max_steps
+                self.run_periodic(lambda clock: clock.at_step(self.step) or (ended is not None and clock.at_epoch_end(ended)),
+                                  final=max_steps or ended == t.epochs)
                 if stop or self._interrupted:
                     return self._stop_on_signal()
-                if done:
+                if max_steps:
                     return "max_steps"
-            epoch = self.loader.epoch
-            self.run_periodic(lambda clock: clock.at_epoch_end(epoch), final=epoch == t.epochs)
-            if self._interrupted:
-                return self._stop_on_signal()
         if self.logger is not None:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})

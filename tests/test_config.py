@@ -68,3 +68,13 @@ def test_every_shipped_config_loads_and_passes_the_trainers_checks(path):
     _check(cfg)
     if path.name == "sbi-only.yaml":  # the detector recipe measured best: D alone, 128 px, ndf 64
         assert (cfg.train.gan_weight, cfg.train.sbi_weight, cfg.data.image_size, cfg.model.ndf) == (0, 1, 128, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.drop_last=false", r"data.drop_last is false: ranks would then take different numbers of steps"),
+    ("train.max_steps=0", r"train.max_steps is 0: it must be at least 1, or null"),
+    ("log.wandb=offlne", r"log.wandb 'offlne' is not one of \('offline', 'online', 'disabled'\)"),
+])
+def test_training_settings_that_cannot_work_are_refused_before_anything_starts(override, message):
+    with pytest.raises(UserError, match=message):
+        _check(load_config(BASE, [override]))

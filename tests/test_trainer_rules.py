@@ -1,0 +1,66 @@
+"""The trainer's clocks and guards, in one process on the CPU: what the final checkpoint holds, what a rerun
+does, and settings refused before the first step rather than an epoch into the run."""
+
+import pytest
+import torch
+from conftest import REPO
+
+from pipeline.config import load_config
+from pipeline.dist import DistInfo
+from pipeline.errors import UserError
+from pipeline.trainer import Trainer
+
+ONE_CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _config(celeba_shards, runs, name, *extra):
+    return load_config(REPO / "configs" / "sbi-smoke.yaml", [
+        f"data.shards={celeba_shards.out_dir}", "data.batch_size=4", "data.threads=1", "model.ngf=16", "model.ndf=16",
+        f"train.runs_dir={runs}", f"train.name={name}", "log.wandb=disabled", "log.tensorboard=false", *extra])
+
+
+def _train(cfg) -> tuple[str, int]:
+    trainer = Trainer(cfg, ONE_CPU)
+    try:
+        return trainer.train(), trainer.step
+    finally:
+        trainer.close()
+
+
+def _newest(runs, name) -> dict:
+    path = sorted((runs / name / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_the_checkpoint_at_an_epochs_last_step_carries_that_epochs_calibration(celeba_shards, tmp_path):
+    # A checkpoint every step and a validation at every epoch's end: both fall due at the epoch's last step,
+    # and the checkpoint must come after the validation, holding the threshold it calibrated.
+    cfg = _config(celeba_shards, tmp_path, "epoch", "train.epochs=1", "train.max_steps=null", "train.ckpt_every_steps=1",
+                  "train.val_every_steps=0", "train.val_every_epochs=1", "train.sample_every_steps=0")
+    why, last = _train(cfg)
+    state = _newest(tmp_path, "epoch")
+    assert why == "done" and state["step"] == last > 1
+    assert state["threshold"] is not None and state["calibration"]["step"] == last
+
+
+def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path):
+    cfg = _config(celeba_shards, tmp_path, "finished", "train.max_steps=2")
+    assert _train(cfg) == ("max_steps", 2)
+    assert _train(cfg) == ("max_steps", 2)
+    assert [p.name for p in (tmp_path / "finished" / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
+
+
+def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_shards, tmp_path):
+    assert _train(_config(celeba_shards, tmp_path, "shape", "train.max_steps=1")) == ("max_steps", 1)
+    with pytest.raises(UserError, match=r"checkpoint .*shape/checkpoints/step-00000001.pt holds another model .*"
+                                        r"give this run a new train.name, or set train.resume=never"):
+        Trainer(_config(celeba_shards, tmp_path, "shape", "train.max_steps=2", "model.ndf=32"), ONE_CPU)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.eval_every_epochs=1", "train.eval_shards=/nonexistent/celebdf"], r"train.eval_shards: .*/nonexistent/celebdf"),
+    (["data.dtype=bfloat16", "train.precision=fp32"], r"data.dtype bfloat16 needs autocast, but train.precision is fp32"),
+])
+def test_settings_that_would_fail_later_are_refused_at_start_up(celeba_shards, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        Trainer(_config(celeba_shards, tmp_path, "refused", *extra), ONE_CPU)
