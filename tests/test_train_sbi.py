@@ -43,7 +43,8 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sbi_run(shards, runs):
-    result = train(2, _overrides(shards, runs, "whole", "train.max_steps=4"))
+    # Validation at every checkpoint: the resumed half must calibrate on what the whole run's second one did.
+    result = train(2, _overrides(shards, runs, "whole", "train.max_steps=4", "train.val_every_steps=2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs / "whole", result
 
@@ -66,7 +67,7 @@ def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_thresho
 
 def test_resume_with_self_blends_matches_an_uninterrupted_run(sbi_run, shards, runs):
     for steps in (2, 4):
-        result = train(2, _overrides(shards, runs, "halves", f"train.max_steps={steps}"))
+        result = train(2, _overrides(shards, runs, "halves", f"train.max_steps={steps}", "train.val_every_steps=2"))
         assert result.returncode == 0, result.stderr[-3000:]
     whole, halves = _state(sbi_run[0], 4), _state(runs / "halves", 4)
     for name in ("G", "D", "G_ema"):

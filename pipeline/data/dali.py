@@ -1,11 +1,14 @@
 """The DALI loader: `fn.readers.webdataset` with the index files, JPEG decoding on the GPU.
 
 One pipeline per run. The reader reads this rank's part (`shard_id=rank`, `num_shards=world_size`) and
-moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes; its
-epochs end on a batch boundary (`pad_last_batch`). An epoch of ours is the loader's common batch count
-(`ShardLoader.batches`, equal on all ranks): the 0-2 batches the reader's epoch holds beyond it are run
-and dropped, so that every epoch starts at the reader's epoch start and reads each sample at most once.
-The order is a pure function of (data.seed, epoch, rank).
+moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes. An
+unshuffled loader (validation, evaluation) reads the same part at every epoch instead, so what a rank
+validates on never depends on how many validations came before: a resumed run calibrates on the same
+faces and self-blends as an uninterrupted one. The reader's epochs end on a batch boundary
+(`pad_last_batch`). An epoch of ours is the loader's common batch count (`ShardLoader.batches`, equal on
+all ranks): the 0-2 batches the reader's epoch holds beyond it are run and dropped, so that every epoch
+starts at the reader's epoch start and reads each sample at most once. The order is a pure function of
+(data.seed, epoch, rank).
 
 Resuming restores DALI's own checkpoint (`enable_checkpointing`, `Pipeline.checkpoint()`), which
 holds the reader's position and every random generator's state: a resumed stream is the uninterrupted
@@ -59,7 +62,7 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
         jpg, cls, *lmk = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=[image_ext, "cls", *extra], missing_component_behavior="error",
             random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer, shard_id=rank, num_shards=world_size,
-            stick_to_shard=False, pad_last_batch=True, name="reader",
+            stick_to_shard=not cfg.shuffle, pad_last_batch=True, name="reader",
         )
         decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if on_gpu else {"device": "cpu"}
         mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else fn.constant(idata=0, dtype=types.INT32)
@@ -110,7 +113,7 @@ class DaliLoader(ShardLoader):
 
     def _reader_epoch_batches(self) -> int:
         """Batches in the reader's current epoch: the part it reads now, padded to whole batches."""
-        part = self.part((self.rank + self._reader_epoch) % self.world_size)
+        part = self.part((self.rank + self._reader_epoch * self.cfg.shuffle) % self.world_size)
         return -(-len(part) // self.cfg.batch_size)
 
     def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
