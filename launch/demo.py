@@ -58,7 +58,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.people is not None and args.people < MIN_PEOPLE:
         parser.error(f"--people {args.people} is too few: the train and the test side need at least 2 people each")
-    data, shards_dir = args.out / "data", args.out / "shards"
+    out = args.out.resolve()  # training and evaluation run from the repository, wherever this was started
+    data, shards_dir = out / "data", out / "shards"
     try:
         write_photo_datasets(data, args.images, people=args.people)
         sources = (CelebASource(data / "celeba"), CelebDFSource(data / "celebdf", frames_per_video=args.frames_per_video))
@@ -69,8 +70,8 @@ def main() -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    run = args.out / "runs" / "sbi-smoke"
-    if returncode := train_smoke([shards_dir / "celeba", shards_dir / "celebdf"], args.out / "runs"):
+    run = out / "runs" / "sbi-smoke"
+    if returncode := train_smoke([shards_dir / "celeba", shards_dir / "celebdf"], out / "runs"):
         return returncode
     checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
     for step in (["launch/evaluate.py", "--checkpoint", str(checkpoint), "--shards", str(shards_dir / "celebdf"),

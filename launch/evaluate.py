@@ -5,7 +5,8 @@
         --celeba /data/shards/celeba --log-to-run
 
 Writes metrics.json, videos.csv, roc.png and hist.png to --out (default: <run>/eval-step-N/ beside
-the checkpoint's run). --log-to-run also logs them to the run's TensorBoard and wandb run.
+the checkpoint's run, eval-step-N-<split>/ for a split other than test). --log-to-run also logs them to
+the run's TensorBoard and wandb run (under celebdf/, or celebdf-<split>/).
 """
 
 import argparse
@@ -16,7 +17,8 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import UserError
-from pipeline.evaluate import load_discriminator, log_to_run, per_video, plots, score_split, summarize, verdict_threshold, write_report
+from pipeline.evaluate import (load_discriminator, log_to_run, per_video, plots, report_folder, score_split, summarize,
+                               verdict_threshold, write_report)
 from shards.manifest import synthetic
 
 
@@ -26,7 +28,7 @@ def main() -> int:
     parser.add_argument("--shards", required=True, help="Celeb-DF shards (a folder with manifest.json)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--celeba", help="CelebA shards: also report the false-positive rate on its test split")
-    parser.add_argument("--out", type=Path, help="default: <run>/eval-step-N")
+    parser.add_argument("--out", type=Path, help="default: <run>/eval-step-N (-<split> for a split other than test)")
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--loader", choices=("dali", "baseline"), default="dali")
     parser.add_argument("--threads", type=int, default=4)
@@ -50,7 +52,7 @@ def main() -> int:
                        "synthetic_data": synthetic(args.shards, *([args.celeba] if args.celeba else [])),
                        **summarize(frames, videos, celeba, threshold)}
             run_dir = args.checkpoint.resolve().parent.parent
-            out = args.out or run_dir / f"eval-step-{meta['step']:08d}"
+            out = args.out or report_folder(run_dir, meta["step"], args.split)
             images = plots(frames, videos)
             write_report(out, summary, videos, images)
             if args.log_to_run:

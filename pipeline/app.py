@@ -26,6 +26,7 @@ import hashlib
 import html
 import io
 import json
+import queue
 import shutil
 import sys
 import tempfile
@@ -83,8 +84,9 @@ ERRORS = {400: "the request has no file, or the upload is empty or unreadable",
 
 
 class Service:
-    """One model for all requests; one dlib face detector and one DALI preprocessing pipeline per request
-    thread (neither is thread-safe)."""
+    """One model for all requests, and a pool of `max_concurrent` detectors: each holds its own dlib face
+    detector and DALI preprocessing pipeline (neither is thread-safe), built on first use and kept, so a
+    burst of requests never builds more than the slots it can use."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32,
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
@@ -92,18 +94,22 @@ class Service:
         self.template = Detector(checkpoint, device)
         self.max_bytes = max_upload_mb << 20
         self.frames = frames
-        self.slots = threading.BoundedSemaphore(max_concurrent)  # detections running at once
+        # The slots: detections running at once. A slot holds its detector once one has been built.
+        self.slots: queue.Queue[Detector | None] = queue.Queue()
+        for _ in range(max_concurrent):
+            self.slots.put(None)
+        self.detectors_built = 0  # reported by /health
+        self._count_lock = threading.Lock()
         self.queue_timeout_s, self.request_timeout_s = queue_timeout_s, request_timeout_s
         self.limits = {"max_pixels": max_pixels, "max_video_frames": max_video_frames}
-        self._local = threading.local()
 
-    def detector(self) -> Detector:
-        if not hasattr(self._local, "detector"):
-            mine = copy.copy(self.template)  # shares D, which only runs inference
-            mine.faces = FaceDetector(upsample=self.template.faces.upsample, landmarks=False)
-            mine.preprocess = FacePreprocessor(self.template.image_size, self.template.device)
-            self._local.detector = mine
-        return self._local.detector
+    def _new_detector(self) -> Detector:
+        mine = copy.copy(self.template)  # shares D, which only runs inference
+        mine.faces = FaceDetector(upsample=self.template.faces.upsample, landmarks=False)
+        mine.preprocess = FacePreprocessor(self.template.image_size, self.template.device)
+        with self._count_lock:
+            self.detectors_built += 1
+        return mine
 
     def run(self, upload: UploadFile) -> tuple[dict, list]:
         folder = Path(tempfile.mkdtemp(prefix="deepfake-upload-"))
@@ -118,16 +124,19 @@ class Service:
                     f.write(chunk)
             if size == 0:
                 raise HTTPException(400, "the upload is empty: choose a video or an image file.")
-            if not self.slots.acquire(timeout=self.queue_timeout_s):
+            try:
+                detector = self.slots.get(timeout=self.queue_timeout_s)
+            except queue.Empty:
                 raise HTTPException(503, f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds.",
-                                    headers={"Retry-After": str(RETRY_AFTER_S)})
+                                    headers={"Retry-After": str(RETRY_AFTER_S)}) from None
             try:
                 deadline = time.monotonic() + self.request_timeout_s
-                result, thumbnails = self.detector().detect(path, self.frames, deadline, **self.limits)
+                detector = detector or self._new_detector()
+                result, thumbnails = detector.detect(path, self.frames, deadline, **self.limits)
             except UserError as e:
                 raise HTTPException(_status(e), str(e).replace(str(path), "the upload")) from None
             finally:
-                self.slots.release()
+                self.slots.put(detector)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result["file"] = upload.filename or "upload"  # shown to the user, never used as a path
@@ -299,7 +308,7 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "checkpoint_step": service.template.step}
+        return {"status": "ok", "checkpoint_step": service.template.step, "detectors_built": service.detectors_built}
 
     app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD)  # outermost: before any parsing
     return app

@@ -64,13 +64,14 @@ def media_kind(head: bytes) -> str | None:
     return None
 
 
-def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS,
-                max_video_frames: int = MAX_VIDEO_FRAMES) -> tuple[str, list[tuple[int, np.ndarray]]]:
+def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES,
+                deadline: float | None = None) -> tuple[str, list[tuple[int, np.ndarray]]]:
     """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name, and the
-    size is checked from the headers before anything is decoded."""
+    size is checked from the headers before anything is decoded. A video still decoding at `deadline`
+    (time.monotonic()) is a TooSlowError."""
     from PIL import Image
 
-    from shards.video import VideoError, probe, sample_frames
+    from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames
 
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a video or an image file.")
@@ -98,10 +99,12 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS,
         _check_pixels(path, width, height, max_pixels)
         if claimed > max_video_frames:
             raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a shorter video.")
-        return "video", sample_frames(str(path), frames, max_video_frames).frames
+        return "video", sample_frames(str(path), frames, max_video_frames, deadline).frames
     except VideoError as e:
         if e.reason.startswith("more than"):
             raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.") from None
+        if e.reason == PAST_DEADLINE:
+            raise TooSlowError(f"{path} took too long to decode: send a shorter or smaller video.") from None
         raise not_media from None
 
 
@@ -133,8 +136,8 @@ class Detector:
     def detect(self, path: Path, frames: int = 32, deadline: float | None = None, **limits) -> tuple[dict, list[np.ndarray]]:
         """The report (JSON-ready) and the scored face crops, one per frame with a face.
 
-        `deadline` (time.monotonic()) stops the work between frames; `limits` go to `read_frames`."""
-        kind, sampled = read_frames(Path(path), frames, **limits)
+        `deadline` (time.monotonic()) stops the decoding, and the work between frames; `limits` go to `read_frames`."""
+        kind, sampled = read_frames(Path(path), frames, deadline=deadline, **limits)
         results, crops_kept = [], []
         for index, rgb in sampled:
             if deadline is not None and time.monotonic() > deadline:

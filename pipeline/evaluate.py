@@ -184,6 +184,17 @@ def write_report(out: Path, summary: dict, videos: list[dict], images: dict[str,
         write_bytes_atomic(out / name, data)
 
 
+def tag_prefix(split: str) -> str:
+    """Where a Celeb-DF split's metrics go in TensorBoard and wandb: `celebdf/` for the test split, which
+    runs are compared on, `celebdf-<split>/` for any other, so that neither overwrites the other."""
+    return "celebdf" if split == "test" else f"celebdf-{split}"
+
+
+def report_folder(run_dir: Path, step: int, split: str) -> Path:
+    """launch/evaluate.py's default --out: `<run>/eval-step-N/`, with `-<split>` for splits other than test."""
+    return run_dir / (f"eval-step-{step:08d}" + ("" if split == "test" else f"-{split}"))
+
+
 def log_to_run(run_dir: Path, meta: dict, summary: dict, images: dict[str, bytes]) -> None:
     """The metrics and plots into the run's TensorBoard events and its wandb run, at the checkpoint's step."""
     from PIL import Image
@@ -193,12 +204,13 @@ def log_to_run(run_dir: Path, meta: dict, summary: dict, images: dict[str, bytes
     cfg = config_from_dict(meta["config"], f"the config saved in the checkpoint of {run_dir}")
     logger = RunLogger(run_dir, cfg, meta["config"], meta["wandb_run_id"], resumed=True)
     try:
-        values = {f"celebdf/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+        prefix = tag_prefix(summary["split"])
+        values = {f"{prefix}/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
         if "celeba" in summary:
             values["celeba/false_positive_rate"] = summary["celeba"]["false_positive_rate"]
         logger.scalars(values, meta["step"])
         for name, data in images.items():
             array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # a writable copy for torch
-            logger.image(f"celebdf/{name[:-4]}", torch.from_numpy(array).permute(2, 0, 1).float() / 255, meta["step"])
+            logger.image(f"{prefix}/{name[:-4]}", torch.from_numpy(array).permute(2, 0, 1).float() / 255, meta["step"])
     finally:
         logger.close()

@@ -38,6 +38,7 @@ from pipeline.config import Config, DataConfig, flat_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.data.common import load_split
 from pipeline.dist import DistInfo
+from pipeline.evaluate import tag_prefix
 from pipeline.errors import UserError
 from pipeline.fastpaths import resolve
 from pipeline.fsutil import write_bytes_atomic
@@ -348,8 +349,9 @@ class Trainer:
         self._interrupted = values is None
         if values is not None and self.logger is not None:
             self.logger.scalars(values, self.step)
-            log.info("step %d: Celeb-DF %s frame AUC %.3f, video AUC %.3f", self.step, self.cfg.train.eval_split,
-                     values["celebdf/frame_auc"], values["celebdf/video_auc"])
+            split = self.cfg.train.eval_split
+            log.info("step %d: Celeb-DF %s frame AUC %.3f, video AUC %.3f", self.step, split,
+                     values[f"{tag_prefix(split)}/frame_auc"], values[f"{tag_prefix(split)}/video_auc"])
 
     def _samples(self) -> None:
         if self.logger is None:

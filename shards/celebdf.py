@@ -106,10 +106,10 @@ def read_test_list(path: Path, videos: dict[tuple[str, str], Video]) -> set[str]
 
 
 def split_identities(people: set[str], val_fraction: float, seed: int, min_val: int) -> set[str]:
-    """The people who go to val: a seeded draw, at least `min_val`, never everyone."""
+    """The people who go to val: a seeded draw, at least `min_val`, never everyone; nobody at val_fraction 0."""
     ordered = sorted(people)
     random.Random(seed).shuffle(ordered)
-    if len(ordered) < 2:
+    if len(ordered) < 2 or val_fraction == 0:
         return set()
     n_val = min(len(ordered) - 1, max(min_val, round(val_fraction * len(ordered))))
     return set(ordered[:n_val])

@@ -7,10 +7,15 @@ for the indices the real count gives. The field's spacing is `np.linspace(0, n -
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+
+PAST_DEADLINE = "decoding ran past its deadline"
+DEADLINE_EVERY_FRAMES = 16  # the clock is read this often: about a second of 8K video at worst
 
 
 class VideoError(Exception):
@@ -37,8 +42,10 @@ def even_indices(n_frames: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n_frames - 1, k, dtype=int).tolist()))
 
 
-def _decode(path: str, wanted: set[int], max_frames: int | None = None) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (BGR) and the number of frames decoded, reading to the end (or past `max_frames`)."""
+def _decode(path: str, wanted: set[int], max_frames: int | None = None,
+            deadline: float | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames (RGB) and the number of frames decoded, reading to the end (or past `max_frames`, or
+    `deadline` on time.monotonic(): VideoError)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError("unreadable video")
@@ -47,10 +54,12 @@ def _decode(path: str, wanted: set[int], max_frames: int | None = None) -> tuple
         while cap.grab():  # grab() decodes; retrieve() only converts, so call it for wanted frames alone
             if max_frames is not None and n >= max_frames:
                 raise VideoError(f"more than {max_frames} frames")
+            if deadline is not None and n % DEADLINE_EVERY_FRAMES == 0 and time.monotonic() > deadline:
+                raise VideoError(PAST_DEADLINE)
             if n in wanted:
                 ok, frame = cap.retrieve()
-                if ok:
-                    frames[n] = frame
+                if ok:  # converted now: one copy of each kept frame, not a BGR and an RGB one
+                    frames[n] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             n += 1
     finally:
         cap.release()
@@ -70,16 +79,16 @@ def probe(path: str) -> tuple[int, float, int, int]:
         cap.release()
 
 
-def sample_frames(path: str, k: int, max_frames: int | None = None) -> SampledFrames:
-    """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError."""
+def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: float | None = None) -> SampledFrames:
+    """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError; so is
+    decoding still going at `deadline` (time.monotonic(); reason PAST_DEADLINE)."""
     claimed, fps, width, height = probe(path)
-    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames)
+    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames, deadline)
     if decoded == 0:
         raise VideoError("no frame decoded")
     wanted = even_indices(decoded, k)
     if set(wanted) != set(frames):
-        frames, decoded_again = _decode(path, set(wanted))
+        frames, decoded_again = _decode(path, set(wanted), deadline=deadline)
         if decoded_again != decoded:
             raise VideoError("frame count differs between two decodes")
-    rgb = [(i, cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)) for i in wanted if i in frames]
-    return SampledFrames(rgb, decoded, claimed, fps, width, height)
+    return SampledFrames([(i, frames[i]) for i in wanted if i in frames], decoded, claimed, fps, width, height)

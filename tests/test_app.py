@@ -223,6 +223,8 @@ def test_a_flood_of_uploads_gets_results_or_503_and_nothing_mixed_up(busy_server
             served += 1
             assert r.status_code == 200 and r.json()["file"] == name and r.json()["score"] == alone[name], (name, r.text)
     assert served >= 1 and busy >= 1 and served + busy == 16
+    # 20 requests on up to 16 threads, one slot: one face detector and DALI pipeline, built once and reused.
+    assert httpx.get(f"{busy_server}/health").json()["detectors_built"] == 1
 
 
 def test_pages_carry_security_headers_and_a_person_gets_pages_not_json(server):

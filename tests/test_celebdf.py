@@ -168,3 +168,9 @@ def test_a_root_without_the_celebdf_layout_exits_2(tmp_path, celebdf_root, damag
     result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
     assert result.returncode == 2 and expected in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_val_fraction_0_keeps_every_training_person_in_train(celebdf_root):
+    items, skipped = CelebDFSource(celebdf_root, val_fraction=0).plan()
+    assert not items["val"] and items["train"] and items["test"]
+    assert not [s for s in skipped if s["reason"] == "target and donor on different sides of the identity split"]

@@ -106,13 +106,21 @@ def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(cel
     assert torch.equal(detected, loaded[key])
 
 
-def test_a_detection_past_its_deadline_stops_with_a_clear_error(smoke_checkpoint, celebdf_root):
+def test_a_detection_past_its_deadline_stops_with_a_clear_error(smoke_checkpoint, celebdf_root, monkeypatch):
     import time
 
+    import pipeline.detect
     from pipeline.detect import Detector, TooSlowError
 
     video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
     detector = Detector(smoke_checkpoint)
+    # Past it already: the decoding itself stops (a long video would otherwise decode to its end first).
+    with pytest.raises(TooSlowError, match=r"took too long to decode: send a shorter or smaller video"):
+        detector.detect(video, 4, deadline=time.monotonic() - 1)
+    # Past it once the frames are read: the face detection stops between frames.
+    read_frames = pipeline.detect.read_frames
+    monkeypatch.setattr(pipeline.detect, "read_frames", lambda *a, deadline=None, **k: read_frames(*a, **k))
     with pytest.raises(TooSlowError, match=r"took too long to check \(0 of 4 frames done\)"):
         detector.detect(video, 4, deadline=time.monotonic() - 1)
+    monkeypatch.undo()
     assert detector.detect(video, 4, deadline=time.monotonic() + 600)[0]["frames_looked_at"] == 4

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -87,6 +88,23 @@ def test_evaluation_scores_every_test_frame_and_writes_its_report(smoke_checkpoi
     assert "celebdf/roc" in events.Tags()["images"]
 
 
+def test_reports_on_two_splits_go_to_two_folders_and_two_sets_of_tags(smoke_checkpoint, celebdf_shards, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / smoke_checkpoint.name
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copy(smoke_checkpoint, checkpoint)
+    for split in ("test", "val"):
+        result = evaluate(1, "--checkpoint", checkpoint, "--shards", celebdf_shards.out_dir, "--split", split, "--batch", 8,
+                          "--log-to-run")
+        assert result.returncode == 0, result.stderr[-2000:]
+    test = json.loads((tmp_path / "run" / "eval-step-00000002" / "metrics.json").read_text())
+    val = json.loads((tmp_path / "run" / "eval-step-00000002-val" / "metrics.json").read_text())
+    assert (test["split"], val["split"]) == ("test", "val") and test["counts"] != val["counts"]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert events.Scalars("celebdf/video_auc")[-1].value == pytest.approx(test["video"]["auc"])
+    assert events.Scalars("celebdf-val/video_auc")[-1].value == pytest.approx(val["video"]["auc"])
+
+
 def test_two_ranks_score_every_frame_exactly_once_and_alike(smoke_checkpoint, celebdf_shards, tmp_path):
     one = evaluate(1, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "one", "--batch", 5)
     two = evaluate(2, "--checkpoint", smoke_checkpoint, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "two", "--batch", 5)
@@ -138,7 +156,7 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
     assert "Celeb-DF val frame AUC" in result.stdout
     events = EventAccumulator(str(tmp_path / "with-eval"))
     events.Reload()
-    steps = [e.step for e in events.Scalars("celebdf/video_auc")]
+    steps = [e.step for e in events.Scalars("celebdf-val/video_auc")]  # not celebdf/: the test split's tags
     assert steps == [12]  # one epoch of 48 images at batch 4 in one process
 
 

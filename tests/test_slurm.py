@@ -52,6 +52,9 @@ def preempt_at_step_3(env, logs):
     while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
         assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
         time.sleep(0.1)
+    step = subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout
+    # torchrun's step has every CPU the job asked for (sbatch --cpus-per-task=2), not srun's default of one.
+    assert re.search(r"\bCPUs=2\b", step), step
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     return wait_until_gone(job, timeout_s=300), log_path
 
@@ -61,7 +64,10 @@ def _tiny(shards, runs, name, *extra):
 
 
 def test_train_sbatch_runs_the_smoke_config_with_two_processes(cluster, celeba_shards, tmp_path):
-    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "sbatch", "train.max_steps=4", "log.wandb=disabled")}
+    # No GPUS_PER_NODE: the processes per node come from the GPUs the job may use, not from nvidia-smi's
+    # list of the node's GPUs (none here; with CUDA_VISIBLE_DEVICES 0,1 torch still finds no GPU: gloo).
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "sbatch", "train.max_steps=4", "log.wandb=disabled"),
+           "GPUS_PER_NODE": "", "CUDA_VISIBLE_DEVICES": "0,1"}
     job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
     info = wait_until_gone(job)
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info

@@ -3,7 +3,8 @@
 #   REPO           the project checkout (default: the folder sbatch was called from)
 #   VENV           the virtual environment to activate (default: $REPO/.venv)
 #   SETUP          shell code run first, e.g. SETUP="module load cuda/12.4 nccl"
-#   GPUS_PER_NODE  worker processes per node (default: the GPUs nvidia-smi lists, else 1)
+#   GPUS_PER_NODE  worker processes per node (default: the job's GPUs on the node, SLURM_GPUS_ON_NODE, else
+#                  those CUDA_VISIBLE_DEVICES names, else those nvidia-smi lists, which ignores both, else 1)
 #   RDZV_PORT      torchrun's rendezvous port on the first node (default: derived from the job id)
 #
 # Preemption and time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before
@@ -25,7 +26,11 @@ if [ -n "${SETUP:-}" ]; then eval "$SETUP"; fi
 # shellcheck disable=SC1091
 source "${VENV:-$REPO/.venv}/bin/activate" || exit 1
 if [ -z "${GPUS_PER_NODE:-}" ]; then
-  GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  # nvidia-smi lists every GPU of the node, allocated to this job or not: the last resort only.
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then GPUS_PER_NODE=$SLURM_GPUS_ON_NODE
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+  else GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  fi
   [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1
 fi
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
