@@ -292,11 +292,15 @@ class Trainer:
                 if stop or self._interrupted:
                     return self._stop_on_signal()
                 if max_steps:
-                    return "max_steps"
+                    return self._finish(meter, "max_steps")
+        return self._finish(meter, "done")
+
+    def _finish(self, meter: Meter, why: str) -> str:
+        """The end of training (not a stop on a signal): the hyperparameters with the last statistics."""
         if self.logger is not None:
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
-        return "done"
+        return why
 
     def _stop_on_signal(self, when: str = "", save: bool = True) -> str:
         """Save (once at this step), say so, and leave train.stop_marker for the job script: a clean stop."""

@@ -97,6 +97,8 @@ def test_tensorboard_event_files_hold_the_scalars_and_sample_grids(full_run):
     assert [e.step for e in events.Scalars("val/D_acc_real")] == [STEPS_PER_EPOCH, 8]
     assert [e.step for e in events.Scalars("val/threshold")] == [STEPS_PER_EPOCH, 8]
     assert "samples/G_ema" in tags["images"]
+    # The run ended at train.max_steps, before its last epoch: the hyperparameters are logged all the same.
+    assert "hparam/loss/D" in tags["scalars"] and events.PluginTagToContent("hparams")
     image = events.Images("samples/G_ema")[0]
     assert (image.width, image.height) == (8 * 66 + 2, 8 * 66 + 2)  # 8x8 grid of 64 px with 2 px padding
 
