@@ -4,7 +4,8 @@
     python -m pipeline.detect face.jpg --checkpoint CKPT --json
 
 Frames are sampled as the sharding tool samples Celeb-DF (evenly spaced over the frames that decode),
-faces are found and cropped with the same code (dlib HOG, square 1.3x crop at 256 px), put through the
+faces are found and cropped with the same code and settings (dlib HOG, a square 1.3x crop at 256 px unless
+the training shards were made otherwise: the checkpoint records their `faces`), put through the
 shards' JPEG round trip and the loader's DALI decode and resize, and scored: fake score =
 sigmoid(-logit of D). Where a frame has several faces, the most suspicious one counts. The overall
 score is the mean over frames with a face, as the evaluation's video score, and the verdict compares it
@@ -27,7 +28,7 @@ import torch
 from pipeline.data.preprocess import FacePreprocessor
 from pipeline.errors import UserError
 from pipeline.evaluate import load_discriminator, verdict_threshold
-from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceDetector, crop_face
+from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceCrop, FaceDetector, crop_face
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
 class Detector:
     """The model and the face detector, loaded once; not thread-safe (dlib), so one per thread or a lock."""
 
-    def __init__(self, checkpoint: Path, device: str = "cpu", upsample: int = 1):
+    def __init__(self, checkpoint: Path, device: str = "cpu"):
         self.device = torch.device(device)
         self.D, meta = load_discriminator(Path(checkpoint), self.device)
         self.image_size = meta["config"]["data"]["image_size"]
@@ -125,13 +126,21 @@ class Detector:
         self.threshold, self.threshold_note = verdict_threshold(meta, checkpoint)
         if self.threshold_note:
             log.warning(self.threshold_note)
-        self.faces = FaceDetector(upsample=upsample, landmarks=False)
+        # Faces are found and cropped as the training shards' were (checkpoints from before that record: the
+        # sharding tool's defaults).
+        geometry = meta["faces"] or {"face_size": FACE_SIZE, "face_scale": FACE_SCALE, "upsample": 1}
+        self.face_size, self.face_scale = geometry["face_size"], geometry["face_scale"]
+        self.faces = FaceDetector(upsample=geometry["upsample"], landmarks=False)
         self.preprocess = FacePreprocessor(self.image_size, self.device)
 
     @torch.no_grad()
     def score_faces(self, crops: list[np.ndarray]) -> list[float]:
-        """P(fake) of RGB face crops (FACE_SIZE square), prepared exactly as the training shards are."""
+        """P(fake) of RGB face crops (from `crop`), prepared exactly as the training shards are."""
         return torch.sigmoid(-self.D(self.preprocess(crops)).float()).cpu().tolist()
+
+    def crop(self, rgb: np.ndarray, face) -> FaceCrop:
+        """A face of an RGB frame cropped as the training shards' faces were."""
+        return crop_face(rgb, face, self.face_size, self.face_scale)
 
     def detect(self, path: Path, frames: int = 32, deadline: float | None = None, **limits) -> tuple[dict, list[np.ndarray]]:
         """The report (JSON-ready) and the scored face crops, one per frame with a face.
@@ -147,7 +156,7 @@ class Detector:
             if not faces:
                 results.append({"frame": index, "faces": 0, "score": None})
                 continue
-            crops = [crop_face(rgb, f, FACE_SIZE, FACE_SCALE) for f in faces]
+            crops = [self.crop(rgb, f) for f in faces]
             scores = self.score_faces([c.image for c in crops])
             worst = int(np.argmax(scores))
             results.append({"frame": index, "faces": len(faces), "score": scores[worst], "box": list(faces[worst].box)})

@@ -51,7 +51,8 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
         raise UserError(f"checkpoint {checkpoint} holds non-finite weights in D ({', '.join(broken[:3])}): it cannot score "
                         "anything; pass an earlier checkpoint of the run.")
     return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id"),
-                                 "threshold": state.get("threshold"), "calibration": state.get("calibration") or {}}
+                                 "threshold": state.get("threshold"), "calibration": state.get("calibration") or {},
+                                 "faces": state.get("faces")}
 
 
 def verdict_threshold(meta: dict, checkpoint: Path) -> tuple[float, str | None]:

@@ -36,7 +36,7 @@ from pipeline import dist, periodic, signals
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, DataConfig, flat_dict, to_dict
 from pipeline.data import build_loader
-from pipeline.data.common import load_split
+from pipeline.data.common import load_split, shard_folders
 from pipeline.dist import DistInfo
 from pipeline.evaluate import tag_prefix
 from pipeline.errors import UserError
@@ -47,6 +47,7 @@ from pipeline.models import D_NORMS, SIZES
 from pipeline.periodic import Calibration, Every
 from pipeline.progress import Meter, hms
 from pipeline.step import GANStep
+from shards.manifest import detection_geometry
 
 log = logging.getLogger(__name__)
 SAMPLE_GRID = 64  # fixed-noise images in a sample grid
@@ -158,6 +159,8 @@ class Trainer:
             # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`).
             val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates)
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
+        # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
+        self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
         self.global_batch = d.batch_size * info.world_size
         total = t.epochs * len(self.loader)
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -195,7 +198,7 @@ class Trainer:
             # Each rank's own BatchNorm running statistics (G's; D's with d_norm batch), which DDP does not sync.
             "buffers": dist.all_gather_objects(self._buffers()),
             "nonfinite_total": int(self.step_fn.skipped()), "config": to_dict(self.cfg),
-            "threshold": self.calibration.threshold, "calibration": self.calibration.info,
+            "threshold": self.calibration.threshold, "calibration": self.calibration.info, "faces": self.face_geometry,
             "wandb_run_id": self.run_id, "world_size": self.info.world_size,
         }
 

@@ -174,3 +174,14 @@ def test_val_fraction_0_keeps_every_training_person_in_train(celebdf_root):
     items, skipped = CelebDFSource(celebdf_root, val_fraction=0).plan()
     assert not items["val"] and items["train"] and items["test"]
     assert not [s for s in skipped if s["reason"] == "target and donor on different sides of the identity split"]
+
+
+def test_the_manifest_records_how_faces_were_cropped_and_older_ones_read_from_their_arguments(celebdf_shards, tmp_path):
+    from shards.manifest import face_geometry
+
+    assert face_geometry(celebdf_shards.out_dir) == {"face_size": 128, "face_scale": 1.3, "upsample": 1}
+    manifest = json.loads((celebdf_shards.out_dir / "manifest.json").read_text())
+    del manifest["faces"]  # as written before the record existed
+    for arguments, expected in (({"face_size": 96, "upsample": 0}, (96, 0)), ({}, (256, 1))):
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "arguments": arguments}))
+        assert face_geometry(tmp_path) == {"face_size": expected[0], "face_scale": 1.3, "upsample": expected[1]}

@@ -5,7 +5,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import CELEBDF_ARGS, REPO
 
 from shards.synth.celebdf import camera_frames, photo_paths, portrait, write_video
 from shards.video import even_indices
@@ -82,27 +82,27 @@ def test_the_calibrated_threshold_of_the_checkpoint_decides_the_verdict(sbi_chec
     assert out["verdict"] == ("fake" if out["score"] > threshold else "real")
 
 
-def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(celebdf_root, tmp_path):
-    """detect's input is the training input: the same crop, JPEG round trip, decode and resize."""
+def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(sbi_checkpoint, celebdf_root, celebdf_shards):
+    """detect's input is the training input: the same crop, JPEG round trip, decode and resize, also where the
+    shards were made at another crop size than the tool's default (the checkpoint records theirs)."""
     import torch
 
     from pipeline.data import DataConfig, build_loader
-    from pipeline.data.preprocess import FacePreprocessor
-    from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceDetector, crop_face
-    from shards.build import build
-    from shards.celebdf import CelebDFSource
+    from pipeline.detect import Detector
+    from pipeline.faces import FACE_SIZE
     from shards.video import sample_frames
 
-    out = build(CelebDFSource(celebdf_root, frames_per_video=2, maxcount=100), tmp_path, progress=False).out_dir
-    cfg = DataConfig(shards=str(out), split="test", batch_size=2, threads=1, flip=False, shuffle=False, with_meta=True, drop_last=False)
+    assert celebdf_shards.manifest["faces"] == {"face_size": 128, "face_scale": 1.3, "upsample": 1} and FACE_SIZE == 256
+    detector = Detector(sbi_checkpoint)  # trained on those shards
+    cfg = DataConfig(shards=str(celebdf_shards.out_dir), split="test", batch_size=2, threads=1, flip=False, shuffle=False,
+                     with_meta=True, drop_last=False, image_size=detector.image_size)
     with build_loader(cfg) as data:
         loaded = {k: img for b in data for k, img in zip(b.keys, b.images)}
     key = sorted(loaded)[0]  # test-000000.tar/<folder>_<video>_<frame>
     folder, rest = key.split("/")[1].split("_", 1)
     video, frame = rest.rsplit("_", 1)
-    frames = dict(sample_frames(str(celebdf_root / folder / f"{video}.mp4"), 2).frames)
-    face = FaceDetector(upsample=1, landmarks=False).largest(frames[int(frame)])
-    detected = FacePreprocessor(64)([crop_face(frames[int(frame)], face, FACE_SIZE, FACE_SCALE).image])[0]
+    rgb = dict(sample_frames(str(celebdf_root / folder / f"{video}.mp4"), CELEBDF_ARGS["frames_per_video"]).frames)[int(frame)]
+    detected = detector.preprocess([detector.crop(rgb, detector.faces.largest(rgb)).image])[0]
     assert torch.equal(detected, loaded[key])
 
 
