@@ -21,7 +21,18 @@ import yaml
 from pipeline.config import flat_dict
 from pipeline.errors import UserError
 
-AUC_TAGS = ("celebdf/video_auc", "celebdf/frame_auc")  # written by the Celeb-DF evaluation, where it ran
+# Written by the Celeb-DF evaluation, where it ran: the test split's (launch/evaluate.py), else the val split's
+# (the trainer's periodic evaluation, train.eval_split), which the table marks.
+AUC_TAGS = {"test": ("celebdf/video_auc", "celebdf/frame_auc"), "val": ("celebdf-val/video_auc", "celebdf-val/frame_auc")}
+
+
+def celebdf_auc(run: Run) -> str | None:
+    """The run's last Celeb-DF AUC (video, else frame), test split first; other splits are named."""
+    for split, tags in AUC_TAGS.items():
+        for tag in tags:
+            if (value := run.last(tag)) is not None:
+                return f"{value:.4g}" + ("" if split == "test" else f" ({split})")
+    return None
 
 
 @dataclass
@@ -101,7 +112,7 @@ def table(runs: list[Run]) -> str:
     for r in runs:
         flat = flat_dict(r.config)
         steps = max((s for events in r.scalars.values() for s, _, _ in events), default=None)
-        auc = next((r.last(t) for t in AUC_TAGS if r.last(t) is not None), None)
+        auc = celebdf_auc(r)
         rows.append([r.name, *(flat.get(k) for k in differ), steps, r.last("loss/D"), r.best("loss/D"), r.last("loss/G"),
                      r.best("loss/G"), r.last("val/D_acc_real"), r.last("val/D_acc_fake"), auc,
                      r.mean("perf/img_per_s"), r.wall_s])

@@ -119,6 +119,7 @@ class Trainer:
         self.noise = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + info.rank)
         self.step = self.nimg = 0
         self._interrupted = False  # a periodic job stopped early on a signal
+        self.finished = False  # the end-of-training work (validation, evaluation, samples, checkpoint) is done
         self.fast = resolve(t, cfg.model, self.device)
         if self.fast.autocast_dtype is None and cfg.data.dtype != "float32":
             raise UserError(f"data.dtype {cfg.data.dtype} needs autocast, but train.precision is {self.fast.precision} here: "
@@ -192,7 +193,7 @@ class Trainer:
         """The whole training state; a collective (it gathers every rank's RNG and loader state)."""
         return {
             **self.step_fn.state_dict(),
-            "step": self.step, "nimg": self.nimg, "epoch": self.loader.epoch,
+            "step": self.step, "nimg": self.nimg, "epoch": self.epochs_done, "finished": self.finished,
             "loader": dist.all_gather_objects(self.loader.state_dict()),
             "rng": dist.all_gather_objects(_rng_state(self.noise, self.device)),
             # Each rank's own BatchNorm running statistics (G's; D's with d_norm batch), which DDP does not sync.
@@ -205,6 +206,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_fn.load_state_dict(state)
         self.step, self.nimg = state["step"], state["nimg"]
+        self.finished = state.get("finished", False)
         self.step_fn.restore_skips(state["nonfinite_total"])
         self.calibration = Calibration(state.get("threshold"), state.get("calibration") or {})
         rank, same_world = self.info.rank, state["world_size"] == self.info.world_size
@@ -277,11 +279,11 @@ class Trainer:
                      self.total_steps, self.run_dir, self.fast)
         if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
             return self._stop_on_signal(", before training", save=False)
-        if t.max_steps is not None and self.step >= t.max_steps:  # resumed a finished run: not one step more
+        if t.max_steps is not None and self.step >= t.max_steps:  # resumed at the end: not one step more
             if self.info.is_main:
                 log.info("%s is at step %d, train.max_steps %d: nothing left to train", self.run_dir, self.step, t.max_steps)
-            return "max_steps"
-        meter = Meter(self.info.world_size)
+            return self._finish(Meter(self.info.world_size), "max_steps", trained=False)
+        meter, start = Meter(self.info.world_size), self.step
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
                 meter.add(self.train_step(batch))
@@ -296,11 +298,20 @@ class Trainer:
                     return self._stop_on_signal()
                 if max_steps:
                     return self._finish(meter, "max_steps")
-        return self._finish(meter, "done")
+        return self._finish(meter, "done", trained=self.step > start)
 
-    def _finish(self, meter: Meter, why: str) -> str:
-        """The end of training (not a stop on a signal): the hyperparameters with the last statistics."""
-        if self.logger is not None:
+    def _finish(self, meter: Meter, why: str, trained: bool = True) -> str:
+        """The end of training (not a stop on a signal): the hyperparameters with the last statistics.
+
+        A run resumed from a checkpoint that a signal wrote at its last step, in the middle of the final work,
+        does that work now (the resume had marked every job done at this step)."""
+        finishing = not self.finished
+        if finishing:
+            self._last_done.clear()
+            self.run_periodic(lambda clock: False, final=True)
+            if self._interrupted:
+                return self._stop_on_signal()
+        if self.logger is not None and (trained or finishing):  # a rerun of a finished run logs nothing again
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
         return why
@@ -329,6 +340,7 @@ class Trainer:
             return  # on a signal: straight to the checkpoint
         if due(self.clocks["samples"]) or final:
             self._run("samples", self._samples)
+        self.finished = final  # before the checkpoint, which then records it
         if due(self.clocks["ckpt"]) or final:
             self._run("ckpt", self.save)
 
@@ -343,12 +355,17 @@ class Trainer:
         return periodic.validate(self.step_fn, self.val_loader, self.calibrates, t.seed, self.info.rank, t.val_split,
                                  self.step, self.calibration, should_stop=self.stop_agreed)
 
+    @property
+    def epochs_done(self) -> int:
+        """Whole epochs trained: the loader's epoch counts up only when the next one starts."""
+        return self.loader.epoch + (self.loader.batch == len(self.loader))
+
     def _validate_and_log(self) -> None:
         metrics = self.validate()
         self._interrupted = metrics is None
         if metrics is not None and self.logger is not None:
             self.logger.scalars(metrics, self.step)
-            log.info("step %d, epoch %d: %s", self.step, self.loader.epoch, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log.info("step %d, %d epochs done: %s", self.step, self.epochs_done, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def _evaluate_and_log(self) -> None:
         values = periodic.evaluate_detector(self.step_fn, self.cfg, self.info.rank, self.info.world_size, self.threshold,

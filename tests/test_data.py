@@ -264,3 +264,15 @@ def test_dali_decodes_on_the_gpu_like_on_the_cpu(uneven):
     assert out["cpu"].keys() == out["cuda"].keys()
     diff = torch.stack([out["cpu"][k] - out["cuda"][k] for k in out["cpu"]]).abs() * 127.5
     assert diff.mean() < 1.0
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_rank_with_a_shorter_part_never_reads_dalis_padding_as_the_next_epoch(uneven, shuffle):
+    # 48 samples over 5 ranks: parts of 9 or 10. DALI pads every part to 10 (pad_last_batch repeats the last
+    # sample), so rank 0's reader epoch holds 4 batches of 3 where its own part fills 3: the 4th, of padding,
+    # must be drained, not read as the next epoch's first batch.
+    with build_loader(_cfg(uneven, "dali", batch_size=3, shuffle=shuffle, flip=False), rank=0, world_size=5) as data:
+        epochs = [_epoch_keys(data) for _ in range(3)]
+    assert all(len(keys) == 9 and len(set(keys)) == 9 for keys in epochs), epochs
+    if not shuffle:  # an unshuffled loader (validation) reads the same faces every epoch
+        assert epochs[0] == epochs[1] == epochs[2]

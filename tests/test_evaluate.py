@@ -156,8 +156,11 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
     assert "Celeb-DF val frame AUC" in result.stdout
     events = EventAccumulator(str(tmp_path / "with-eval"))
     events.Reload()
-    steps = [e.step for e in events.Scalars("celebdf-val/video_auc")]  # not celebdf/: the test split's tags
-    assert steps == [12]  # one epoch of 48 images at batch 4 in one process
+    values = events.Scalars("celebdf-val/video_auc")  # not celebdf/: the test split's tags
+    assert [e.step for e in values] == [12]  # one epoch of 48 images at batch 4 in one process
+    table = subprocess.run([sys.executable, "-m", "pipeline.compare", str(tmp_path / "with-eval"), "--out", str(tmp_path / "cmp")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and f"{values[-1].value:.4g} (val)" in table.stdout, table.stdout + table.stderr
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoint, celebdf_shards, tmp_path):

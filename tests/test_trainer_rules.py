@@ -1,6 +1,9 @@
 """The trainer's clocks and guards, in one process on the CPU: what the final checkpoint holds, what a rerun
 does, and settings refused before the first step rather than an epoch into the run."""
 
+import os
+import signal
+
 import pytest
 import torch
 from conftest import REPO
@@ -33,14 +36,43 @@ def _newest(runs, name) -> dict:
 
 
 def test_the_checkpoint_at_an_epochs_last_step_carries_that_epochs_calibration(celeba_shards, tmp_path):
-    # A checkpoint every step and a validation at every epoch's end: both fall due at the epoch's last step,
+    # A checkpoint every step and a validation at every epoch's end: both fall due at an epoch's last step,
     # and the checkpoint must come after the validation, holding the threshold it calibrated.
-    cfg = _config(celeba_shards, tmp_path, "epoch", "train.epochs=1", "train.max_steps=null", "train.ckpt_every_steps=1",
-                  "train.val_every_steps=0", "train.val_every_epochs=1", "train.sample_every_steps=0")
+    cfg = _config(celeba_shards, tmp_path, "epoch", "train.epochs=2", "train.max_steps=null", "train.ckpt_every_steps=1",
+                  "train.ckpt_keep_last=1000", "train.val_every_steps=0", "train.val_every_epochs=1", "train.sample_every_steps=0")
     why, last = _train(cfg)
-    state = _newest(tmp_path, "epoch")
-    assert why == "done" and state["step"] == last > 1
-    assert state["threshold"] is not None and state["calibration"]["step"] == last
+    assert why == "done" and last % 2 == 0 and last > 2
+    for step, epochs in ((last // 2, 1), (last, 2)):  # the first epoch's end, then the last's
+        state = torch.load(tmp_path / "epoch" / "checkpoints" / f"step-{step:08d}.pt", map_location="cpu", weights_only=True)
+        assert state["threshold"] is not None and state["calibration"]["step"] == step and state["epoch"] == epochs
+
+
+def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_shards, tmp_path):
+    from pipeline import signals
+
+    cfg = _config(celeba_shards, tmp_path, "signal", "train.max_steps=2", "train.log_every_steps=1")
+    trainer = Trainer(cfg, ONE_CPU)
+    step = trainer.train_step
+
+    def step_then_sigterm(batch):  # the signal arrives with the last step: the final validation stops at once
+        stats = step(batch)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    trainer.train_step = step_then_sigterm
+    signals.install()
+    try:
+        assert trainer.train() == "signal"
+    finally:
+        trainer.close()
+        signals.uninstall()
+        signals._received = 0
+    state = _newest(tmp_path, "signal")
+    assert state["step"] == 2 and not state["finished"] and state["threshold"] is None
+    assert _train(cfg) == ("max_steps", 2)  # the same command again: the final work, and not one step more
+    state = _newest(tmp_path, "signal")
+    assert state["finished"] and state["calibration"]["step"] == 2
 
 
 def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path):

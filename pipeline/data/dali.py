@@ -112,9 +112,10 @@ class DaliLoader(ShardLoader):
                                      self.center_crop, self.image_member, self._checkpoint)
 
     def _reader_epoch_batches(self) -> int:
-        """Batches in the reader's current epoch: the part it reads now, padded to whole batches."""
-        part = self.part((self.rank + self._reader_epoch * self.cfg.shuffle) % self.world_size)
-        return -(-len(part) // self.cfg.batch_size)
+        """Batches in the reader's epoch: with pad_last_batch DALI pads every part to the longest part's length
+        (ceil(N / world_size), its ShouldPadBatch), then to whole batches; the same on every rank and epoch."""
+        longest = -(-self.split.samples // self.world_size)
+        return -(-longest // self.cfg.batch_size)
 
     def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         if self._pipe is None:
