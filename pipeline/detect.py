@@ -28,7 +28,7 @@ import torch
 from pipeline.data.preprocess import FacePreprocessor
 from pipeline.errors import UserError
 from pipeline.evaluate import load_discriminator, verdict_threshold
-from pipeline.faces import FACE_SCALE, FACE_SIZE, FaceCrop, FaceDetector, crop_face
+from pipeline.faces import DEFAULT_GEOMETRY, FaceCrop, FaceDetector, crop_face
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Detector:
             log.warning(self.threshold_note)
         # Faces are found and cropped as the training shards' were (checkpoints from before that record: the
         # sharding tool's defaults).
-        geometry = meta["faces"] or {"face_size": FACE_SIZE, "face_scale": FACE_SCALE, "upsample": 1}
+        geometry = meta["faces"] or DEFAULT_GEOMETRY
         self.face_size, self.face_scale = geometry["face_size"], geometry["face_scale"]
         self.faces = FaceDetector(upsample=geometry["upsample"], landmarks=False)
         self.preprocess = FacePreprocessor(self.image_size, self.device)

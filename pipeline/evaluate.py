@@ -191,6 +191,11 @@ def tag_prefix(split: str) -> str:
     return "celebdf" if split == "test" else f"celebdf-{split}"
 
 
+def celebdf_scalars(summary: dict, split: str) -> dict[str, float]:
+    """A summary's frame and video metrics as TensorBoard and wandb scalars, under the split's tag prefix."""
+    return {f"{tag_prefix(split)}/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+
+
 def report_folder(run_dir: Path, step: int, split: str) -> Path:
     """launch/evaluate.py's default --out: `<run>/eval-step-N/`, with `-<split>` for splits other than test."""
     return run_dir / (f"eval-step-{step:08d}" + ("" if split == "test" else f"-{split}"))
@@ -206,7 +211,7 @@ def log_to_run(run_dir: Path, meta: dict, summary: dict, images: dict[str, bytes
     logger = RunLogger(run_dir, cfg, meta["config"], meta["wandb_run_id"], resumed=True)
     try:
         prefix = tag_prefix(summary["split"])
-        values = {f"{prefix}/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+        values = celebdf_scalars(summary, summary["split"])
         if "celeba" in summary:
             values["celeba/false_positive_rate"] = summary["celeba"]["false_positive_rate"]
         logger.scalars(values, meta["step"])

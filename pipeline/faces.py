@@ -24,6 +24,9 @@ BOX_CENTRE_BELOW_EYES = 0.5
 LANDMARKS_MODEL = "models/shape_predictor_68_face_landmarks.dat"
 FACE_SCALE = 1.3  # the crop square's side over the detector box's longer side (DeepfakeBench, SBI)
 FACE_SIZE = 256  # the crops' side in pixels, as Celeb-DF is usually prepared
+# How the sharding tool crops faces by default (its --face-size and --upsample); shards record theirs in
+# manifest["faces"] and checkpoints carry it, for detection to repeat.
+DEFAULT_GEOMETRY = {"face_size": FACE_SIZE, "face_scale": FACE_SCALE, "upsample": 1}
 JPEG_QUALITY = 95  # of the stored crops; detection repeats this round trip so that its input matches training's
 LANDMARK_POINTS = 68
 # CelebA's five points, as named in list_landmarks_align_celeba.txt.

@@ -106,7 +106,7 @@ def _calibrate(real_scores: list[torch.Tensor], blend_scores: list[torch.Tensor]
 
 def evaluate_detector(step, cfg, rank: int, world_size: int, threshold: float | None, should_stop=None) -> dict[str, float] | None:
     """D as a deepfake detector on the configured Celeb-DF split (every rank scores its part); None if stopped."""
-    from pipeline.evaluate import per_video, score_split, summarize, tag_prefix
+    from pipeline.evaluate import celebdf_scalars, per_video, score_split, summarize
 
     t = cfg.train
     step.D_raw.eval()
@@ -118,7 +118,7 @@ def evaluate_detector(step, cfg, rank: int, world_size: int, threshold: float | 
         return None
     threshold = 0.5 if threshold is None else threshold
     summary = summarize(frames, per_video(frames, threshold), threshold=threshold)
-    return {f"{tag_prefix(t.eval_split)}/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+    return celebdf_scalars(summary, t.eval_split)
 
 
 @torch.no_grad()

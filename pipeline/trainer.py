@@ -279,11 +279,11 @@ class Trainer:
                      self.total_steps, self.run_dir, self.fast)
         if self.stop_agreed():  # during start-up or resume: nothing new to save since the last checkpoint
             return self._stop_on_signal(", before training", save=False)
+        meter, start = Meter(self.info.world_size), self.step
         if t.max_steps is not None and self.step >= t.max_steps:  # resumed at the end: not one step more
             if self.info.is_main:
                 log.info("%s is at step %d, train.max_steps %d: nothing left to train", self.run_dir, self.step, t.max_steps)
-            return self._finish(Meter(self.info.world_size), "max_steps", trained=False)
-        meter, start = Meter(self.info.world_size), self.step
+            return self._finish(meter, "max_steps", start)
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
                 meter.add(self.train_step(batch))
@@ -297,10 +297,10 @@ class Trainer:
                 if stop or self._interrupted:
                     return self._stop_on_signal()
                 if max_steps:
-                    return self._finish(meter, "max_steps")
-        return self._finish(meter, "done", trained=self.step > start)
+                    return self._finish(meter, "max_steps", start)
+        return self._finish(meter, "done", start)
 
-    def _finish(self, meter: Meter, why: str, trained: bool = True) -> str:
+    def _finish(self, meter: Meter, why: str, start: int) -> str:
         """The end of training (not a stop on a signal): the hyperparameters with the last statistics.
 
         A run resumed from a checkpoint that a signal wrote at its last step, in the middle of the final work,
@@ -311,7 +311,7 @@ class Trainer:
             self.run_periodic(lambda clock: False, final=True)
             if self._interrupted:
                 return self._stop_on_signal()
-        if self.logger is not None and (trained or finishing):  # a rerun of a finished run logs nothing again
+        if self.logger is not None and (self.step > start or finishing):  # a rerun of a finished run logs nothing again
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
         return why

@@ -22,8 +22,9 @@ from typing import Any, Iterator, Protocol
 from tqdm import tqdm
 
 import shards
+from pipeline.faces import DEFAULT_GEOMETRY
 from pipeline.fsutil import remove_stale_tmp, write_json_atomic
-from shards.manifest import FACE_KEYS, FORMAT_VERSION, GEOMETRY, SYNTHETIC_MARK, manifest_path, read_previous, shard_is_intact
+from shards.manifest import FORMAT_VERSION, GEOMETRY, SYNTHETIC_MARK, manifest_path, read_previous, shard_is_intact
 from shards.tarwriter import Sample, write_shard
 
 SPLITS = ("train", "val", "test")
@@ -182,7 +183,7 @@ def build(
         "tool": {"name": "deepfake-shards", "version": shards.__version__},
         "source": {**source.describe(), "synthetic": (Path(source.root) / SYNTHETIC_MARK).is_file()},
         "geometry": GEOMETRY,
-        "faces": {k: source.content_args()[k] for k in FACE_KEYS},  # what detection must repeat (face_geometry)
+        "faces": {k: source.content_args()[k] for k in DEFAULT_GEOMETRY},  # what detection must repeat (face_geometry)
         "arguments": arguments or {},
         "complete": False,
     }

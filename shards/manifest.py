@@ -91,26 +91,26 @@ def synthetic(*dataset_dirs: str | Path) -> bool | None:
     return True if True in flags else (None if None in flags else False)
 
 
-FACE_KEYS = ("face_size", "face_scale", "upsample")  # manifest["faces"]: how the face crops were made
-
-
 def face_geometry(dataset_dir: str | Path) -> dict[str, Any]:
     """How these shards' face crops were made: the crop's side (px), its scale over dlib's box, and dlib's
-    upsampling. Detection must crop alike; manifests from before the record get the tool's defaults,
-    unless the sharding command's arguments say otherwise."""
-    from pipeline.faces import FACE_SCALE, FACE_SIZE
+    upsampling. Detection must crop alike."""
+    return _face_geometry(load_manifest(dataset_dir))
 
-    manifest = load_manifest(dataset_dir)
+
+def _face_geometry(manifest: dict[str, Any]) -> dict[str, Any]:
+    # Manifests from before the record: the tool's defaults, unless the sharding command's arguments say otherwise.
+    from pipeline.faces import DEFAULT_GEOMETRY
+
     if "faces" in manifest:
         return dict(manifest["faces"])
     args = manifest.get("arguments") or {}
-    return {"face_size": args.get("face_size", FACE_SIZE), "face_scale": FACE_SCALE, "upsample": args.get("upsample", 1)}
+    return {k: args.get(k, default) for k, default in DEFAULT_GEOMETRY.items()}  # the CLI has no face_scale
 
 
 def detection_geometry(dataset_dirs: list[str]) -> dict[str, Any]:
     """The face geometry that detection must repeat for a model trained on these shards: Celeb-DF's (video
     frames, as detection meets them), else the first folder's; a warning where the folders differ."""
-    found = [(load_manifest(d)["dataset"], face_geometry(d)) for d in dataset_dirs]
+    found = [(m["dataset"], _face_geometry(m)) for m in map(load_manifest, dataset_dirs)]
     chosen = next((g for dataset, g in found if dataset == "celebdf"), found[0][1])
     if any(g != chosen for _, g in found):
         log.warning("the shards' face crops differ (%s): detection will crop as %s", ", ".join(
