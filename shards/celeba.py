@@ -1,7 +1,7 @@
 """CelebA (aligned and cropped) as users have it: the official layout or the Kaggle mirror.
 
 Official: `img_align_celeba/*.jpg` and whitespace-separated `list_*.txt` files (flat in the root, or in
-the Google Drive's `Anno/` and `Eval/` folders). Kaggle: `img_align_celeba/img_align_celeba/*.jpg`
+the Google Drive's `Anno/` and `Eval/` folders, the images then possibly in `Img/img_align_celeba/`). Kaggle: `img_align_celeba/img_align_celeba/*.jpg`
 and `list_*.csv` files with headers.
 
 Every sample holds the face the way Celeb-DF's samples do, so that the detector trains on the geometry it
@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
 from shards.build import ItemResult
-from shards.tarwriter import Sample
+from shards.tarwriter import Sample, key_of
 
 SPLIT_OF_PARTITION = {0: "train", 1: "val", 2: "test"}
 FALLBACK_NOTE = "no face found by dlib: box from CelebA's landmarks"
@@ -64,6 +64,8 @@ def find_layout(root: Path) -> Layout:
         name, images, suffix = "kaggle", nested, "csv"
     elif (root / "img_align_celeba").is_dir():
         name, images, suffix = "official", root / "img_align_celeba", "txt"
+    elif (root / "Img" / "img_align_celeba").is_dir():  # img_align_celeba.zip unpacked where the Drive keeps it
+        name, images, suffix = "official", root / "Img" / "img_align_celeba", "txt"
     else:
         raise UserError(
             f"{root} matches neither CelebA layout: expected img_align_celeba/*.jpg with list_eval_partition.txt "
@@ -96,6 +98,10 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
     return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
+def _no_rows(path: Path) -> UserError:
+    return UserError(f"{path} holds no rows: restore that file from the original CelebA download.")
+
+
 def _bad_line(path: Path, line: int, what: str) -> UserError:
     return UserError(f"{path} line {line} {what}: fix or restore that file from the original CelebA download.")
 
@@ -114,6 +120,8 @@ def read_partition(path: Path) -> dict[str, str]:
     rows = _rows(path)
     if path.suffix == ".csv" and rows and rows[0][1][:1] == ["image_id"]:
         rows = rows[1:]
+    if not rows:
+        raise _no_rows(path)
     out = {}
     for line, fields in rows:
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
@@ -128,6 +136,8 @@ def _read_table(path: Path) -> tuple[list[str], dict[str, list[int]]]:
     The .txt files start with a count line and a names line; the .csv files with a header row.
     """
     rows = _rows(path)
+    if len(rows) < (2 if path.suffix == ".csv" else 3):  # a header, and the .txt files' count line
+        raise _no_rows(path)
     if path.suffix == ".csv":
         names, body = rows[0][1][1:], rows[1:]
     else:
@@ -152,6 +162,8 @@ def read_identities(path: Path) -> dict[str, int]:
     rows = _rows(path)
     if path.suffix == ".csv" and rows and not rows[0][1][-1].isdigit():
         rows = rows[1:]
+    if not rows:
+        raise _no_rows(path)
     return {fields[0]: _ints(path, line, fields[1:], 1)[0] for line, fields in rows}
 
 
@@ -172,8 +184,7 @@ def jpeg_problem(data: bytes) -> tuple[str, str] | None:
 
 
 def sample_key(file_name: str) -> str:
-    stem = file_name.rsplit(".", 1)[0]
-    return stem.replace(".", "_").replace("/", "_")
+    return key_of(file_name.rsplit(".", 1)[0])
 
 
 class CelebASource:
@@ -205,6 +216,11 @@ class CelebASource:
         landmarks = read_landmarks(lay.landmarks) if lay.landmarks else {}
         identities = read_identities(lay.identity) if lay.identity else {}
         present = {p.name: p for p in lay.images.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg")}
+        if not present:
+            raise UserError(f"{lay.images} holds no .jpg image: unpack img_align_celeba.zip there.")
+        if not present.keys() & partition.keys():
+            raise UserError(f"none of the {len(present)} images in {lay.images} is named in {lay.partition}: the two come from "
+                            "different copies of CelebA; restore the list from the download the images came from.")
 
         skipped = [{"file": f, "reason": "listed in partition file but missing"} for f in sorted(partition) if f not in present]
         skipped += [{"file": f, "reason": "image not in partition file"} for f in sorted(present) if f not in partition]

@@ -8,6 +8,7 @@ the rest are split into train and val by identity, so that no person is on both 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
 from shards.build import ItemResult
-from shards.tarwriter import Sample
+from shards.tarwriter import Sample, key_of
 from shards.video import VideoError, sample_frames
 
 # canonical folder name -> label in our convention (1 = fake)
@@ -26,6 +27,12 @@ TEST_LIST = "List_of_testing_videos.txt"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 CELEB_REAL = re.compile(r"^(id\d+)_\d+$")
 CELEB_FAKE = re.compile(r"^(id\d+)_(id\d+)_\d+$")
+# Celeb-DF v2's videos per folder, and those its test list names (DATASETS.md): a copy with v2's folders
+# and a list that names other counts has a damaged list, which would move test videos into training.
+V2_VIDEOS = {"Celeb-real": 590, "YouTube-real": 300, "Celeb-synthesis": 5639}
+V2_TEST_VIDEOS = {"Celeb-real": 108, "YouTube-real": 70, "Celeb-synthesis": 340}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,24 @@ def read_test_list(path: Path, videos: dict[tuple[str, str], Video]) -> set[str]
                 f"but its folder {video.folder} holds {'fake' if video.label else 'real'} videos: correct the line or move the video."
             )
         listed.add(video.rel)
+    if not listed:
+        raise UserError(f"{path} lists no video, so Celeb-DF would have no test split: restore it from the download "
+                        f"(v2's lists {sum(V2_TEST_VIDEOS.values())}).")
+    return listed
+
+
+def _per_folder(videos: list[Video]) -> dict[str, int]:
+    return {folder: sum(v.folder == folder for v in videos) for folder in FOLDERS}
+
+
+def check_test_list(path: Path, videos: dict[tuple[str, str], Video], test: set[str]) -> dict[str, int]:
+    """The test split's videos per folder; a warning where the videos are v2's and the list is not."""
+    listed = _per_folder([v for v in videos.values() if v.rel in test])
+    if _per_folder(list(videos.values())) == V2_VIDEOS and listed != V2_TEST_VIDEOS:
+        log.warning("%s lists %d videos (%s) where Celeb-DF v2's lists %d (%s): the videos it leaves out go to "
+                    "training; restore it from the download unless that is intended.", path, sum(listed.values()),
+                    ", ".join(f"{n} {f}" for f, n in listed.items()), sum(V2_TEST_VIDEOS.values()),
+                    ", ".join(f"{n} {f}" for f, n in V2_TEST_VIDEOS.items()))
     return listed
 
 
@@ -140,9 +165,11 @@ class CelebDFSource:
         self.seed = seed
         self.upsample = upsample
         self.placement = ""
+        self.test_videos: dict[str, int] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {"root": str(self.root), "layout": f"Celeb-DF, {self.placement}", "test_list": str(self.root / TEST_LIST)}
+        return {"root": str(self.root), "layout": f"Celeb-DF, {self.placement}", "test_list": str(self.root / TEST_LIST),
+                "test_videos": self.test_videos}
 
     def content_args(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in
@@ -169,6 +196,7 @@ class CelebDFSource:
             raise UserError(f"{self.root / TEST_LIST} is missing: Celeb-DF's test split is defined by that file; restore it from the download.")
         videos, skipped = self._list_videos(folders)
         test = read_test_list(test_list, videos)
+        self.test_videos = check_test_list(test_list, videos, test)
 
         pool = [v for v in videos.values() if v.rel not in test]
         celebs = {p for v in pool for p in v.identities if p.startswith("id")}
@@ -203,7 +231,8 @@ class CelebDFSource:
         except VideoError as e:
             return ItemResult(skipped=[{"file": video.rel, "reason": e.reason}])
         detector = shared_detector(self.upsample, True)
-        result = ItemResult()
+        result = ItemResult(skipped=[{"file": video.rel, "frame": index, "reason": "frame did not convert"}
+                                     for index in sampled.unconverted])
         for index, rgb in sampled.frames:
             faces = detector.detect(rgb)
             if not faces:
@@ -218,7 +247,7 @@ class CelebDFSource:
             }
             if video.label:
                 meta["donor"] = video.identities[1] if len(video.identities) > 1 else None
-            key = f"{video.folder}_{video.stem}_{index:04d}".replace(".", "_")
+            key = key_of(f"{video.folder}_{video.stem}_{index:04d}")
             fields = {
                 "jpg": encode_face_jpeg(crop.image),
                 "lmk": landmarks_bytes(crop.landmarks, self.face_size),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,14 @@ class Sample:
     label: int
 
     def __post_init__(self):
-        if "." in self.key or "/" in self.key or not self.key:
-            raise ValueError(f"sample key {self.key!r} must be non-empty and contain no '.' or '/'")
+        # The index separates its fields with spaces, so a key must have none (`key_of` makes one from a name).
+        if "." in self.key or "/" in self.key or not self.key or any(c.isspace() for c in self.key):
+            raise ValueError(f"sample key {self.key!r} must be non-empty and contain no '.', '/' or whitespace")
+
+
+def key_of(name: str) -> str:
+    """A sample key from a file name: '.', '/' and whitespace (`id0_0000 (1).mp4`, a browser's copy) become '_'."""
+    return re.sub(r"[./\s]", "_", name)
 
 
 @dataclass

@@ -34,6 +34,7 @@ class SampledFrames:
     fps: float
     width: int
     height: int
+    unconverted: list[int]  # wanted frames that decoded but that OpenCV failed to convert (retrieve())
 
 
 def even_indices(n_frames: int, k: int) -> list[int]:
@@ -91,4 +92,5 @@ def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: fl
         frames, decoded_again = _decode(path, set(wanted), deadline=deadline)
         if decoded_again != decoded:
             raise VideoError("frame count differs between two decodes")
-    return SampledFrames([(i, frames[i]) for i in wanted if i in frames], decoded, claimed, fps, width, height)
+    return SampledFrames([(i, frames[i]) for i in wanted if i in frames], decoded, claimed, fps, width, height,
+                         [i for i in wanted if i not in frames])

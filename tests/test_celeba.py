@@ -178,6 +178,54 @@ def test_a_missing_partition_file_exits_2_and_writes_nothing(tmp_path, celeba_ro
     assert not (tmp_path / "out").exists()
 
 
+def _keep_lines(path, count):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:count]))
+
+
+@pytest.mark.parametrize("damage", ["empty partition", "attributes without rows", "landmarks without rows",
+                                    "empty identities", "no image", "a list from another copy"])
+def test_list_files_without_rows_and_images_no_list_names_stop_before_writing(tmp_path, celeba_root, damage):
+    from pipeline.errors import UserError
+
+    root = tmp_path / "damaged"
+    shutil.copytree(celeba_root, root)
+    images = root / "img_align_celeba"
+    path, expected = {
+        "empty partition": ("list_eval_partition.txt", "holds no rows: restore that file"),
+        "attributes without rows": ("list_attr_celeba.txt", "holds no rows: restore that file"),
+        "landmarks without rows": ("list_landmarks_align_celeba.txt", "holds no rows: restore that file"),
+        "empty identities": ("identity_CelebA.txt", "holds no rows: restore that file"),
+        "no image": ("img_align_celeba", "holds no .jpg image: unpack img_align_celeba.zip there"),
+        "a list from another copy": ("img_align_celeba", "is named in"),
+    }[damage]
+    if damage == "no image":
+        for image in images.iterdir():
+            image.unlink()
+    elif damage == "a list from another copy":
+        for image in images.iterdir():
+            image.rename(images / f"9{image.name}")
+    else:  # the .txt tables keep their count and names lines
+        _keep_lines(root / path, 0 if damage.startswith("empty") else 2)
+    with pytest.raises(UserError, match=expected) as error:
+        build(CelebASource(root), tmp_path / "out", progress=False)
+    assert str(root / path) in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_google_drive_layout_finds_the_images_in_img(tmp_path, celeba_root, celeba_shards):
+    root = tmp_path / "drive"
+    (root / "Img").mkdir(parents=True)
+    shutil.copytree(celeba_root / "img_align_celeba", root / "Img" / "img_align_celeba")
+    (root / "Anno").mkdir()
+    (root / "Eval").mkdir()
+    for lst in celeba_root.glob("list_*.txt"):
+        shutil.copy(lst, root / ("Eval" if "partition" in lst.name else "Anno") / lst.name)
+    shutil.copy(celeba_root / "identity_CelebA.txt", root / "Anno")
+    report = build(CelebASource(root, maxcount=16), tmp_path / "out", progress=False)
+    assert report.manifest["source"]["images"] == str(root / "Img" / "img_align_celeba")
+    assert shard_bytes(report.out_dir) == shard_bytes(celeba_shards.out_dir)
+
+
 @pytest.mark.parametrize("line", ["000001.jpg 7", "000001.jpg"])
 def test_a_malformed_partition_line_exits_2_naming_file_and_line(tmp_path, celeba_root, line):
     root = tmp_path / "badline"

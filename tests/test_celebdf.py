@@ -112,6 +112,24 @@ def test_unreadable_and_empty_videos_and_faceless_frames_are_skipped_and_counted
     assert report.manifest["complete"]
 
 
+def test_a_video_name_with_spaces_gives_shards_the_loaders_read(tmp_path, celebdf_root):
+    from pipeline.data.common import check_samples, read_index
+
+    root = tmp_path / "spaces"
+    (root / "Celeb-real").mkdir(parents=True)
+    shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real" / "id0_0000.mp4")
+    shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real" / "id0_0000 (1).mp4")  # a browser's copy
+    (root / "List_of_testing_videos.txt").write_text("1 Celeb-real/id0_0000.mp4\n")
+    report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
+    keys = []
+    for tar in sorted(report.out_dir.glob("*.tar")):
+        entries = read_index(tar, tar.with_suffix(".idx"))
+        check_samples(tar, entries)
+        keys += [e.key for e in entries]
+    copies = [k for k in keys if k.startswith("Celeb-real_id0_0000_(1)_")]
+    assert len(copies) == CELEBDF_ARGS["frames_per_video"] and len(keys) == 2 * len(copies)
+
+
 def test_frames_come_from_the_frames_that_really_decode(tmp_path):
     writer = cv2.VideoWriter(str(tmp_path / "v.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
     for i in range(40):
@@ -128,6 +146,36 @@ def test_frames_come_from_the_frames_that_really_decode(tmp_path):
     assert [i for i, _ in cut.frames] == even_indices(cut.decoded, 5)
     for i, frame in cut.frames:  # the pixels are those of frame i, not of another one
         assert abs(int(frame.mean()) - 6 * i) <= 3
+
+
+def test_a_frame_opencv_fails_to_convert_is_counted_as_skipped(tmp_path, celebdf_root, monkeypatch):
+    import shards.video
+
+    capture = cv2.VideoCapture
+
+    class FailsFrame10:  # a fault no real file here produces: retrieve() fails after grab(). (Subclassing
+        # cv2.VideoCapture crashes its garbage collection, so this wraps one.)
+        def __init__(self, path):
+            self.cap, self.grabbed = capture(path), 0
+
+        def grab(self):
+            self.grabbed += 1
+            return self.cap.grab()
+
+        def retrieve(self):
+            return (False, None) if self.grabbed == 11 else self.cap.retrieve()
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(shards.video.cv2, "VideoCapture", FailsFrame10)
+    root = tmp_path / "one"
+    (root / "Celeb-real").mkdir(parents=True)
+    shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real")
+    (root / "List_of_testing_videos.txt").write_text("1 Celeb-real/id0_0000.mp4\n")
+    report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
+    assert report.manifest["skipped"]["items"] == [{"file": "Celeb-real/id0_0000.mp4", "frame": 10, "reason": "frame did not convert"}]
+    assert [m["frame"] for _, _, m in _metas(report.out_dir)] == [0, 20, 30, 40, 50]
 
 
 def _edit_test_list(root, edit):
@@ -153,6 +201,50 @@ def test_a_test_list_label_that_disagrees_with_its_folder_exits_2(tmp_path, cele
     assert str(path) in result.stderr and "labels Celeb-synthesis/" in result.stderr and "1 means real" in result.stderr
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_test_list_exits_2_and_writes_nothing(tmp_path, celebdf_root):
+    root = _copy(celebdf_root, tmp_path)
+    path = _edit_test_list(root, lambda t: "\r\n\n")
+    result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{path} lists no video, so Celeb-DF would have no test split: restore it" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _v2_names(tmp_path, listed):
+    """Empty files with Celeb-DF v2's names and counts, and a test list of `listed` (per folder) of them."""
+    root = tmp_path / "Celeb-DF-v2"
+    names = {"Celeb-real": [f"id{p}_{i:04d}.mp4" for p in range(59) for i in range(10)],
+             "YouTube-real": [f"{i:05d}.mp4" for i in range(300)],
+             "Celeb-synthesis": [f"id{t}_id{(t + d) % 59}_{i:04d}.mp4" for t in range(59) for d in range(1, 11)
+                                 for i in range(10)][:5639]}
+    for folder, files in names.items():
+        (root / folder).mkdir(parents=True)
+        for name in files:
+            (root / folder / name).touch()
+    lines = [f"{0 if folder == 'Celeb-synthesis' else 1} {folder}/{name}" for folder, n in listed.items()
+             for name in names[folder][:n]]
+    (root / "List_of_testing_videos.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_test_list_shorter_than_v2s_is_a_warning_and_the_manifest_counts_the_test_videos(tmp_path, caplog):
+    from shards.celebdf import V2_TEST_VIDEOS
+
+    source = CelebDFSource(_v2_names(tmp_path / "whole", V2_TEST_VIDEOS))
+    source.plan()
+    assert source.describe()["test_videos"] == V2_TEST_VIDEOS
+    assert not caplog.records
+
+    cut = {"Celeb-real": 108, "YouTube-real": 70, "Celeb-synthesis": 200}  # a list cut short
+    source = CelebDFSource(_v2_names(tmp_path / "cut", cut))
+    items, _ = source.plan()
+    assert len(items["test"]) == 378 and source.describe()["test_videos"] == cut
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith(f"{source.root / 'List_of_testing_videos.txt'} lists 378 videos (108 Celeb-real, "
+                                          "70 YouTube-real, 200 Celeb-synthesis) where Celeb-DF v2's lists 518")
 
 
 @pytest.mark.parametrize("damage", ["no test list", "no folders"])

@@ -43,8 +43,8 @@ def test_index_offsets_point_at_member_data():
     assert data[int(offset) : int(offset) + int(size)] == bytes([2]) * (100 + 37 * 2)
 
 
-@pytest.mark.parametrize("key", ["a.b", "a/b", ""])
-def test_keys_that_webdataset_would_split_are_refused(key):
+@pytest.mark.parametrize("key", ["a.b", "a/b", "", "a b", "a\tb"])
+def test_keys_that_webdataset_or_the_index_would_split_are_refused(key):
     with pytest.raises(ValueError, match="key"):
         Sample(key, {"jpg": b"x"}, 0)
 
