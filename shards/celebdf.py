@@ -3,6 +3,10 @@
 Labels come from the folder (`*-real` real, `Celeb-synthesis` fake; `cls` 1 = fake) and are checked
 against `List_of_testing_videos.txt`, where 1 means REAL. The videos in that list are the test split;
 the rest are split into train and val by identity, so that no person is on both sides.
+
+The list's celebrities also appear in the rest (Celeb-DF's 59 celebrities are in most of its test videos), so
+a detector trained on the rest's real frames is scored on people it has seen. `exclude_test_people` leaves
+every video of a listed person out of train and val (counted), for a score on people never seen.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class CelebDFSource:
         val_fraction: float = 0.1,
         seed: int = 0,
         upsample: int = 1,
+        exclude_test_people: bool = False,
     ):
         self.root = Path(root).resolve()
         self.frames_per_video = frames_per_video
@@ -164,6 +169,7 @@ class CelebDFSource:
         self.val_fraction = val_fraction
         self.seed = seed
         self.upsample = upsample
+        self.exclude_test_people = exclude_test_people
         self.placement = ""
         self.test_videos: dict[str, int] = {}
 
@@ -173,7 +179,8 @@ class CelebDFSource:
 
     def content_args(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in
-                ("frames_per_video", "face_size", "face_scale", "maxcount", "val_fraction", "seed", "upsample")}
+                ("frames_per_video", "face_size", "face_scale", "maxcount", "val_fraction", "seed", "upsample",
+                 "exclude_test_people")}
 
     def _list_videos(self, folders: dict[str, Path]) -> tuple[dict[tuple[str, str], Video], list[dict[str, Any]]]:
         videos, skipped = {}, []
@@ -199,6 +206,11 @@ class CelebDFSource:
         self.test_videos = check_test_list(test_list, videos, test)
 
         pool = [v for v in videos.values() if v.rel not in test]
+        if self.exclude_test_people:
+            listed_people = {p for v in videos.values() if v.rel in test for p in v.identities}
+            seen = {v.rel for v in pool if listed_people & set(v.identities)}
+            skipped += [{"file": rel, "reason": "a person of the test list (exclude_test_people)"} for rel in sorted(seen)]
+            pool = [v for v in pool if v.rel not in seen]
         celebs = {p for v in pool for p in v.identities if p.startswith("id")}
         others = {p for v in pool for p in v.identities if not p.startswith("id")}
         # Two celebrities at least, so that val can hold fakes: a fake needs its target and its donor there.
@@ -206,8 +218,7 @@ class CelebDFSource:
         val_people |= split_identities(others, self.val_fraction, self.seed, min_val=1)
 
         items: dict[str, list[Any]] = {"train": [], "val": [], "test": []}
-        for key in sorted(videos, key=lambda k: videos[k].rel):
-            v = videos[key]
+        for v in sorted(pool + [v for v in videos.values() if v.rel in test], key=lambda v: v.rel):
             sides = {p in val_people for p in v.identities}
             if v.rel in test:
                 items["test"].append((v, "test"))

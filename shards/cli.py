@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training pool's people that go to val (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the identity split (default: %(default)s)")
     p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling; 1 finds faces down to 40 px (default: %(default)s)")
+    p.add_argument("--exclude-test-people", action="store_true",
+                   help="leave every video of a person in the test list out of train and val (counted): "
+                        "a test on people never seen; by default only the listed videos are left out")
 
     synth = sub.add_parser("synth", help="write a synthetic dataset in a real layout").add_subparsers(dest="dataset", required=True)
     p = synth.add_parser("celeba", help="real face photos (or procedural faces) in the CelebA layout")
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> None:
         source = CelebDFSource(
             args.root, frames_per_video=args.frames_per_video, face_size=args.face_size, maxcount=args.maxcount,
             val_fraction=args.val_fraction, seed=args.seed, upsample=args.upsample,
+            exclude_test_people=args.exclude_test_people,
         )
     report = build(source, args.out, workers=args.workers, arguments=_arguments(args), progress=not args.no_progress)
     print(format_report(report, source.item_unit))

@@ -268,6 +268,34 @@ def test_val_fraction_0_keeps_every_training_person_in_train(celebdf_root):
     assert not [s for s in skipped if s["reason"] == "target and donor on different sides of the identity split"]
 
 
+def test_exclude_test_people_leaves_every_video_of_a_listed_person_out_of_train_and_val(celebdf_root):
+    def people(items, split):
+        return {p for video, _ in items[split] for p in video.identities}
+
+    items, _ = CelebDFSource(celebdf_root).plan()
+    listed = people(items, "test")
+    assert listed & (people(items, "train") | people(items, "val"))  # as in the real Celeb-DF: the list's people recur
+
+    excluded, skipped = CelebDFSource(celebdf_root, exclude_test_people=True).plan()
+    assert excluded["test"] == items["test"]
+    assert not listed & (people(excluded, "train") | people(excluded, "val"))
+    left_out = {s["file"] for s in skipped if s["reason"] == "a person of the test list (exclude_test_people)"}
+    seen_before = {video.rel for video, _ in items["train"] + items["val"] if listed & set(video.identities)}
+    assert seen_before and seen_before <= left_out
+    for rel in left_out:
+        folder, name = rel.split("/")
+        assert listed & set(identities_of(folder, name.rsplit(".", 1)[0])), rel
+
+
+def test_the_cli_passes_exclude_test_people_and_the_manifest_counts_the_videos_left_out(tmp_path, celebdf_root):
+    result = run_shards("celebdf", "--root", celebdf_root, "--out", tmp_path / "out", "--exclude-test-people",
+                        "--frames-per-video", 2, "--face-size", 64, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "celebdf" / "manifest.json").read_text())
+    assert manifest["arguments"]["exclude_test_people"] is True
+    assert manifest["skipped"]["by_reason"]["a person of the test list (exclude_test_people)"] > 0
+
+
 def test_the_manifest_records_how_faces_were_cropped_and_older_ones_read_from_their_arguments(celebdf_shards, tmp_path):
     from shards.manifest import face_geometry
 
