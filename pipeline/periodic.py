@@ -71,11 +71,14 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
         # The blends are data: made in float32 outside autocast (CPU half precision is slow there).
         pairs = self_blend(batch.images, batch.landmarks, gen) if calibrates else None
         with step.autocast():
-            real, fake = D(batch.images).float(), D(step.G_ema(z)).float()
-            if pairs is not None:
-                blend = D(pairs.fake.to(batch.images.dtype)).float()[pairs.valid]
-                real_scores.append(torch.sigmoid(-real))
-                blend_scores.append(torch.sigmoid(-blend))
+            fake = D(step.G_ema(z)).float()
+        # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
+        # (a bf16 score is off by up to 2e-3, and ties).
+        real = D(batch.images.float()).float()
+        if pairs is not None:
+            blend = D(pairs.fake).float()[pairs.valid]
+            real_scores.append(torch.sigmoid(-real))
+            blend_scores.append(torch.sigmoid(-blend))
         loss = F.softplus(-real).sum() + F.softplus(fake).sum()
         sums += torch.stack([(real > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=device)])
     D.train()

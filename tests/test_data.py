@@ -1,5 +1,6 @@
 """The loaders on the CPU (DALI in CPU mode and the baseline), over deliberately uneven shards."""
 
+import json
 import multiprocessing
 import shutil
 import tarfile
@@ -185,7 +186,13 @@ def _rewrite(tar_path, edit):
         key, ext = name.split(".", 1)
         samples.setdefault(key, {})[ext] = data
     edited = edit([Sample(k, v, 0) for k, v in sorted(samples.items())])
-    write_shard(tar_path, edited)
+    info = write_shard(tar_path, edited)
+    manifest = tar_path.parent / "manifest.json"  # and record its new size, as a run of `python -m shards` would
+    data = json.loads(manifest.read_text())
+    for shard in data["shards"]:
+        if shard["file"] == tar_path.name:
+            shard["bytes"] = info.bytes
+    manifest.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -197,9 +204,11 @@ def test_a_corrupt_jpeg_in_a_shard_is_named_by_shard_and_key(uneven, tmp_path, l
         return samples
 
     _rewrite(shards / "train-000002.tar", corrupt)
-    with pytest.raises(UserError, match=r"train-000002.tar holds sample 000024, whose JPEG does not decode"):
+    with pytest.raises(UserError, match=r"train-000002.tar holds sample 000024, whose JPEG does not decode") as error:
         with build_loader(_cfg(shards, loader, shuffle=False, threads=1)) as data:
             list(data)
+    # One sentence: not the baseline's worker traceback, which DataLoader makes the message of what it re-raises.
+    assert str(error.value).startswith(str(shards / "train-000002.tar")) and "\n" not in str(error.value)
 
 
 def test_a_dali_error_that_is_not_a_decoders_is_passed_on_without_a_rescan(uneven, tmp_path):
@@ -214,6 +223,25 @@ def test_a_dali_error_that_is_not_a_decoders_is_passed_on_without_a_rescan(uneve
     data.close()
     # A rescan would have found the cut JPEGs and named one (a UserError); DALI's own error names the reader.
     assert not isinstance(caught.value, UserError) and "readers.webdataset" in str(caught.value)
+
+
+def test_a_shard_cut_short_or_replaced_is_named_before_reading(uneven, tmp_path):
+    shards = _copy(uneven, tmp_path)
+    tar = shards / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
+    with pytest.raises(UserError, match=rf"{tar} holds \d+ bytes where .*manifest.json records \d+: it was cut short"):
+        build_loader(_cfg(shards, "baseline"))
+
+
+def test_a_malformed_index_line_is_named_and_blank_lines_are_skipped(uneven, tmp_path):
+    shards = _copy(uneven, tmp_path)
+    idx = shards / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines) + "\n\n")  # a trailing blank line reads as nothing
+    assert build_loader(_cfg(shards, "baseline")).split.samples == build_loader(_cfg(uneven, "baseline")).split.samples
+    idx.write_text("\n".join([lines[0], lines[1].rsplit(" ", 1)[0]] + lines[2:]) + "\n")  # a member's name cut off
+    with pytest.raises(UserError, match=rf"{idx} line 2 is not '<ext> <offset> <size> <name>' per member"):
+        build_loader(_cfg(shards, "baseline"))
 
 
 @pytest.mark.parametrize("loader", LOADERS)

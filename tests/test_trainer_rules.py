@@ -47,6 +47,23 @@ def test_the_checkpoint_at_an_epochs_last_step_carries_that_epochs_calibration(c
         assert state["threshold"] is not None and state["calibration"]["step"] == step and state["epoch"] == epochs
 
 
+def test_the_threshold_is_calibrated_on_float32_scores_in_any_precision(celeba_shards, tmp_path):
+    # Evaluation and detection score faces in float32: a threshold from bf16 scores would be off by their rounding.
+    import contextlib
+
+    cfg = _config(celeba_shards, tmp_path, "bf16", "train.precision=bf16", "train.max_steps=1")
+    trainer = Trainer(cfg, ONE_CPU)
+    try:
+        assert trainer.fast.autocast_dtype == torch.bfloat16
+        trainer.validate()
+        in_bf16 = trainer.threshold
+        trainer.step_fn.autocast = contextlib.nullcontext  # the same validation with no autocast at all
+        trainer.validate()
+        assert trainer.threshold == in_bf16 and in_bf16 is not None
+    finally:
+        trainer.close()
+
+
 def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_shards, tmp_path):
     from pipeline import signals
 

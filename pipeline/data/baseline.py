@@ -95,6 +95,8 @@ class BaselineLoader(ShardLoader):
                 if self.cfg.with_meta:
                     batch.labels, batch.keys = labels.to(self.device), list(keys)
                 yield batch
+        except UserError as e:
+            raise UserError(_worker_message(str(e))) from None
         finally:
             self.close()
 
@@ -104,3 +106,12 @@ class BaselineLoader(ShardLoader):
         if shutdown is not None:
             shutdown()
         self._workers = None
+
+
+def _worker_message(text: str) -> str:
+    """A worker's error as DataLoader re-raises it ("Caught UserError in DataLoader worker process 0." and the
+    worker's traceback) -> the worker's own one sentence; any other text as it is."""
+    if not text.startswith("Caught "):
+        return text
+    _, _, message = text.rstrip().splitlines()[-1].partition(": ")  # "pipeline.errors.UserError: <message>"
+    return message or text

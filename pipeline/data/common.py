@@ -54,9 +54,17 @@ def read_index(tar: Path, idx: Path) -> list[IndexEntry]:
     if not lines or not lines[0].startswith("v1.2 "):
         raise UserError(f"{idx} is not a DALI v1.2 index: write it again with `wds2idx {tar}`.")
     entries = []
-    for line in lines[1:]:
+    for n, line in enumerate(lines[1:], 2):
         fields = line.split()
-        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        if not fields:
+            continue
+        try:  # each member: extension, offset, size, name
+            if len(fields) % 4:
+                raise ValueError
+            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        except ValueError:
+            raise UserError(f"{idx} line {n} is not '<ext> <offset> <size> <name>' per member: write it again with "
+                            f"`wds2idx {tar}`, or the shards with `python -m shards`.") from None
         name = fields[3]
         entries.append(IndexEntry(name[: name.find(".", name.rfind("/") + 1)], members, line))
     return entries
@@ -133,6 +141,10 @@ def load_split(cfg: DataConfig) -> SplitInfo:
             tar, idx = Path(folder) / shard["file"], Path(folder) / shard["index"]
             if not tar.is_file():
                 raise UserError(f"{tar} is listed in {Path(folder) / 'manifest.json'} but missing: run `python -m shards` again to rewrite it.")
+            if "bytes" in shard and tar.stat().st_size != shard["bytes"]:
+                raise UserError(f"{tar} holds {tar.stat().st_size} bytes where {Path(folder) / 'manifest.json'} records "
+                                f"{shard['bytes']}: it was cut short or replaced; copy it again, or run `python -m shards` "
+                                "again to rewrite it.")
             entries = read_index(tar, idx)
             check_samples(tar, entries, required_members(cfg))
             if cfg.real_only and set(shard["labels"]) != {"0"}:
