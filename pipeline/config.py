@@ -33,6 +33,9 @@ class DataConfig:
     flip: bool = True  # random horizontal flips
     shuffle: bool = True  # a new seeded order every epoch
     shuffle_buffer: int = 4096  # DALI's shuffle buffer (samples); the baseline permutes the whole split
+    shuffle_chunk: int = 128  # DALI, shuffled: the reader reads the split as runs of this many consecutive samples
+    # in a seeded random order over all shards and datasets, so that its buffer mixes ~32 runs, not one
+    # 10,000-sample shard of one dataset; 0 reads whole shards
     seed: int = 0  # order and flips are a function of (seed, epoch, rank)
     threads: int = 4  # DALI CPU threads, or the baseline's DataLoader worker processes
     dtype: str = "float32"  # float32 | float16 | bfloat16

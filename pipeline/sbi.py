@@ -4,7 +4,12 @@ A self-blend pastes a face onto itself through a soft, jittered mask after a sli
 and sharpness. It keeps the identity but leaves what every face swap leaves: a blending boundary and a
 mismatch of colour and sharpness statistics inside it. A detector trained to find it generalises to
 swaps it never saw. The recipe follows mapooon/SelfBlendedImages (src/utils/sbi.py, blend.py, funcs.py);
-its pixel constants are at 256 px and are scaled by S/256 here.
+its pixel constants are at 256 px and are scaled by S/256 here. Two departures, measured (BENCHMARKS.md):
+SBI's blurs and shift are sizes in its own working crop, 2 times the landmarks' width by 2.4 times their
+height, larger than ours (a square 1.3 times the face box), so relative to the face ours are 0.6-0.75 of
+SBI's; and one mask kind in four is the inner face without the jaw line, which SBI never draws. Matching
+SBI on both scored lower on the synthetic swaps (video AUC 0.69 against 0.74), and on the mask kinds alone
+too (0.68); half of those swaps paste an inner-face mask, so that set favours the inner kind.
 
 Every function is a pure function of tensors and a `torch.Generator` on the images' device. Per-sample
 choices are masks and `torch.where`, never Python branches on tensor values, so a GPU step never waits
@@ -117,9 +122,13 @@ def _dummy_landmarks(like: torch.Tensor) -> torch.Tensor:
 
 
 def _region_points(points: torch.Tensor, kind: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
-    """The points whose hull is the mask, per SBI's random_get_hull; kind 0 all, 1 inner, 2 outline + forehead, 3 outline.
+    """The points whose hull is the mask; kind 0 all, 1 inner, 2 outline + forehead, 3 outline.
 
-    Points a kind leaves out are replaced by one it keeps, which leaves the hull unchanged.
+    Kinds 0 and 3 give the face hull (SBI's dfl_full, components and facehull of Face X-ray's
+    random_get_hull), kind 2 that hull with the brows lifted (its `extended` and 81-point facehull, which
+    reach up the forehead). Kind 1, the brows, eyes, nose and mouth without the jaw line, is not SBI's: the
+    inner-face masks that some swap tools paste. Points a kind leaves out are replaced by one it keeps, which
+    leaves the hull unchanged.
     """
     chin, brows = points[:, 8], points[:, 17:27]  # [B, 2], [B, 10, 2]
     up = brows.mean(1) - chin  # [B, 2]: the face's vertical axis, chin to brows, in any head pose

@@ -28,7 +28,8 @@ def uneven(celeba_root, tmp_path_factory):
 
 
 def _cfg(shards, loader, **kw):
-    base = dict(shards=str(shards), loader=loader, batch_size=4, threads=2, with_meta=True, shuffle_buffer=64)
+    # Runs of 3 samples: DALI reads the 10-sample shards as runs of 3, 3, 3 and 1 (at the default 128, whole).
+    base = dict(shards=str(shards), loader=loader, batch_size=4, threads=2, with_meta=True, shuffle_buffer=64, shuffle_chunk=3)
     return DataConfig(**{**base, **kw})
 
 
@@ -133,6 +134,56 @@ def test_dali_builds_one_pipeline_per_run(uneven):
             for _ in data:
                 pipes.add(id(data._pipe))
         assert len(pipes) == 1 and data.epoch == 3
+
+
+def test_dali_mixes_runs_of_every_shard_from_the_first_batch(uneven):
+    def first_shards(chunk):  # the shards of the first 12 samples, with a buffer of 4
+        with build_loader(_cfg(uneven, "dali", shuffle_buffer=4, shuffle_chunk=chunk, batch_size=12)) as data:
+            return {key.split("/")[0] for key in next(iter(data)).keys}
+
+    assert len(first_shards(0)) <= 2  # whole 10-sample shards: one after the other
+    assert len(first_shards(3)) >= 3
+
+
+def test_dali_resumed_with_another_reader_starts_a_fresh_stream_at_the_saved_position(uneven, caplog):
+    with build_loader(_cfg(uneven, "dali")) as data:
+        it = iter(data)
+        next(it), next(it)
+        state = data.state_dict()
+    # With landmarks the pipeline has another reader output, which DALI's saved state does not hold.
+    with build_loader(_cfg(uneven, "dali", with_landmarks=True)) as resumed:
+        resumed.load_state_dict(state)
+        rest = [k for b in resumed for k in b.keys]
+    assert len(rest) == (len(resumed) - 2) * 4 and len(set(rest)) == len(rest)
+    assert "loader resumed from a checkpoint with another reader" in caplog.text
+
+
+def test_a_dali_state_that_does_not_restore_starts_a_fresh_stream(uneven, caplog):
+    with build_loader(_cfg(uneven, "dali")) as data:
+        it = iter(data)
+        next(it)
+        state = data.state_dict()
+    state["dali"] = state["dali"][: len(state["dali"]) // 2]  # as another DALI version's might not parse
+    with build_loader(_cfg(uneven, "dali")) as resumed:
+        resumed.load_state_dict(state)
+        rest = [k for b in resumed for k in b.keys]
+    assert len(rest) == (len(resumed) - 1) * 4 and len(set(rest)) == len(rest)
+    assert "the saved DALI state does not fit this pipeline" in caplog.text
+
+
+def test_a_split_that_shrank_since_the_save_resumes_at_its_epochs_end(uneven, tmp_path):
+    with build_loader(_cfg(uneven, "dali")) as data:
+        state = {**data.state_dict(), "batch": len(data) - 1}
+    shards = _copy(uneven, tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["file"] != "train-000000.tar"]  # 38 samples: 9 batches
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with build_loader(_cfg(shards, "dali")) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.batch == len(resumed) == 9
+        assert list(resumed) == [] and resumed.epoch == 1
+        keys = [k for b in resumed for k in b.keys]
+    assert len(keys) == 36 and len(set(keys)) == 36
 
 
 def test_resuming_with_another_world_size_keeps_the_share_of_the_epoch_seen(uneven):
@@ -279,6 +330,8 @@ def test_an_empty_split_and_too_small_a_split_are_clear_errors(celeba_root, tmp_
         build_loader(_cfg(out, "dali", split="test"), 0, 2)
     with pytest.raises(UserError, match=r"data.loader 'torch' is neither"):
         build_loader(_cfg(out, "torch"))
+    with pytest.raises(UserError, match=r"data.shuffle_chunk is -1: it must be 0 \(whole shards\) or more"):
+        build_loader(_cfg(out, "dali", shuffle_chunk=-1))
 
 
 @pytest.mark.gpu

@@ -203,6 +203,8 @@ class ShardLoader:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, fit_batch: bool = False):
         if cfg.dtype not in DTYPES:
             raise UserError(f"data.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}: choose one of those.")
+        if cfg.shuffle_chunk < 0:
+            raise UserError(f"data.shuffle_chunk is {cfg.shuffle_chunk}: it must be 0 (whole shards) or more samples.")
         self.split = load_split(cfg)
         weakref.finalize(self, self.split.close)  # filtered index files go with the loader (or at exit)
         if fit_batch:  # a split smaller than world x batch (validation) is read in smaller batches
@@ -244,7 +246,8 @@ class ShardLoader:
         return (state["world_size"], state["batch_size"]) == (self.world_size, self.cfg.batch_size)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.epoch, self.batch = state["epoch"], min(state["batch"], self.batches)  # at most the epoch's end (a split
+        # that shrank since the save)
         if not self._same_shape(state):
             # Another shape of run sees other batches; keep the epoch and the share of it already seen.
             seen = state["batch"] * state["world_size"] * state["batch_size"]

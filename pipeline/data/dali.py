@@ -1,7 +1,12 @@
 """The DALI loader: `fn.readers.webdataset` with the index files, JPEG decoding on the GPU.
 
 One pipeline per run. The reader reads this rank's part (`shard_id=rank`, `num_shards=world_size`) and
-moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes. An
+moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes. Its shuffle
+buffer (`data.shuffle_buffer`) holds a few thousand samples, and a shard up to 10,000 of one dataset: read
+shard after shard, a rank would spend dozens of steps in one dataset, and each epoch would repeat the last
+one's order. So a shuffled loader cuts the split into runs of `data.shuffle_chunk` consecutive samples, each
+its own index file into its tar, and gives the reader those in a seeded random order over every shard and
+dataset: the buffer then mixes some 32 runs, and reads stay sequential within a run. An
 unshuffled loader (validation, evaluation) reads the same part at every epoch instead, so what a rank
 validates on never depends on how many validations came before: a resumed run calibrates on the same
 faces and self-blends as an uninterrupted one. The reader's epochs end on a batch boundary
@@ -13,13 +18,18 @@ starts at the reader's epoch start and reads each sample at most once. The order
 Resuming restores DALI's own checkpoint (`enable_checkpointing`, `Pipeline.checkpoint()`), which
 holds the reader's position and every random generator's state: a resumed stream is the uninterrupted
 one, without replaying a single batch. A run resumed with another world size or batch size starts a
-fresh stream at the saved epoch and position, in a different order.
+fresh stream at the saved epoch and position, in a different order; so does one whose reader differs from
+the saved one (other shards or runs of them, other members, flips or decoder), whose DALI state would not fit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -102,14 +112,56 @@ class DaliLoader(ShardLoader):
         self._reader_epoch = 0  # the reader's epochs since the pipeline's stream began
         self._reader_batch = 0  # batches run in the reader's current epoch
 
+    def _runs(self) -> list[tuple[int, int, int]]:
+        """(shard, first, stop) of the entries the reader reads, in order: runs of data.shuffle_chunk samples in a
+        seeded order when shuffled (whole shards with shuffle_chunk 0), else every shard whole, in order."""
+        sizes = [len(entries) for entries in self.split.entries]
+        if not self.cfg.shuffle:
+            return [(i, 0, n) for i, n in enumerate(sizes)]
+        chunk = self.cfg.shuffle_chunk
+        runs = [(i, first, min(n, first + chunk)) for i, n in enumerate(sizes) for first in range(0, n, chunk)] if chunk \
+            else [(i, 0, n) for i, n in enumerate(sizes)]
+        order = np.random.default_rng([self.cfg.seed]).permutation(len(runs))
+        return [runs[k] for k in order]
+
+    def _reader_files(self, runs: list[tuple[int, int, int]]) -> tuple[list[str], list[str]]:
+        """The tars and index files of `runs`: a shard read whole keeps its index, a run gets its own."""
+        tars, indexes = [], []
+        for shard, first, stop in runs:
+            tar, idx = self.split.shards[shard]
+            entries = self.split.entries[shard]
+            if (first, stop) != (0, len(entries)):
+                self.split.tmp = self.split.tmp or Path(tempfile.mkdtemp(prefix="dali-runs-"))
+                idx = self.split.tmp / f"run-{len(indexes):06d}-{idx.name}"
+                idx.write_text(f"v1.2 {stop - first}\n" + "".join(e.line + "\n" for e in entries[first:stop]))
+            tars.append(str(tar))
+            indexes.append(str(idx))
+        return tars, indexes
+
+    def _fingerprint(self) -> str:
+        """What the reader reads and makes, in order: a saved DALI state fits only the same."""
+        runs = [(self.split.shards[i][0].name, self.split.entries[i][first].key, stop - first) for i, first, stop in self._runs()]
+        what = {"runs": runs, "members": [self.image_member, "lmk" if self.cfg.with_landmarks else ""],
+                "flip": self.cfg.flip, "shuffle": self.cfg.shuffle, "buffer": self.cfg.shuffle_buffer,
+                "seed": self.cfg.seed, "gpu": self.device_id is not None, "image_size": self.cfg.image_size,
+                "dtype": self.cfg.dtype, "layout": self.cfg.channels_last}
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
     def _build(self) -> None:
-        rng = np.random.default_rng([self.cfg.seed])
-        order = rng.permutation(len(self.split.shards)) if self.cfg.shuffle else range(len(self.split.shards))
-        tars = [str(self.split.shards[i][0]) for i in order]
-        indexes = [str(self.split.shards[i][1]) for i in order]
+        tars, indexes = self._reader_files(self._runs())
+        rng = np.random.default_rng([self.cfg.seed, 1])
         seed = (int(rng.integers(2**31 - 1)) + self.rank) % (2**31 - 1)  # flips differ per rank, reproducibly
-        self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
-                                     self.center_crop, self.image_member, self._checkpoint)
+        try:
+            self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
+                                         self.center_crop, self.image_member, self._checkpoint)
+        except RuntimeError as e:
+            if self._checkpoint is None:
+                raise
+            log.warning("the saved DALI state does not fit this pipeline (%s): epoch %d continues at batch %d in a "
+                        "fresh order", str(e).splitlines()[0], self.epoch, self.batch)
+            self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
+            self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
+                                         self.center_crop, self.image_member)
 
     def _reader_epoch_batches(self) -> int:
         """Batches in the reader's epoch: with pad_last_batch DALI pads every part to the longest part's length
@@ -152,18 +204,21 @@ class DaliLoader(ShardLoader):
 
     def state_dict(self) -> dict:
         dali = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {**super().state_dict(), "dali": dali, "reader_epoch": self._reader_epoch, "reader_batch": self._reader_batch}
+        return {**super().state_dict(), "dali": dali, "reader_epoch": self._reader_epoch, "reader_batch": self._reader_batch,
+                "reader": self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.close()
-        if self._same_shape(state) and state.get("dali"):
+        same_reader = state.get("reader") == self._fingerprint()
+        if self._same_shape(state) and state.get("dali") and same_reader:
             self._checkpoint, self._reader_epoch, self._reader_batch = state["dali"], state["reader_epoch"], state["reader_batch"]
-        else:  # another shape of run, or a checkpoint from before one pipeline per run: a fresh stream
+        else:  # another shape of run or reader, or a checkpoint from before one pipeline per run: a fresh stream
             self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
             if self._same_shape(state):
-                log.warning("loader resumed from a checkpoint without a DALI state: epoch %d continues at batch %d, "
-                            "in a different order", self.epoch, self.batch)
+                why = "another reader (shards, members, flips or decoder)" if state.get("dali") else "no DALI state"
+                log.warning("loader resumed from a checkpoint with %s: epoch %d continues at batch %d, in a different "
+                            "order", why, self.epoch, self.batch)
 
     def close(self) -> None:
         if self._pipe is not None:
