@@ -145,29 +145,34 @@ def test_dali_mixes_runs_of_every_shard_from_the_first_batch(uneven):
     assert len(first_shards(3)) >= 3
 
 
-def test_dali_resumed_with_another_reader_starts_a_fresh_stream_at_the_saved_position(uneven, caplog):
-    with build_loader(_cfg(uneven, "dali")) as data:
+def _state_after(cfg, batches: int) -> dict:
+    with build_loader(cfg) as data:
         it = iter(data)
-        next(it), next(it)
-        state = data.state_dict()
-    # With landmarks the pipeline has another reader output, which DALI's saved state does not hold.
-    with build_loader(_cfg(uneven, "dali", with_landmarks=True)) as resumed:
+        for _ in range(batches):
+            next(it)
+        return data.state_dict()
+
+
+def _resumed_epoch(cfg, state) -> tuple[list[str], int]:
+    """The keys of the rest of the resumed epoch, and the epoch's batch count."""
+    with build_loader(cfg) as resumed:
         resumed.load_state_dict(state)
-        rest = [k for b in resumed for k in b.keys]
-    assert len(rest) == (len(resumed) - 2) * 4 and len(set(rest)) == len(rest)
+        return [k for b in resumed for k in b.keys], len(resumed)
+
+
+def test_dali_resumed_with_another_reader_starts_a_fresh_stream_at_the_saved_position(uneven, caplog):
+    state = _state_after(_cfg(uneven, "dali"), 2)
+    # With landmarks the pipeline has another reader output, which DALI's saved state does not hold.
+    rest, batches = _resumed_epoch(_cfg(uneven, "dali", with_landmarks=True), state)
+    assert len(rest) == (batches - 2) * 4 and len(set(rest)) == len(rest)
     assert "loader resumed from a checkpoint with another reader" in caplog.text
 
 
 def test_a_dali_state_that_does_not_restore_starts_a_fresh_stream(uneven, caplog):
-    with build_loader(_cfg(uneven, "dali")) as data:
-        it = iter(data)
-        next(it)
-        state = data.state_dict()
+    state = _state_after(_cfg(uneven, "dali"), 1)
     state["dali"] = state["dali"][: len(state["dali"]) // 2]  # as another DALI version's might not parse
-    with build_loader(_cfg(uneven, "dali")) as resumed:
-        resumed.load_state_dict(state)
-        rest = [k for b in resumed for k in b.keys]
-    assert len(rest) == (len(resumed) - 1) * 4 and len(set(rest)) == len(rest)
+    rest, batches = _resumed_epoch(_cfg(uneven, "dali"), state)
+    assert len(rest) == (batches - 1) * 4 and len(set(rest)) == len(rest)
     assert "the saved DALI state does not fit this pipeline" in caplog.text
 
 
