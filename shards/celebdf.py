@@ -178,9 +178,10 @@ class CelebDFSource:
                 "test_videos": self.test_videos}
 
     def content_args(self) -> dict[str, Any]:
+        # Not exclude_test_people: the videos it leaves out are simply not in the plans, and the shards it
+        # does not change (the test split's) are kept.
         return {k: getattr(self, k) for k in
-                ("frames_per_video", "face_size", "face_scale", "maxcount", "val_fraction", "seed", "upsample",
-                 "exclude_test_people")}
+                ("frames_per_video", "face_size", "face_scale", "maxcount", "val_fraction", "seed", "upsample")}
 
     def _list_videos(self, folders: dict[str, Path]) -> tuple[dict[tuple[str, str], Video], list[dict[str, Any]]]:
         videos, skipped = {}, []

@@ -287,6 +287,16 @@ def test_exclude_test_people_leaves_every_video_of_a_listed_person_out_of_train_
         assert listed & set(identities_of(folder, name.rsplit(".", 1)[0])), rel
 
 
+def test_exclude_test_people_keeps_the_test_shards_already_written(tmp_path, celebdf_root, celebdf_shards):
+    out = tmp_path / "out"
+    shutil.copytree(celebdf_shards.out_dir, out / "celebdf")
+    before = {p.name: p.read_bytes() for p in (out / "celebdf").glob("test-*.tar")}
+    report = build(CelebDFSource(celebdf_root, exclude_test_people=True, **CELEBDF_ARGS), out, progress=False)
+    tests = [s for s in report.manifest["shards"] if s["split"] == "test"]
+    assert report.shards_reused >= len(tests) == len(before) > 0
+    assert {p.name: p.read_bytes() for p in (out / "celebdf").glob("test-*.tar")} == before
+
+
 def test_the_cli_passes_exclude_test_people_and_the_manifest_counts_the_videos_left_out(tmp_path, celebdf_root):
     result = run_shards("celebdf", "--root", celebdf_root, "--out", tmp_path / "out", "--exclude-test-people",
                         "--frames-per-video", 2, "--face-size", 64, "--no-progress")
