@@ -321,6 +321,19 @@ def test_a_sample_without_cls_is_named(uneven, tmp_path, loader):
         build_loader(_cfg(shards, loader))
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_cls_of_more_than_one_digit_is_named(uneven, tmp_path, loader):
+    shards = _copy(uneven, tmp_path)
+
+    def newline(samples):  # "1\n", as a tool writing text files might
+        samples[2].fields["cls"] = b"0\n"
+        return samples
+
+    _rewrite(shards / "train-000001.tar", newline)
+    with pytest.raises(UserError, match=r"sample 000013 in .*train-000001.tar has a cls of 2 bytes where the loaders read one"):
+        build_loader(_cfg(shards, loader))
+
+
 def test_an_empty_split_and_too_small_a_split_are_clear_errors(celeba_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(celeba_root, root)

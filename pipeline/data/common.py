@@ -78,6 +78,9 @@ def check_samples(tar: Path, entries: list[IndexEntry], required: tuple[str, ...
                             f"shards again with `python -m shards`, or set train.sbi_weight=0.")
         if missing:
             raise UserError(f"sample {e.key} in {tar} has no {'/'.join(missing)}: every sample needs {' and '.join(required)}; fix or rewrite that shard.")
+        if "cls" in e.members and e.members["cls"][1] != 1:  # DALI reads the label as one byte
+            raise UserError(f"sample {e.key} in {tar} has a cls of {e.members['cls'][1]} bytes where the loaders read one "
+                            "ASCII digit (0 real, 1 fake): rewrite that shard with `python -m shards`.")
 
 
 def read_labels(tar: Path, entries: list[IndexEntry]) -> list[int]:
