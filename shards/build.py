@@ -183,7 +183,7 @@ def build(
         "tool": {"name": "deepfake-shards", "version": shards.__version__},
         "source": {**source.describe(), "synthetic": (Path(source.root) / SYNTHETIC_MARK).is_file()},
         "geometry": GEOMETRY,
-        "faces": {k: source.content_args()[k] for k in DEFAULT_GEOMETRY},  # what detection must repeat (face_geometry)
+        "faces": {k: source.content_args()[k] for k in DEFAULT_GEOMETRY},  # what detection must repeat (detection_geometry)
         "arguments": arguments or {},
         "complete": False,
     }

@@ -123,10 +123,10 @@ def _per_folder(videos: list[Video]) -> dict[str, int]:
     return {folder: sum(v.folder == folder for v in videos) for folder in FOLDERS}
 
 
-def check_test_list(path: Path, videos: dict[tuple[str, str], Video], test: set[str]) -> dict[str, int]:
+def check_test_list(path: Path, videos: list[Video], listed_videos: list[Video]) -> dict[str, int]:
     """The test split's videos per folder; a warning where the videos are v2's and the list is not."""
-    listed = _per_folder([v for v in videos.values() if v.rel in test])
-    if _per_folder(list(videos.values())) == V2_VIDEOS and listed != V2_TEST_VIDEOS:
+    listed = _per_folder(listed_videos)
+    if _per_folder(videos) == V2_VIDEOS and listed != V2_TEST_VIDEOS:
         log.warning("%s lists %d videos (%s) where Celeb-DF v2's lists %d (%s): the videos it leaves out go to "
                     "training; restore it from the download unless that is intended.", path, sum(listed.values()),
                     ", ".join(f"{n} {f}" for f, n in listed.items()), sum(V2_TEST_VIDEOS.values()),
@@ -204,11 +204,12 @@ class CelebDFSource:
             raise UserError(f"{self.root / TEST_LIST} is missing: Celeb-DF's test split is defined by that file; restore it from the download.")
         videos, skipped = self._list_videos(folders)
         test = read_test_list(test_list, videos)
-        self.test_videos = check_test_list(test_list, videos, test)
+        listed = [v for v in videos.values() if v.rel in test]
+        self.test_videos = check_test_list(test_list, list(videos.values()), listed)
 
         pool = [v for v in videos.values() if v.rel not in test]
         if self.exclude_test_people:
-            listed_people = {p for v in videos.values() if v.rel in test for p in v.identities}
+            listed_people = {p for v in listed for p in v.identities}
             seen = {v.rel for v in pool if listed_people & set(v.identities)}
             skipped += [{"file": rel, "reason": "a person of the test list (exclude_test_people)"} for rel in sorted(seen)]
             pool = [v for v in pool if v.rel not in seen]
@@ -219,7 +220,7 @@ class CelebDFSource:
         val_people |= split_identities(others, self.val_fraction, self.seed, min_val=1)
 
         items: dict[str, list[Any]] = {"train": [], "val": [], "test": []}
-        for v in sorted(pool + [v for v in videos.values() if v.rel in test], key=lambda v: v.rel):
+        for v in sorted(pool + listed, key=lambda v: v.rel):
             sides = {p in val_people for p in v.identities}
             if v.rel in test:
                 items["test"].append((v, "test"))

@@ -91,14 +91,10 @@ def synthetic(*dataset_dirs: str | Path) -> bool | None:
     return True if True in flags else (None if None in flags else False)
 
 
-def face_geometry(dataset_dir: str | Path) -> dict[str, Any]:
-    """How these shards' face crops were made: the crop's side (px), its scale over dlib's box, and dlib's
-    upsampling. Detection must crop alike."""
-    return _face_geometry(load_manifest(dataset_dir))
-
-
 def _face_geometry(manifest: dict[str, Any]) -> dict[str, Any]:
-    # Manifests from before the record: the tool's defaults, unless the sharding command's arguments say otherwise.
+    """How these shards' face crops were made: the crop's side (px), its scale over dlib's box, and dlib's
+    upsampling. Manifests from before the record: the tool's defaults, unless the sharding command's
+    arguments say otherwise."""
     from pipeline.faces import DEFAULT_GEOMETRY
 
     if "faces" in manifest:

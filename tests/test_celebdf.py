@@ -307,11 +307,11 @@ def test_the_cli_passes_exclude_test_people_and_the_manifest_counts_the_videos_l
 
 
 def test_the_manifest_records_how_faces_were_cropped_and_older_ones_read_from_their_arguments(celebdf_shards, tmp_path):
-    from shards.manifest import face_geometry
+    from shards.manifest import detection_geometry
 
-    assert face_geometry(celebdf_shards.out_dir) == {"face_size": 128, "face_scale": 1.3, "upsample": 1}
+    assert detection_geometry([celebdf_shards.out_dir]) == {"face_size": 128, "face_scale": 1.3, "upsample": 1}
     manifest = json.loads((celebdf_shards.out_dir / "manifest.json").read_text())
     del manifest["faces"]  # as written before the record existed
     for arguments, expected in (({"face_size": 96, "upsample": 0}, (96, 0)), ({}, (256, 1))):
         (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "arguments": arguments}))
-        assert face_geometry(tmp_path) == {"face_size": expected[0], "face_scale": 1.3, "upsample": expected[1]}
+        assert detection_geometry([tmp_path]) == {"face_size": expected[0], "face_scale": 1.3, "upsample": expected[1]}

@@ -105,6 +105,13 @@ class SplitInfo:
     def samples(self) -> int:
         return sum(len(e) for e in self.entries)
 
+    def write_index(self, name: str, entries: list[IndexEntry]) -> Path:
+        """A DALI index of some of a shard's `entries` (in the split's temporary folder), for its tar."""
+        self.tmp = self.tmp or Path(tempfile.mkdtemp(prefix="split-index-"))
+        path = self.tmp / name
+        path.write_text(f"v1.2 {len(entries)}\n" + "".join(e.line + "\n" for e in entries))
+        return path
+
     def close(self) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -144,8 +151,8 @@ def load_split(cfg: DataConfig) -> SplitInfo:
             tar, idx = Path(folder) / shard["file"], Path(folder) / shard["index"]
             if not tar.is_file():
                 raise UserError(f"{tar} is listed in {Path(folder) / 'manifest.json'} but missing: run `python -m shards` again to rewrite it.")
-            if "bytes" in shard and tar.stat().st_size != shard["bytes"]:
-                raise UserError(f"{tar} holds {tar.stat().st_size} bytes where {Path(folder) / 'manifest.json'} records "
+            if "bytes" in shard and (size := tar.stat().st_size) != shard["bytes"]:
+                raise UserError(f"{tar} holds {size} bytes where {Path(folder) / 'manifest.json'} records "
                                 f"{shard['bytes']}: it was cut short or replaced; copy it again, or run `python -m shards` "
                                 "again to rewrite it.")
             entries = read_index(tar, idx)
@@ -155,9 +162,7 @@ def load_split(cfg: DataConfig) -> SplitInfo:
                 entries = [e for e, label in zip(entries, labels) if label == 0]
                 if not entries:
                     continue
-                split.tmp = split.tmp or Path(tempfile.mkdtemp(prefix="real-only-"))
-                idx = split.tmp / f"{len(split.shards):06d}-{idx.name}"
-                idx.write_text(f"v1.2 {len(entries)}\n" + "".join(e.line + "\n" for e in entries))
+                idx = split.write_index(f"{len(split.shards):06d}-{idx.name}", entries)
             split.shards.append((tar, idx))
             split.entries.append(entries)
     if not split.shards:

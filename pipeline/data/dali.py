@@ -25,11 +25,10 @@ the saved one (other shards or runs of them, other members, flips or decoder), w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -115,12 +114,11 @@ class DaliLoader(ShardLoader):
     def _runs(self) -> list[tuple[int, int, int]]:
         """(shard, first, stop) of the entries the reader reads, in order: runs of data.shuffle_chunk samples in a
         seeded order when shuffled (whole shards with shuffle_chunk 0), else every shard whole, in order."""
+        chunk = self.cfg.shuffle_chunk if self.cfg.shuffle else 0
         sizes = [len(entries) for entries in self.split.entries]
+        runs = [(i, first, min(n, first + (chunk or n))) for i, n in enumerate(sizes) for first in range(0, n, chunk or n)]
         if not self.cfg.shuffle:
-            return [(i, 0, n) for i, n in enumerate(sizes)]
-        chunk = self.cfg.shuffle_chunk
-        runs = [(i, first, min(n, first + chunk)) for i, n in enumerate(sizes) for first in range(0, n, chunk)] if chunk \
-            else [(i, 0, n) for i, n in enumerate(sizes)]
+            return runs
         order = np.random.default_rng([self.cfg.seed]).permutation(len(runs))
         return [runs[k] for k in order]
 
@@ -131,9 +129,7 @@ class DaliLoader(ShardLoader):
             tar, idx = self.split.shards[shard]
             entries = self.split.entries[shard]
             if (first, stop) != (0, len(entries)):
-                self.split.tmp = self.split.tmp or Path(tempfile.mkdtemp(prefix="dali-runs-"))
-                idx = self.split.tmp / f"run-{len(indexes):06d}-{idx.name}"
-                idx.write_text(f"v1.2 {stop - first}\n" + "".join(e.line + "\n" for e in entries[first:stop]))
+                idx = self.split.write_index(f"run-{len(indexes):06d}-{idx.name}", entries[first:stop])
             tars.append(str(tar))
             indexes.append(str(idx))
         return tars, indexes
@@ -151,17 +147,17 @@ class DaliLoader(ShardLoader):
         tars, indexes = self._reader_files(self._runs())
         rng = np.random.default_rng([self.cfg.seed, 1])
         seed = (int(rng.integers(2**31 - 1)) + self.rank) % (2**31 - 1)  # flips differ per rank, reproducibly
+        build = functools.partial(_build_pipeline, self.cfg, tars, indexes, self.rank, self.world_size, self.device_id,
+                                  seed, self.center_crop, self.image_member)
         try:
-            self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
-                                         self.center_crop, self.image_member, self._checkpoint)
+            self._pipe = build(self._checkpoint)
         except RuntimeError as e:
             if self._checkpoint is None:
                 raise
             log.warning("the saved DALI state does not fit this pipeline (%s): epoch %d continues at batch %d in a "
                         "fresh order", str(e).splitlines()[0], self.epoch, self.batch)
             self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
-            self._pipe = _build_pipeline(self.cfg, tars, indexes, self.rank, self.world_size, self.device_id, seed,
-                                         self.center_crop, self.image_member)
+            self._pipe = build()
 
     def _reader_epoch_batches(self) -> int:
         """Batches in the reader's epoch: with pad_last_batch DALI pads every part to the longest part's length
