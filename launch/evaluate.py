@@ -17,9 +17,9 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import UserError
-from pipeline.evaluate import (load_discriminator, log_to_run, per_video, plots, report_folder, score_split, summarize,
-                               verdict_threshold, write_report)
-from shards.manifest import synthetic
+from pipeline.evaluate import (check_shards, load_discriminator, log_to_run, missing_videos, per_video, plots, report_folder,
+                               score_split, summarize, verdict_threshold, write_report)
+from shards.manifest import load_manifest, synthetic
 
 
 def main() -> int:
@@ -37,6 +37,12 @@ def main() -> int:
     info = dist.init_distributed()
     try:
         D, meta = load_discriminator(args.checkpoint, info.device)
+        # The run's folder, for the default --out and for --log-to-run, only where the checkpoint sits in one.
+        run_dir = args.checkpoint.resolve().parent.parent if args.checkpoint.resolve().parent.name == "checkpoints" else None
+        if run_dir is None and (args.out is None or args.log_to_run):
+            raise UserError(f"checkpoint {args.checkpoint} is not in a run's checkpoints/ folder, so its run is unknown: "
+                            "pass --out for the report" + (", without --log-to-run." if args.log_to_run else "."))
+        check_shards(args.shards, args.celeba, meta["faces"] if info.is_main else None)  # the warning once
         threshold, note = verdict_threshold(meta, args.checkpoint)
         if note and info.is_main:
             print(f"warning: {note}", file=sys.stderr)
@@ -51,7 +57,12 @@ def main() -> int:
                        "split": args.split, "calibration": meta["calibration"],
                        "synthetic_data": synthetic(args.shards, *([args.celeba] if args.celeba else [])),
                        **summarize(frames, videos, celeba, threshold)}
-            run_dir = args.checkpoint.resolve().parent.parent
+            expected = load_manifest(args.shards)["source"].get("test_videos") if args.split == "test" else None
+            if expected and (missing := missing_videos(videos, expected)):
+                summary["counts"]["missing_videos"] = missing
+                print(f"warning: {sum(missing.values())} of {sum(expected.values())} test videos have no scored frame "
+                      f"({', '.join(f'{n} of {f}' for f, n in missing.items())}; the manifest's `skipped` says why): "
+                      "the video metrics are over the others", file=sys.stderr)
             out = args.out or report_folder(run_dir, meta["step"], args.split)
             images = plots(frames, videos)
             write_report(out, summary, videos, images)

@@ -54,8 +54,9 @@ RETRY_AFTER_S = 10
 class FrameScore(BaseModel):
     frame: int
     faces: int
-    score: float | None  # P(fake) of the frame's most suspicious face; null without a face
+    score: float | None  # P(fake) of the frame's largest face (the one the shards keep); null without a face
     box: list[int] | None = None  # that face in frame pixels: left, top, right, bottom
+    other_faces_max_score: float | None = None  # with several faces: the highest P(fake) among the others
 
 
 class Detection(BaseModel):

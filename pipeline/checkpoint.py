@@ -56,24 +56,48 @@ class CheckpointManager:
             newest = self.existing()
             raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and run the "
                             f"same command again; it resumes from {newest[0] if newest else 'the start'}, which is intact.") from None
-        self._set_aside_newer(step)
+        self._set_aside_newer(step, f"checkpoint of step {step} written after newer ones (this run went on from an older "
+                                    "checkpoint)")
         for old in self.existing()[self.keep_last:]:
             old.unlink(missing_ok=True)
         return path
 
-    def _set_aside_newer(self, step: int) -> None:
+    def _set_aside_newer(self, step: int, why: str) -> None:
         """A run resumed from an older checkpoint (train.resume=<file>) branches off: the newer checkpoints of the
         branch it left move to superseded/, so that pruning keeps the new branch and `auto` resumes it."""
         newer = [p for p in self.existing() if int(NAME.match(p.name).group(1)) > step]
         if not newer:
             return
         # One folder per branch left behind, so that none overwrites another's files.
-        aside = self.folder / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-before-step-{step:08d}"
+        aside = self.folder / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-before-step-{max(step, 0):08d}"
         aside.mkdir(parents=True, exist_ok=True)
         for p in newer:
             p.replace(aside / p.name)
-        log.warning("checkpoint of step %d written after newer ones: moved %s to %s (this run went on from an older "
-                    "checkpoint; delete them when no longer wanted)", step, ", ".join(p.name for p in newer), aside)
+        log.warning("%s: moved %s to %s; delete them when no longer wanted", why, ", ".join(p.name for p in newer), aside)
+
+    def start(self, resume: str, restarted: str | None) -> Path | None:
+        """The checkpoint a run starts from.
+
+        train.resume says it for a new start. A job started again by torchrun or SLURM (`restarted` says which)
+        runs the same command, so the same train.resume: `never` or a file would then start it afresh, or from that
+        file, at every restart, and a job that always meets its time limit would never end. It goes on from its own
+        newest checkpoint instead. So that the checkpoints in the run folder are its own, a new start that does not
+        resume `auto` first moves the folder's checkpoints past the one it starts from to superseded/.
+        """
+        if resume == "auto":
+            return self.find("auto")
+        if restarted:
+            newest = self.find("auto")
+            if newest is not None:
+                log.warning("%s: going on from %s, this run's newest checkpoint, not train.resume=%s", restarted, newest, resume)
+                return newest
+            return self.find(resume)
+        path = self.find(resume)
+        ours = path is not None and path.resolve().parent == self.folder.resolve()
+        self._set_aside_newer(int(NAME.match(path.name).group(1)) if ours else -1,
+                              f"train.resume={resume} starts this run afresh" if path is None else
+                              f"train.resume={resume} starts this run from that checkpoint")
+        return path
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `never`, `auto` (newest that loads) or a path."""

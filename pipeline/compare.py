@@ -60,9 +60,14 @@ class Run:
 
     @property
     def wall_s(self) -> float | None:
-        """Training time: from the first to the last logged loss (a later evaluation does not count)."""
-        times = [t for _, _, t in self.scalars.get("loss/D", [])]
-        return max(times) - min(times) if times else None
+        """Training time: the intervals between logged losses (a later evaluation does not count), less those over
+        ten times the median (a preempted job's time in the queue, or a stopped run started again days later)."""
+        times = sorted(t for _, _, t in self.scalars.get("loss/D", []))
+        if not times:
+            return None
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        usual = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+        return sum(g for g in gaps if g <= 10 * usual)
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
@@ -75,6 +80,8 @@ def find_runs(patterns: list[str]) -> list[Path]:
                 found.append(m)
             elif m.is_dir() and (below := sorted(p.parent for p in m.glob("*/config.yaml"))):
                 found.extend(below)
+            elif len(matches) > 1:  # runs/* also matches what is not a run: a notes file, an empty folder
+                print(f"skipping {m}: not a run folder (no config.yaml)", file=sys.stderr)
             else:
                 raise UserError(f"{m} is not a run folder (it has no config.yaml): pass folders that launch/train.py wrote.")
     return list(dict.fromkeys(found))
@@ -93,7 +100,8 @@ def load_run(path: Path) -> Run:
 def differing_keys(runs: list[Run]) -> list[str]:
     flat = [flat_dict(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1 and k != "train.name"]
+    # train.stop_marker holds the SLURM job's id: every job's differs, and says nothing of the run.
+    return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1 and k not in ("train.name", "train.stop_marker")]
 
 
 def _fmt(value) -> str:

@@ -7,6 +7,7 @@ that name the file or the override, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,20 +129,33 @@ def _allowed(hint: Any) -> tuple[type, ...]:
     return (type(None),) if hint is type(None) else (hint,)
 
 
+def _item_hint(hint: Any) -> Any:
+    """The item type of the list a hint allows (list[float] -> float), or None."""
+    for arg in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
+        if typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
+    return None
+
+
 def _check(value: Any, hint: Any, key: str, source: str) -> Any:
     allowed = _allowed(hint)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if float in allowed and isinstance(value, str):
         try:
-            return float(value)  # PyYAML reads 5e-4 (no dot) as text; everyone writes learning rates so
+            value = float(value)  # PyYAML reads 5e-4 (no dot) as text; everyone writes learning rates so
         except ValueError:
             pass
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {key} must be a finite number, not {value!r}: fix that value.")
     # bool is an int to isinstance; a flag given as 1, or a count given as true, is a mistake.
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise UserError(f"{source}: {key} must be {names}, not {value!r}: fix that value.")
+        quote = " (quote a text value, as in 'no')" if str in allowed else ""
+        raise UserError(f"{source}: {key} must be {names}, not {value!r}: fix that value{quote}.")
+    if isinstance(value, list) and (item := _item_hint(hint)) is not None:
+        value = [_check(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     return value
 
 
@@ -156,7 +170,7 @@ def _merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             raise UserError(f"{source}: unknown key {prefix}{key}; the keys here are {known}.")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, source, f"{prefix}{key}.")
+            _merge(current, {} if value is None else value, source, f"{prefix}{key}.")  # `train:` with no keys: nothing
         else:
             setattr(obj, key, _check(value, hints[key], prefix + key, source))
 
@@ -166,7 +180,11 @@ def parse_override(text: str) -> dict:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} is not key=value: write it like data.batch_size=64.")
-    nested: Any = yaml.safe_load(value) if value else ""
+    try:
+        nested: Any = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"override {text!r}: its value is not valid YAML ({str(e).splitlines()[0]}): close its brackets, "
+                        f"or quote it as text, as in {key}='{value}'.") from None
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
@@ -175,15 +193,23 @@ def parse_override(text: str) -> dict:
 def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
     """Merge a YAML file, after the file its `inherit:` key names (relative to it)."""
     if not path.is_file():
+        if seen:
+            raise UserError(f"{seen[-1]} inherits from {path}, which does not exist: fix its inherit line.")
         raise UserError(f"config file {path} does not exist: pass one of the files in configs/.")
     if path.resolve() in seen:
         raise UserError(f"{path} inherits from itself through {seen[-1]}: remove that inherit line.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e}): pass a readable "
+                        "UTF-8 text file.") from None
     if isinstance(values, dict) and "inherit" in values:
-        _merge_file(cfg, path.parent / str(values.pop("inherit")), seen + (path.resolve(),))
+        parent = values.pop("inherit")
+        if not isinstance(parent, str):
+            raise UserError(f"{path}: inherit must name one file, not {parent!r}: fix its inherit line.")
+        _merge_file(cfg, path.parent / parent, seen + (path.resolve(),))
     _merge(cfg, values, str(path))
 
 
@@ -192,8 +218,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         _merge_file(cfg, Path(path))
     for text in overrides:
-        _merge(cfg, parse_override(text), f"override {text!r}")
+        _merge(cfg, _text_where_text(cfg, parse_override(text), text), f"override {text!r}")
     return cfg
+
+
+def _text_where_text(cfg: Config, nested: dict, text: str) -> dict:
+    """An override of a text-only field keeps its text: YAML reads train.name=no as false, =123 as a number, and
+    =2024-05-01 as a date; a run named so is meant."""
+    keys, obj = [], cfg
+    value: Any = nested
+    while isinstance(value, dict) and len(value) == 1 and dataclasses.is_dataclass(obj):
+        key, value = next(iter(value.items()))
+        keys.append(key)
+        hint = typing.get_type_hints(type(obj)).get(key)
+        obj = getattr(obj, key, None)
+    if hint is not None and _allowed(hint) in ((str,), (str, type(None))) and not isinstance(value, (str, type(None), list, dict)):
+        value = text.partition("=")[2]
+        for key in reversed(keys):
+            value = {key: value}
+        return value
+    return nested
 
 
 def config_from_dict(values: dict, source: str) -> Config:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
+def restarted() -> str | None:
+    """Who started this job again, if anyone: torchrun (--max-restarts) or SLURM (a requeue), as a phrase."""
+    for who, var in (("torchrun", "TORCHELASTIC_RESTART_COUNT"), ("SLURM", "SLURM_RESTART_COUNT")):
+        if int(os.environ.get(var) or 0) > 0:
+            return f"{who}'s restart {os.environ[var]}"
+    return None
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -77,6 +87,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any], is_main: bool) -> Any:
+    """fn() on rank 0 and its result on every rank. If it raises, every rank raises (rank 0 the error itself, the
+    others a UserError with its sentence) instead of waiting at the next collective for a rank that has gone."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = None if error is None else (str(error) if isinstance(error, UserError) else
+                                          f"rank 0 stopped with {type(error).__name__}: {error}")
+    result, message = broadcast_object((result, message))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def barrier() -> None:

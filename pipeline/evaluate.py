@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +25,23 @@ from pipeline.config import DataConfig, config_from_dict
 from pipeline.data import build_loader
 from pipeline.errors import UserError
 from pipeline.fsutil import write_bytes_atomic, write_json_atomic
-from pipeline.models import Discriminator
+from pipeline.models import Discriminator, fake_score
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Scores:
     keys: list[str]  # "<shard>/<sample key>", sorted
     labels: np.ndarray  # 1 = fake
-    scores: np.ndarray  # P(fake) = sigmoid(-logit)
+    scores: np.ndarray  # P(fake) = sigmoid(-logit), float64
 
 
 def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discriminator, dict]:
     """D (in eval mode) and the checkpoint's config, step and calibrated threshold."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        cfg = state["config"]
+        cfg, step = state["config"], state["step"]
         # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
         D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"))
         D.load_state_dict(state["D"])
@@ -50,7 +53,7 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
     if broken:  # its scores would be NaN, and an AUC of NaN scores is a silent 0.5
         raise UserError(f"checkpoint {checkpoint} holds non-finite weights in D ({', '.join(broken[:3])}): it cannot score "
                         "anything; pass an earlier checkpoint of the run.")
-    return D.to(device).eval(), {"config": cfg, "step": state["step"], "wandb_run_id": state.get("wandb_run_id"),
+    return D.to(device).eval(), {"config": cfg, "step": step, "wandb_run_id": state.get("wandb_run_id"),
                                  "threshold": state.get("threshold"), "calibration": state.get("calibration") or {},
                                  "faces": state.get("faces")}
 
@@ -83,7 +86,7 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
                                mininterval=1.0, file=sys.stderr)):
             if should_stop is not None and i < common and should_stop():
                 return None
-            fake = torch.sigmoid(-D(batch.images.float()).float()).cpu().tolist()
+            fake = fake_score(D(batch.images.float())).cpu().tolist()
             mine.update(zip(batch.keys, zip(batch.labels.cpu().tolist(), fake)))
     merged: dict[str, tuple[int, float]] = {}
     for part in dist.all_gather_objects(mine):
@@ -173,16 +176,53 @@ def plots(frames: Scores, videos: list[dict]) -> dict[str, bytes]:
     return {"roc.png": roc, "hist.png": hist}
 
 
+def _json_ready(value):
+    """NaN (the AUC of a split with one class) as null: bare NaN is not JSON, and jq or a browser refuse it."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
 def write_report(out: Path, summary: dict, videos: list[dict], images: dict[str, bytes]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", summary)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["video", "label", "frames", "score", "verdict"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(videos)
-    write_bytes_atomic(out / "videos.csv", buf.getvalue().encode())
-    for name, data in images.items():
-        write_bytes_atomic(out / name, data)
+    """The report's files, each written whole; metrics.json last, so that it never sits beside an older report's rest."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["video", "label", "frames", "score", "verdict"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(videos)
+        write_bytes_atomic(out / "videos.csv", buf.getvalue().encode())
+        for name, data in images.items():
+            write_bytes_atomic(out / name, data)
+        write_json_atomic(out / "metrics.json", _json_ready(summary))
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out} ({e.strerror or e}): pass a writable folder as --out.") from None
+
+
+def check_shards(celebdf: str, celeba: str | None, faces: dict | None) -> None:
+    """Refuse shards of the wrong dataset (swapped --shards and --celeba score every image as real, and exit 0);
+    warn where the Celeb-DF shards' faces were cropped unlike the training shards' (detect crops as training did)."""
+    from shards.manifest import detection_geometry, load_manifest
+
+    for folder, want, option in ((celebdf, "celebdf", "--shards"), (celeba, "celeba", "--celeba")):
+        if folder is not None and (got := load_manifest(folder).get("dataset")) != want:
+            raise UserError(f"{folder} holds {got} shards, and {option} takes {want}'s: pass Celeb-DF's shards as --shards "
+                            "and CelebA's as --celeba.")
+    if faces is not None and (theirs := detection_geometry([celebdf])) != faces:
+        log.warning("the faces of %s were cropped with %s, and the checkpoint's training faces with %s: these figures "
+                    "then do not measure what pipeline.detect does (it crops as training did)", celebdf, theirs, faces)
+
+
+def missing_videos(videos: list[dict], expected: dict[str, int]) -> dict[str, int]:
+    """Per folder, how many of the test list's videos have no scored frame (sharding found no face in any, or
+    could not read them): the video metrics are over the others."""
+    scored: dict[str, int] = {}
+    for v in videos:
+        folder = v["video"].split("_", 1)[0]
+        scored[folder] = scored.get(folder, 0) + 1
+    return {f: n - scored.get(f, 0) for f, n in sorted(expected.items()) if n > scored.get(f, 0)}
 
 
 def tag_prefix(split: str) -> str:

@@ -22,14 +22,16 @@ def new_run_id() -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: Any, config_dict: dict, run_id: str, resumed: bool):
+    def __init__(self, run_dir: Path, cfg: Any, config_dict: dict, run_id: str, resumed: bool, purge_step: int | None = None):
+        """`purge_step`: training resumed before this step, so TensorBoard drops what the run logged from it on
+        before (a resume from an older checkpoint, or steps past the last checkpoint): one curve, not two that zigzag."""
         self.run_id = run_id
         self._tb = None
         self._wandb = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir))
+            self._tb = SummaryWriter(str(run_dir), purge_step=purge_step)
         if cfg.log.wandb != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb

@@ -92,6 +92,15 @@ class Discriminator(nn.Module):
         return self.main(x).flatten()  # [N] logits: > 0 means "real"
 
 
+def fake_score(logits: torch.Tensor) -> torch.Tensor:
+    """P(fake) = sigmoid(-logit) of D's logits, in float64.
+
+    In float32 the sigmoid is exactly 1 below a logit of about -16.6, so every confidently fake face would
+    tie, and AUC counts ties as half; float64 keeps them apart down to about -36.7.
+    """
+    return torch.sigmoid(-logits.double())
+
+
 def weights_init(m: nn.Module) -> None:
     """The DCGAN paper's initialization: conv weights N(0, 0.02), norm scale N(1, 0.02), shift 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

@@ -17,6 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from pipeline import dist
 from pipeline.metrics import auc, eer, eer_threshold
+from pipeline.models import fake_score
 from pipeline.sbi import self_blend
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
         real = D(batch.images.float()).float()
         if pairs is not None:
             blend = D(pairs.fake).float()[pairs.valid]
-            real_scores.append(torch.sigmoid(-real))
-            blend_scores.append(torch.sigmoid(-blend))
+            real_scores.append(fake_score(real))
+            blend_scores.append(fake_score(blend))
         loss = F.softplus(-real).sum() + F.softplus(fake).sum()
         sums += torch.stack([(real > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=device)])
     D.train()

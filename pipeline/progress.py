@@ -24,11 +24,13 @@ class Meter:
         self.n += 1
 
     def flush(self) -> tuple[dict[str, float], float]:
+        """The statistics' means since the last flush, over steps and ranks, and the seconds a step took. The steps
+        are counted, not assumed: after a resume at a step between two log lines, the first interval is shorter."""
         sums = dist.all_reduce_(self.sums.clone())
         self.last = {k: v / (self.n * self.world_size) for k, v in zip(self.keys, sums.tolist())}
         now = time.perf_counter()
-        seconds, self.t0, self.sums, self.n = now - self.t0, now, None, 0
-        return dict(self.last), seconds
+        step_s, self.t0, self.sums, self.n = (now - self.t0) / self.n, now, None, 0
+        return dict(self.last), step_s
 
 
 def hms(seconds: float) -> str:

@@ -170,14 +170,17 @@ class Trainer:
 
     def init_logging(self, run_id: str | None) -> None:
         resumed = run_id is not None
-        if self.info.is_main:
-            run_id = run_id or new_run_id()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        def start() -> str:  # on rank 0; a failure (wandb.init, a full disk) stops every rank, not rank 0 alone
             import yaml
 
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())
-            self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id, resumed)
-        self.run_id = dist.broadcast_object(run_id)
+            self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id or new_run_id(), resumed,
+                                    purge_step=self.step + 1 if resumed else None)  # what the checkpoint's step logged stays
+            return self.logger.run_id
+
+        self.run_id = dist.on_main(start, self.info.is_main)
 
     def stop_agreed(self) -> bool:
         """Whether any rank received SIGTERM or SIGUSR1 (pipeline/signals.py); a collective, so all agree."""
@@ -231,12 +234,12 @@ class Trainer:
                 buf.copy_(values[key])
 
     def load_checkpoint(self) -> str | None:
-        """Resume as train.resume says; rank 0 chooses the file so that all ranks load the same one."""
-        path = self.ckpt.find(self.cfg.train.resume) if self.info.is_main else None
-        path = dist.broadcast_object(str(path) if path else None)
+        """Resume as train.resume says (after a restart: from this run's newest checkpoint); rank 0 chooses the
+        file so that all ranks load the same one."""
+        path = dist.on_main(lambda: self.ckpt.start(self.cfg.train.resume, dist.restarted()), self.info.is_main)
         if path is None:
             return None
-        state = CheckpointManager.load(Path(path))
+        state = CheckpointManager.load(path)
         try:
             self.load_state_dict(state)
         except RuntimeError as e:  # the models' shapes differ: another model.* or data.image_size
@@ -257,10 +260,9 @@ class Trainer:
             return
         periodic.check_replicas(self.step_fn, self.step, self.info.world_size)
         state = self.state_dict()
+        path = dist.on_main(lambda: self.ckpt.save(state, self.step), self.info.is_main)  # every rank waits for it
         if self.info.is_main:
-            path = self.ckpt.save(state, self.step)
             log.info("checkpoint %s", path)
-        dist.barrier()
 
     # ------------------------------------------------------------------ 3. the loop and the periodic work
     def train_step(self, batch) -> dict[str, torch.Tensor]:
@@ -386,7 +388,7 @@ class Trainer:
 
     def _log(self, meter: Meter) -> bool:
         """Statistics, skipped steps and the stop signal reach the host; returns whether every rank stops."""
-        values, seconds = meter.flush()
+        values, step_s = meter.flush()
         health = torch.stack([torch.tensor(float(signals.requested() != 0), device=self.device), self.step_fn.worst_in_row])
         stop, worst_in_row = dist.all_reduce_(health, op=torch.distributed.ReduceOp.MAX).tolist()
         skipped = int(self.step_fn.skipped())
@@ -398,7 +400,6 @@ class Trainer:
                 f"run stopped; its last good checkpoint is {newest[0] if newest else 'none'}: lower train.lr_D and "
                 "train.lr_G, or use train.precision fp32 or bf16.")
         if self.logger is not None:
-            step_s = seconds / self.cfg.train.log_every_steps
             values.update({
                 "perf/img_per_s": self.global_batch / step_s, "perf/step_s": step_s,
                 "perf/mem_gb": _memory_gb(self.device), "lr/D": self.step_fn.opt_D.param_groups[0]["lr"],

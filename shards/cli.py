@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
@@ -31,7 +31,7 @@ def _people_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="photos: share of the people held out as test people; the same --seed, --people and fraction give "
                         "the same split in `synth celeba` (train people only) and `synth celebdf` (default: %(default)s)")
-    p.add_argument("--people", type=_positive, default=None,
+    p.add_argument("--people", type=positive_int, default=None,
                    help="photos: a seeded draw of this many of the photos' people (default: all, about 930)")
 
 
@@ -43,20 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--root", type=Path, required=True, help="the dataset as distributed")
         p.add_argument("--out", type=Path, required=True, help="shards go to OUT/<dataset>/")
-        p.add_argument("--workers", type=_positive, default=default_workers, help="processes (default: %(default)s)")
+        p.add_argument("--workers", type=positive_int, default=default_workers, help="processes (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("celeba", help="CelebA, official or Kaggle layout, as face crops with landmarks")
     common(p)
-    p.add_argument("--maxcount", type=_positive, default=10_000, help="images per shard (default: %(default)s)")
-    p.add_argument("--face-size", type=_positive, default=256, help="side of the square crops, px (default: %(default)s)")
+    p.add_argument("--maxcount", type=positive_int, default=10_000, help="images per shard (default: %(default)s)")
+    p.add_argument("--face-size", type=positive_int, default=256, help="side of the square crops, px (default: %(default)s)")
     p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling (default: %(default)s)")
 
     p = sub.add_parser("celebdf", help="Celeb-DF v1 or v2 videos, as face crops")
     common(p)
-    p.add_argument("--frames-per-video", type=_positive, default=32, help="evenly spaced frames (default: %(default)s)")
-    p.add_argument("--face-size", type=_positive, default=256, help="side of the square crops, px (default: %(default)s)")
-    p.add_argument("--maxcount", type=_positive, default=10_000, help="most frames per shard (default: %(default)s)")
+    p.add_argument("--frames-per-video", type=positive_int, default=32, help="evenly spaced frames (default: %(default)s)")
+    p.add_argument("--face-size", type=positive_int, default=256, help="side of the square crops, px (default: %(default)s)")
+    p.add_argument("--maxcount", type=positive_int, default=10_000, help="most frames per shard (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training pool's people that go to val (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the identity split (default: %(default)s)")
     p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling; 1 finds faces down to 40 px (default: %(default)s)")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", choices=("photos", "cartoon"), default="photos",
                    help="photos: the train people of real photos fetched at run time (see --test-fraction); "
                         "cartoon: procedural faces (default: %(default)s)")
-    p.add_argument("--images", type=_positive, default=None,
+    p.add_argument("--images", type=positive_int, default=None,
                    help="photos: images per person (default 10); cartoon: images in all (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("official", "kaggle"), default="official")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", choices=("photos", "twophotos"), default="photos",
                    help="photos: about 930 real people fetched at run time, the test list holding the test people; "
                         "twophotos: two photos of installed packages (default: %(default)s)")
-    p.add_argument("--videos", type=_positive, default=None,
+    p.add_argument("--videos", type=positive_int, default=None,
                    help="photos: real videos per celebrity (default 1); twophotos: videos in all (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--placement", choices=("flat", "videos"), default="flat", help="videos in the folders or in <folder>/videos/")

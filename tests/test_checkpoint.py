@@ -1,5 +1,7 @@
 """The checkpoint folder's rules: the newest k kept, and a run that went on from an older checkpoint."""
 
+import shutil
+
 from pipeline.checkpoint import SUPERSEDED, CheckpointManager
 
 
@@ -19,3 +21,40 @@ def test_a_run_resumed_from_an_older_checkpoint_keeps_its_own_and_auto_resumes_i
     assert ckpt.existing() == [path] and ckpt.find("auto") == path
     moved = sorted(p.name for p in (tmp_path / SUPERSEDED).glob("*/*.pt"))
     assert moved == ["step-00002000.pt", "step-00002500.pt", "step-00003000.pt"]
+
+
+def _aside(folder):
+    return sorted(p.name for p in (folder / SUPERSEDED).glob("*/*.pt"))
+
+
+def test_a_job_started_again_goes_on_from_its_own_newest_checkpoint_whatever_train_resume_says(tmp_path):
+    # torchrun (--max-restarts) and SLURM (a requeue) start a job again with the same command, and so the same
+    # train.resume: `never` or a file would start it over at every restart, and a job that always meets its time
+    # limit would never end.
+    folder = tmp_path / "run"
+    ckpt = CheckpointManager(folder, keep_last=5)
+    for step in (1000, 2000):  # an earlier run of the same name
+        ckpt.save({"step": step}, step)
+    # A new start with never: afresh, and the earlier run's checkpoints move aside, so that a restart cannot take them.
+    assert ckpt.start("never", restarted=None) is None and ckpt.existing() == []
+    assert _aside(folder) == ["step-00001000.pt", "step-00002000.pt"]
+    assert ckpt.start("never", "torchrun's restart 1") is None  # started again before its first checkpoint: afresh
+    mine = ckpt.save({"step": 10}, 10)
+    assert ckpt.start("never", "SLURM's restart 1") == mine
+
+    # From a file of another run: this folder's checkpoints move aside; a restart goes on from its own, once it has one.
+    other = tmp_path / "other.pt"
+    shutil.copy(mine, other)
+    assert ckpt.start(str(other), restarted=None) == other and ckpt.existing() == []
+    assert ckpt.start(str(other), "torchrun's restart 1") == other
+    mine = ckpt.save({"step": 20}, 20)
+    assert ckpt.start(str(other), "torchrun's restart 2") == mine
+
+    # From one of its own: only the newer ones move aside.
+    for step in (30, 40):
+        ckpt.save({"step": step}, step)
+    start = ckpt.path(30)
+    assert ckpt.start(str(start), restarted=None) == start
+    assert [p.name for p in ckpt.existing()] == ["step-00000030.pt", "step-00000020.pt"]
+    assert "step-00000040.pt" in _aside(folder)
+    assert ckpt.start("auto", "SLURM's restart 3") == start  # auto is auto

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -20,6 +21,9 @@ def three_runs(celeba_shards, tmp_path_factory):
 
 
 def test_compare_tabulates_what_differs_and_plots_it(three_runs, tmp_path):
+    (three_runs / "lr-notes.txt").write_text("")  # runs/lr-* also matches what is not a run
+    for i, run in enumerate(sorted(three_runs.glob("lr-*/config.yaml"))):  # as SLURM jobs: each its own stop marker
+        run.write_text(run.read_text().replace("stop_marker: null", f"stop_marker: /repo/.stopped-{i}"))
     result = subprocess.run([sys.executable, "-m", "pipeline.compare", str(three_runs / "lr-*"), "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -30,7 +34,7 @@ def test_compare_tabulates_what_differs_and_plots_it(three_runs, tmp_path):
     assert {name: row[1] for name, row in rows.items()} == {"lr-1e-4": "0.0001", "lr-5e-4": "0.0005", "lr-1e-3": "0.001"}
     assert {row[2] for row in rows.values()} == {"6"}  # steps
     assert len({row[3] for row in rows.values()}) == 3  # the final D losses differ with G's learning rate
-    assert "configs differ in: train.lr_G" in result.stdout
+    assert "configs differ in: train.lr_G\n" in result.stdout and f"skipping {three_runs / 'lr-notes.txt'}" in result.stderr
     for name, size in (("losses.png", (1200, 400)), ("d_outputs.png", (1200, 400))):
         assert Image.open(tmp_path / name).size == size
     strip = Image.open(tmp_path / "samples.png")
@@ -40,3 +44,10 @@ def test_compare_tabulates_what_differs_and_plots_it(three_runs, tmp_path):
 def test_compare_names_a_folder_that_is_not_a_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.compare", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "is not a run folder" in result.stderr
+
+
+def test_training_time_leaves_out_a_requeued_jobs_time_in_the_queue():
+    from pipeline.compare import Run
+
+    logged = [(1, 0.5, 100.0), (2, 0.5, 101.0), (3, 0.5, 102.0), (4, 0.5, 7302.0), (5, 0.5, 7303.0)]  # 2 h queued
+    assert Run(Path("r"), {}, {"loss/D": logged}, None).wall_s == 3.0

@@ -35,6 +35,12 @@ def test_an_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
     ("data=3", r"data must be a mapping"),
     ("data.batch_size", r"is not key=value"),
     ("data..x=1", r"is not key=value"),
+    ("data.shards=[/a,/b", r"override 'data.shards=\[/a,/b': its value is not valid YAML .* quote it as text, as in data.shards='\[/a,/b'"),
+    ("train.name=*x", r"its value is not valid YAML"),
+    ("train.lr_G=nan", r"train.lr_G must be a finite number, not nan"),
+    ("train.ema_beta=.inf", r"train.ema_beta must be a finite number"),
+    ("train.betas=[0.5, fast]", r"train.betas\[1\] must be float, not 'fast'"),
+    ("log.tags=[smoke, 2024]", r"log.tags\[1\] must be str, not 2024: fix that value \(quote a text value"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(UserError, match=message):
@@ -47,6 +53,30 @@ def test_a_missing_or_broken_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [1,\n")
     with pytest.raises(UserError, match=r"bad.yaml is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_broken_inherit_line_or_an_unreadable_file_names_the_file(tmp_path):
+    (tmp_path / "child.yaml").write_text("inherit: nope.yaml\n")
+    with pytest.raises(UserError, match=r"child.yaml inherits from .*nope.yaml, which does not exist: fix its inherit line"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("inherit: [base.yaml]\n")
+    with pytest.raises(UserError, match=r"child.yaml: inherit must name one file, not \['base.yaml'\]"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"config file .*latin1.yaml cannot be read .*: pass a readable UTF-8 text file"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_a_section_with_no_keys_changes_nothing(tmp_path):
+    (tmp_path / "exp.yaml").write_text("data:\n  batch_size: 32\ntrain:\n  # lr_D: 1e-3\n")
+    assert load_config(tmp_path / "exp.yaml").train == Config().train
+
+
+def test_a_text_field_keeps_the_text_yaml_would_read_as_another_type():
+    cfg = load_config(None, ["train.name=no", "log.group=2024-05-01", "train.resume=123"])
+    assert (cfg.train.name, cfg.log.group, cfg.train.resume) == ("no", "2024-05-01", "123")
+    assert load_config(None, ["log.wandb=off"]).log.wandb == "off"  # the trainer then names the modes there are
+    assert load_config(None, ["data.flip=no"]).data.flip is False  # a flag is no text field
 
 
 def test_learning_rates_in_exponent_notation_are_floats(tmp_path):

@@ -36,14 +36,47 @@ def test_a_video_gets_per_frame_scores_and_a_verdict(uncalibrated_checkpoint, ce
     assert "has no calibrated threshold" in text.stderr  # the warning, besides the report's note
 
 
-def test_an_image_with_two_faces_counts_the_most_suspicious(smoke_checkpoint, tmp_path):
-    grace = cv2.imread(str(photo_paths()[0]))
-    cv2.imwrite(str(tmp_path / "two.png"), np.hstack([grace, grace[:, ::-1]]))
+def test_an_image_with_two_faces_counts_the_largest(smoke_checkpoint, tmp_path):
+    # The shards keep a frame's largest face, so evaluation and calibration saw one such face a frame: the verdict
+    # must rest on it, not on the most suspicious of several (which only ever raises a real video's score).
+    from pipeline.detect import Detector
+
+    det = Detector(smoke_checkpoint)
+    photos = [cv2.imread(str(p)) for p in photo_paths()[:4]]
+    for big, small in ((a, b) for a in photos for b in photos if a is not b):  # a pair whose smaller face scores higher
+        small = cv2.resize(small, None, fx=0.7, fy=0.7)
+        pad = np.zeros((big.shape[0] - small.shape[0], small.shape[1], 3), np.uint8)
+        both = np.hstack([big, np.vstack([small, pad])])
+        rgb = np.ascontiguousarray(both[:, :, ::-1])
+        faces = det.faces.detect(rgb)
+        scores = det.score_faces([det.crop(rgb, f).image for f in faces])
+        if len(faces) == 2 and scores[1] > scores[0]:
+            break
+    else:
+        pytest.fail("no pair of photos whose smaller face scores higher")
+    cv2.imwrite(str(tmp_path / "two.png"), both)
     (tmp_path / "renamed.mp4").write_bytes((tmp_path / "two.png").read_bytes())  # the content decides, not the name
     for name in ("two.png", "renamed.mp4"):
         out = as_json(detect(tmp_path / name, smoke_checkpoint, "--json"))
-        assert out["kind"] == "image" and out["frames"][0]["faces"] == 2
-        assert any("several faces" in n for n in out["notes"])
+        frame = out["frames"][0]
+        assert out["kind"] == "image" and frame["faces"] == 2 and frame["box"] == list(faces[0].box)
+        assert frame["score"] == pytest.approx(scores[0]) and frame["other_faces_max_score"] == pytest.approx(scores[1])
+        assert any("largest face counts" in n for n in out["notes"])
+
+
+def test_confident_scores_stay_apart(smoke_checkpoint):
+    # In float32, sigmoid(-logit) is exactly 1 below a logit of -16.6: confident fakes would all tie.
+    from pipeline.detect import Detector
+
+    det = Detector(smoke_checkpoint)
+    crops = []
+    for path in photo_paths()[:4]:
+        rgb = cv2.imread(str(path))[:, :, ::-1].copy()
+        crops.append(det.crop(rgb, det.faces.detect(rgb)[0]).image)
+    plain = det.score_faces(crops)
+    det.D.register_forward_hook(lambda module, inputs, logits: logits - 25)  # every face called fake, confidently
+    confident = det.score_faces(crops)
+    assert max(confident) < 1 and np.argsort(confident).tolist() == np.argsort(plain).tolist()
 
 
 def test_frames_without_a_face_are_counted_not_scored(smoke_checkpoint, tmp_path):
@@ -69,6 +102,13 @@ def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, me
         path.write_bytes(content)
     result = detect(path, smoke_checkpoint)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("frames", ["0", "-1"])
+def test_a_frame_count_below_one_is_refused(smoke_checkpoint, tmp_path, frames):
+    result = detect(tmp_path / "any.mp4", smoke_checkpoint, "--frames", frames)
+    assert result.returncode == 2 and "--frames: " in result.stderr and "is not a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_the_calibrated_threshold_of_the_checkpoint_decides_the_verdict(sbi_checkpoint, celebdf_root):

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -12,7 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import metrics
-from pipeline.evaluate import video_of
+from pipeline.evaluate import load_discriminator, score_split, video_of
 from shards.manifest import load_manifest
 
 
@@ -49,6 +50,18 @@ def test_metrics_at_the_extremes():
 
 def test_a_video_is_named_by_its_key_without_the_frame():
     assert video_of("test-000000.tar/Celeb-synthesis_id0_id16_0000_0042") == "Celeb-synthesis_id0_id16_0000"
+
+
+def test_confident_fakes_keep_their_order(smoke_checkpoint, celebdf_shards):
+    # In float32, sigmoid(-logit) is exactly 1 below a logit of -16.6: every confident fake would tie, and AUC
+    # counts ties as half.
+    D, meta = load_discriminator(smoke_checkpoint, torch.device("cpu"))
+    args = dict(image_size=meta["config"]["data"]["image_size"], device=torch.device("cpu"), batch_size=16, threads=1)
+    plain = score_split(D, celebdf_shards.out_dir, "test", **args)
+    D.register_forward_hook(lambda module, inputs, logits: logits - 25)  # every face called fake, confidently
+    confident = score_split(D, celebdf_shards.out_dir, "test", **args)
+    assert confident.keys == plain.keys and confident.scores.max() < 1
+    assert np.all(np.diff(confident.scores[np.argsort(plain.scores, kind="stable")]) >= 0)  # the same order
 
 
 # ---------------------------------------------------------------- the command
@@ -177,3 +190,44 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoin
     torch.save(state, broken)
     result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
     assert result.returncode == 2 and "D gave non-finite scores to" in result.stderr and "pass an earlier one" in result.stderr
+
+
+def test_shards_of_the_wrong_dataset_or_a_checkpoint_outside_a_run_are_refused(smoke_checkpoint, celebdf_shards, celeba_shards,
+                                                                               tmp_path):
+    swapped = evaluate(1, "--checkpoint", smoke_checkpoint, "--shards", celeba_shards.out_dir, "--celeba", celebdf_shards.out_dir,
+                       "--out", tmp_path / "swapped")
+    assert swapped.returncode == 2 and f"{celeba_shards.out_dir} holds celeba shards, and --shards takes celebdf's" in swapped.stderr
+    assert "Traceback" not in swapped.stderr and not (tmp_path / "swapped").exists()
+    loose = tmp_path / "downloaded.pt"  # not in <run>/checkpoints/: its run, and so the default --out, is unknown
+    shutil.copy(smoke_checkpoint, loose)
+    for extra in ([], ["--out", tmp_path / "out", "--log-to-run"]):
+        result = evaluate(1, "--checkpoint", loose, "--shards", celebdf_shards.out_dir, *extra)
+        assert result.returncode == 2 and f"checkpoint {loose} is not in a run's checkpoints/ folder" in result.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["downloaded.pt"]
+    (tmp_path / "a-file").write_text("")
+    result = evaluate(1, "--checkpoint", loose, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "a-file")
+    assert result.returncode == 2 and f"cannot write the report to {tmp_path / 'a-file'}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_test_videos_without_a_scored_frame_and_other_crops_are_reported(sbi_checkpoint, celebdf_shards, tmp_path):
+    shards = tmp_path / "celebdf"
+    shutil.copytree(celebdf_shards.out_dir, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["source"]["test_videos"]["Celeb-real"] += 2  # as if sharding found no face in two listed videos
+    manifest["faces"]["face_scale"] = 1.5  # cropped unlike the training shards
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    result = evaluate(1, "--checkpoint", sbi_checkpoint, "--shards", shards, "--out", tmp_path / "out", "--batch", 8)
+    assert result.returncode == 0, result.stderr[-2000:]
+    total = sum(manifest["source"]["test_videos"].values())
+    assert f"warning: 2 of {total} test videos have no scored frame (2 of Celeb-real;" in result.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["counts"]["missing_videos"] == {"Celeb-real": 2}
+    assert "do not measure what pipeline.detect does" in result.stderr and "'face_scale': 1.5" in result.stderr
+
+
+def test_an_undefined_metric_is_null_in_the_report(tmp_path):
+    # One class (a split of reals only) has no AUC: NaN, which is not JSON.
+    from pipeline.evaluate import write_report
+
+    write_report(tmp_path, {"frame": {"auc": float("nan"), "accuracy": 1.0}}, [], {})
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail) == {"frame": {"auc": None, "accuracy": 1.0}}

@@ -81,7 +81,9 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     reference = train(2, _overrides(celeba_shards.out_dir, tmp_path, "reference", *extra, "log.wandb=disabled"))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "preempted", *extra))}
+    # train.resume=never: the requeued job still goes on from its checkpoint (SLURM_RESTART_COUNT), or it would start over.
+    env = {"CONFIG": "configs/smoke.yaml",
+           "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "preempted", *extra, "train.resume=never"))}
     info, log_path = preempt_at_step_3(env, tmp_path / "logs")
     assert "JobState=COMPLETED" in info and "Restarts=1" in info, info
 
@@ -112,7 +114,8 @@ def test_a_job_whose_ranks_fail_after_the_preemption_signal_is_not_requeued(clus
 
 
 def test_the_sweep_array_runs_every_task_in_its_own_folder_and_one_wandb_group(cluster, celeba_shards, tmp_path):
-    configs = " ".join(f"configs/smoke.yaml@train.lr_G={lr}" for lr in ("1e-4", "4e-4", "8e-4"))
+    # A list value keeps its commas: train.betas=[0.5,0.99] is one override.
+    configs = " ".join(f"configs/smoke.yaml@train.lr_G={lr},train.betas=[0.5,0.99]" for lr in ("1e-4", "4e-4", "8e-4"))
     overrides = _tiny(celeba_shards.out_dir, tmp_path, "ignored", "train.max_steps=2")
     job = sbatch("launch/slurm/sweep.sbatch", tmp_path / "logs", {"CONFIGS": configs, "SWEEP": "lr-sweep", "OVERRIDES": overrides},
                  "--array=0-2")
@@ -121,6 +124,7 @@ def test_the_sweep_array_runs_every_task_in_its_own_folder_and_one_wandb_group(c
         run = tmp_path / "lr-sweep" / f"smoke-{task}"
         state = _state(run, 2)
         assert state["config"]["train"]["lr_G"] == lr and state["config"]["log"]["group"] == "lr-sweep"
+        assert state["config"]["train"]["betas"] == [0.5, 0.99]
         (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
         info = run_info(run_file)
         assert (info.run_group, info.job_type) == ("lr-sweep", "sweep")

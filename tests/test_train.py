@@ -178,6 +178,19 @@ def test_two_ranks_resume_as_one(full_run, celeba_shards, runs):
     assert _state(run_dir, 10)["world_size"] == 1
 
 
+def test_a_resume_from_an_older_checkpoint_leaves_one_curve_in_tensorboard(full_run, celeba_shards, runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = _copy_run(full_run, runs, "branch")
+    older = run_dir / "checkpoints" / "step-00000004.pt"
+    result = train(1, _overrides(celeba_shards.out_dir, runs, "branch", f"train.resume={older}", "train.max_steps=6",
+                                 "log.wandb=disabled"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/D")] == [1, 2, 3, 4, 5, 6]  # not 1-8 and then 5-6 again
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(full_run, celeba_shards, runs):
     run_dir = _copy_run(full_run, runs, "corrupt")
     newest = run_dir / "checkpoints" / "step-00000008.pt"
@@ -186,6 +199,14 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(full_run, cele
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping checkpoint {newest}, which does not load" in result.stdout + result.stderr
     assert "resumed from " + str(run_dir / "checkpoints" / "step-00000006.pt") in result.stdout
+
+
+def test_a_resume_only_rank_0_can_refuse_stops_every_rank_with_its_sentence(celeba_shards, runs):
+    # Rank 0 alone chooses the checkpoint; the other ranks must not wait for it at the next collective.
+    result = train(2, _overrides(celeba_shards.out_dir, runs, "nope", "train.resume=nope.pt", "log.wandb=disabled"),
+                   timeout_s=120)
+    assert result.returncode != 0
+    assert result.stderr.count("train.resume nope.pt does not exist: pass a checkpoint file, auto or never.") == 2, result.stderr[-3000:]
 
 
 def test_a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint(full_run, celeba_shards, runs):

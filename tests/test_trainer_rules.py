@@ -64,6 +64,32 @@ def test_the_threshold_is_calibrated_on_float32_scores_in_any_precision(celeba_s
         trainer.close()
 
 
+def test_a_job_torchrun_started_again_resumes_whatever_train_resume_says(celeba_shards, tmp_path, monkeypatch):
+    first = _config(celeba_shards, tmp_path, "again", "train.max_steps=2", "train.resume=never")
+    assert _train(first) == ("max_steps", 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # as torchrun sets it in a restarted worker
+    again = Trainer(_config(celeba_shards, tmp_path, "again", "train.max_steps=3", "train.resume=never"), ONE_CPU)
+    try:
+        assert again.step == 2
+    finally:
+        again.close()
+
+
+def test_calibration_keeps_confident_scores_apart(celeba_shards, tmp_path):
+    # In float32, sigmoid(-logit) is exactly 1 below a logit of -16.6: the val faces would all tie, and the
+    # threshold and the AUC of calibration would mean nothing.
+    trainer = Trainer(_config(celeba_shards, tmp_path, "confident", "train.max_steps=1"), ONE_CPU)
+    try:
+        plain = trainer.validate()
+        trainer.step_fn.D_raw.register_forward_hook(lambda module, inputs, logits: logits - 25)  # all called fake
+        confident = trainer.validate()
+        assert confident["val/sbi_auc"] == pytest.approx(plain["val/sbi_auc"], abs=1e-6)
+        # The scores are 1 - O(e^-25), and the threshold lies among them: not 1e-6 below a tie at exactly 1.
+        assert 0 < 1 - confident["val/threshold"] < 1e-9
+    finally:
+        trainer.close()
+
+
 def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_shards, tmp_path):
     from pipeline import signals
 
@@ -113,3 +139,17 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_sha
 def test_settings_that_would_fail_later_are_refused_at_start_up(celeba_shards, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         Trainer(_config(celeba_shards, tmp_path, "refused", *extra), ONE_CPU)
+
+
+def test_a_log_interval_is_timed_by_the_steps_it_holds(monkeypatch):
+    # After a resume between two log lines the first interval holds fewer than train.log_every_steps steps.
+    from types import SimpleNamespace
+
+    import pipeline.progress as progress
+
+    clock = iter([0.0, 6.0])
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    meter = progress.Meter(1)
+    for _ in range(3):
+        meter.add({"loss/D": torch.tensor(1.0)})
+    assert meter.flush() == ({"loss/D": 1.0}, 2.0)  # 3 steps in 6 s

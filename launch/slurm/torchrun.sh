@@ -12,7 +12,8 @@
 # only the signals named in --signals-to-handle, so USR1 is added there. The ranks agree to stop at
 # their next logging boundary (train.log_every_steps; validation and evaluation stop early too), save a
 # checkpoint (seconds) and exit 0; only then does this script requeue the job, which resumes from that
-# checkpoint (train.resume=auto) with the same wandb run. Ranks that fail instead are not requeued.
+# checkpoint with the same wandb run (a job started again goes on from its run's newest checkpoint, whatever
+# train.resume says: pipeline/checkpoint.py). Ranks that fail instead are not requeued.
 #
 # NCCL settings worth knowing (export them in SETUP or before sbatch): NCCL_DEBUG=WARN (INFO to debug
 # hangs), NCCL_SOCKET_IFNAME=<the fabric's interface> when nodes have several, NCCL_IB_HCA=<mlx5 ports>
