@@ -121,7 +121,12 @@ class Detector:
     """The model and the face detector, loaded once; not thread-safe (dlib), so one per thread or a lock."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu"):
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise UserError(f"--device {device} is not a device ({e}): pass cpu or cuda.") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this machine has no CUDA device that torch can use: pass --device cpu.")
         self.D, meta = load_discriminator(Path(checkpoint), self.device)
         self.image_size = meta["config"]["data"]["image_size"]
         self.step = meta["step"]

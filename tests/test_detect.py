@@ -104,6 +104,16 @@ def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, me
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_device_that_is_not_here_is_refused(smoke_checkpoint, tmp_path):
+    import torch
+
+    for device, message in (("gpu", "--device gpu is not a device"), ("cuda", "--device cuda: this machine has no CUDA device")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        result = detect(tmp_path / "any.jpg", smoke_checkpoint, "--device", device)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("frames", ["0", "-1"])
 def test_a_frame_count_below_one_is_refused(smoke_checkpoint, tmp_path, frames):
     result = detect(tmp_path / "any.mp4", smoke_checkpoint, "--frames", frames)
