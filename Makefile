@@ -27,13 +27,15 @@ bench: $(INSTALLED)
 	$(PY) -m bench.step --device cpu --size 64 --batch 32 --warmup 2 --steps 5 --out bench/results
 	$(PY) -m bench.detector --minutes 4 --out bench/results
 
-# On a GPU machine, after bench/gpu-stage.sh (see its header): one call, at most 10 minutes.
+# On a GPU machine, after bench/gpu-stage.sh (see its header): one call, at most 10 minutes. Through the
+# device tool, give OUT=$$OUT: only what lands there comes back.
+OUT ?= bench/results
 bench-gpu:
-	bench/gpu.sh bench/results/gpu
+	bench/gpu.sh $(OUT)/gpu
 
 # On a GPU machine, after bench/gpu-stage.sh prepare CELEBA_SHARDS CELEBDF_SHARDS: the detector, one call.
 bench-gpu-detector:
-	bench/gpu-detector.sh bench/results/gpu-detector
+	bench/gpu-detector.sh $(OUT)/gpu-detector
 
 clean:
 	rm -rf $(DEMO_DIR) bench/results .pytest_cache

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The detector trained on a GPU, in one call of at most 10 minutes (stage first, with the shards:
 # bench/gpu-stage.sh prepare CELEBA_SHARDS CELEBDF_SHARDS, folders named celeba and celebdf).
-#   bench/gpu-detector.sh OUT [SECONDS [key=value ...]]   (SECONDS of training, a whole number, default 360; overrides
+#   bench/gpu-detector.sh OUT [SECONDS [key=value ...]]   (SECONDS of training, a whole number, default 300; overrides
 #                                                          for the detector, e.g. data.image_size=256 model.ndf=32)
+#   DEADLINE_S=N bench/gpu-detector.sh ...                 (the call's own limit less a margin, default 570: pass the
+#                                                          run's timeout_s less 30 when the session has less left)
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
 # otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s on the 937-person
 # synthetic data, still climbing, where 64 px had stopped near 0.77 (BENCHMARKS.md). Scored on the staged
@@ -14,31 +16,39 @@
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu-detector.sh OUT [SECONDS [key=value ...]]" >&2; exit 2; }
 out=$(realpath -m "$1")
-seconds=${2:-360}
+seconds=${2:-300}
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "SECONDS is $seconds: give a whole number of seconds" >&2; exit 2; }
 shift $(($# < 2 ? $# : 2))  # what is left: overrides for the detector
+deadline=${DEADLINE_S:-570}
+[[ $deadline =~ ^[0-9]+$ ]] || { echo "DEADLINE_S is $deadline: give a whole number of seconds" >&2; exit 2; }
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 source bench/gpu-env.sh
 device_info > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 data=/tmp/stage/data
-left() { echo $((570 - SECONDS)); }  # the device runs a call for at most 600 s
+left() { echo $((deadline - SECONDS)); }  # the device runs a call for at most 600 s, and less when the session has less
 detector() {  # name, overrides...: training, then compiling, calibrating and scoring about 6,000 frames
   local name=$1 limit=$((seconds + 120)); shift
   [ "$limit" -lt "$(left)" ] || limit=$(left)
+  [ "$limit" -gt 60 ] || { echo "== $name: skipped, $(left) s left" | tee -a "$out/detector.log"; return 124; }
   echo "== $name" >> "$out/detector.log"
   timeout "$limit" $py -m bench.detector --celeba "$data/celeba" --celebdf "$data/celebdf" --device cuda \
     --minutes "$(awk "BEGIN { print $seconds / 60 }")" --variants sbi-only --out "$out" --name "detector-$name" \
     data.batch_size=128 data.image_size=128 model.ndf=64 "$@" >> "$out/detector.log" 2>&1
   local rc=$?; echo "== $name: exit $rc" | tee -a "$out/detector.log"; return $rc
 }
-# Without the graph only if the first run failed by itself: one that ran out of time would again.
-detector gpu "$@" || { [ $? -ne 124 ] && detector gpu-eager "$@" train.graph_inputs=false; }
+# Without the graph only if the first run failed by itself (one that ran out of time would again) and there is
+# time for a whole second run.
+detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] && detector gpu-eager "$@" train.graph_inputs=false; }
 limit=100 && [ "$limit" -lt "$(left)" ] || limit=$(left)
-[ "$limit" -gt 30 ] && timeout "$limit" $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
-  --precision bf16 --channels-last 1 --compile 1 --inputs dali --sbi 1 --graph-inputs 0 1 --out "$out" > "$out/train.log" 2>&1
-echo "== train: exit $? ($(grep -c images/s "$out/train.log" 2>/dev/null) rows)"
+if [ "$limit" -gt 30 ]; then
+  timeout "$limit" $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
+    --precision bf16 --channels-last 1 --compile 1 --inputs dali --sbi 1 --graph-inputs 0 1 --out "$out" > "$out/train.log" 2>&1
+  echo "== train: exit $? ($(grep -c images/s "$out/train.log" 2>/dev/null) rows)"
+else
+  echo "== train: skipped, $(left) s left"
+fi
 if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py \
     > "$out/gpu-tests.log" 2>&1

@@ -7,9 +7,10 @@ if [ ! -e /tmp/site/.installed ]; then  # a marker: an import check cost a reins
     mkdir -p /tmp/stage && cat /tmp/parts/part-* | tar -x -C /tmp/stage &&
       $py -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /tmp/stage/wheels/* &&
       touch /tmp/site/.installed
-  else
-    echo "no staged wheels in /tmp/parts: run bench/gpu-stage.sh first (see its header)" >&2
   fi
+  # Nothing measures without them: stop now rather than spend the call on parts that each fail at import.
+  [ -e /tmp/site/.installed ] || { echo "the staged wheels in /tmp/parts are missing or did not install (a part not" \
+    "copied, or cut short?): stage every part again (bench/gpu-stage.sh, see its header)" >&2; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 

@@ -5,11 +5,13 @@
 #                                 (on this machine) DALI's wheels (../shared/device/stage-dali.sh) plus ours,
 #                                 and the shards folders named (for bench/gpu-detector.sh), split into
 #                                 56 MiB parts, each in its own folder .gpu/pNN (ignored)
-#   then one device call per part but the last, back to back (the machine goes back after ~30 s idle):
-#                                 carry [".gpu/pNN"], command: mkdir -p /tmp/parts && cp .gpu/p*/part-* /tmp/parts/
-#   and last, in the same warm lease, the last part and the measurements in one call:
-#                                 carry [".gpu/pLAST"], command: mkdir -p /tmp/parts && cp .gpu/p*/part-* /tmp/parts/ && bench/gpu.sh $OUT
-#                                 (or bench/gpu-detector.sh $OUT)
+#   then one device call per part but the last, back to back (the machine goes back after ~30 s idle; every
+#   reply must say warm: a fresh machine has lost the parts before it):
+#                                 carry [".gpu/pNN"], command: mkdir -p /tmp/parts && cp .gpu/pNN/part-NN /tmp/parts/ && ls /tmp/parts | wc -l
+#   and last, in the same warm lease, the last part and the measurements in one call, with timeout_s the
+#   session's time left (status) less 20 and DEADLINE_S that less 30:
+#                                 carry [".gpu/pLAST"], command: mkdir -p /tmp/parts && cp .gpu/pLAST/part-LAST /tmp/parts/ &&
+#                                 DEADLINE_S=... bench/gpu.sh $OUT   (or bench/gpu-detector.sh $OUT)
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 case "${1:-}" in
@@ -33,5 +35,5 @@ prepare)
   done
   du -shL "$stage"/* "$root"/.gpu/p*
   ;;
-*) sed -n '2,12p' "$0"; exit 2 ;;
+*) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine can tell us, in one call of at most 10 minutes (stage first: bench/gpu-stage.sh).
-#   bench/gpu.sh OUT        (make bench-gpu: OUT = bench/results/gpu)
+#   bench/gpu.sh OUT        (make bench-gpu OUT=...; DEADLINE_S=N: the call's own limit less a margin, default 570)
 # 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts (bench/gpu-env.sh); 2. shards 3,000
 # synthetic CelebA faces once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256,
 # new against old, split into parts, with MFU (bench.step; the self-blends from a CUDA graph, as
@@ -13,14 +13,18 @@
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh OUT" >&2; exit 2; }
 out=$(realpath -m "$1")
+deadline=${DEADLINE_S:-570}  # the call's own limit less a margin: pass the run's timeout_s less 30 when it is lower
+[[ $deadline =~ ^[0-9]+$ ]] || { echo "DEADLINE_S is $deadline: give a whole number of seconds" >&2; exit 2; }
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 source bench/gpu-env.sh
 device_info > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 data=$(mktemp -d)
-run() {  # name, seconds, command...: each part is bounded so that the call's total fits in 10 minutes
+run() {  # name, seconds, command...: each part is bounded, and none runs past the deadline
   local name=$1 limit=$2 t0=$SECONDS; shift 2
+  [ "$limit" -lt $((deadline - SECONDS)) ] || limit=$((deadline - SECONDS))
+  if [ "$limit" -lt 15 ]; then echo "== $name: skipped, $((deadline - SECONDS)) s left" | tee -a "$out/parts.log" "$out/summary.txt"; return; fi
   echo "== $name" >> "$out/parts.log"
   timeout "$limit" "$@" >> "$out/parts.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$out/parts.log" "$out/summary.txt"

@@ -80,6 +80,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
+    results = {"benchmark": "train", "device": device_name, "torch": torch.__version__, "batch": args.batch,
+               "ngf": args.ngf, "image_size": 64, "steps": args.steps, "warmup": args.warmup, "runs": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train-{args.device}.json"
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
@@ -89,7 +94,7 @@ def main() -> int:
 
             root = write_celeba(Path(tmp) / "celeba", 4000)
             shards = str(build(CelebASource(root), Path(tmp) / "shards", workers=os.cpu_count() or 1, progress=False).out_dir)
-        runs = []
+        runs = results["runs"]
         grid = itertools.product(args.precision, args.channels_last, args.compile, args.inputs, args.sbi, args.graph_inputs)
         for precision, cl, comp, inputs, sbi, graph in grid:
             if graph and not sbi:
@@ -99,11 +104,7 @@ def main() -> int:
             runs.append(r)
             print(f"{precision} channels_last={cl} compile={comp} {inputs:7s} sbi={sbi} graph_inputs={graph}: "
                   f"{r['images_per_s']:8.1f} images/s", flush=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
-    results = {"benchmark": "train", "device": device_name, "torch": torch.__version__, "batch": args.batch,
-               "ngf": args.ngf, "image_size": 64, "steps": args.steps, "warmup": args.warmup, "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"train-{args.device}.json"
+            path.write_text(json.dumps(results, indent=2) + "\n")  # after each row: a run cut short keeps its rows
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
