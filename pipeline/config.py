@@ -54,6 +54,8 @@ class ModelConfig:
     ndf: int = 64  # discriminator width: channels of its first layer
     d_norm: str = "group"  # group: a face's score is the same alone or in any batch, in train and eval mode |
     # batch: the DCGAN paper's BatchNorm (checkpoints written before d_norm existed)
+    d_gan_head: str = "own"  # with self-blends and G both (train.sbi_weight and gan_weight > 0): own: G's samples get
+    # D's second logit, whose loss never trains D's layers (the detector's) | shared: one logit for both
     # The image side is data.image_size (64, 128 or 256): one number, so model and data cannot disagree.
 
 

@@ -43,7 +43,8 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         cfg, step = state["config"], state["step"]
         # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
-        D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"))
+        D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"),
+                          gan_head=any(k.startswith("gan_head.") for k in state["D"]))
         D.load_state_dict(state["D"])
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None

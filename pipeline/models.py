@@ -66,6 +66,7 @@ class Generator(nn.Module):
 
 
 D_NORMS = ("group", "batch")
+D_GAN_HEADS = ("own", "shared")  # model.d_gan_head: see Discriminator
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -77,7 +78,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64, image_size: int = 64, norm: str = "group"):
+    """D: its logit says real (> 0) or fake, and it is the deepfake detector.
+
+    With `gan_head`, D has a second logit for the GAN alone: its own 4 x 4 convolution on the same last
+    features, which learns real against G's samples. In D's update it sees those features detached, so the
+    GAN's loss trains that head and never the layers below, which learn from reals and self-blends alone: the
+    detector. G trains against the GAN's logit through every layer of D, as before. With one logit for both,
+    the layers also learn "G's early samples are fake", which is no help against a face swap, and on the
+    CPU's synthetic benchmark the detector lost about 0.07 video AUC to it at equal steps (BENCHMARKS.md).
+    """
+
+    def __init__(self, ndf: int = 64, image_size: int = 64, norm: str = "group", gan_head: bool = False):
         super().__init__()
         extra = _check_size(image_size)
         layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # [N, ndf, S/2, S/2]
@@ -87,9 +98,21 @@ class Discriminator(nn.Module):
             ch *= 2
         layers += [nn.Conv2d(ch, 1, 4, 1, 0, bias=False)]  # [N, 1, 1, 1]
         self.main = nn.Sequential(*layers)
+        self.gan_head = nn.Conv2d(ch, 1, 4, 1, 0, bias=False) if gan_head else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x).flatten()  # [N] logits: > 0 means "real"
+    def forward(self, x: torch.Tensor, gan: bool = False) -> torch.Tensor:
+        """[N] logits, > 0 meaning real: the detector's. With `gan`, [N, 2]: the detector's and the GAN's (the
+        same logit twice where D has no GAN head)."""
+        if not gan:
+            return self.main(x).flatten()
+        features = self.main[:-1](x)
+        detector = self.main[-1](features).flatten()
+        if self.gan_head is None:
+            return torch.stack([detector, detector], 1)
+        # D's update (its weights want gradients): the GAN's loss reaches its head only. G's update (D frozen):
+        # the gradient flows through every layer, back to G's samples.
+        own = features.detach() if self.gan_head.weight.requires_grad else features
+        return torch.stack([detector, self.gan_head(own).flatten()], 1)
 
 
 def fake_score(logits: torch.Tensor) -> torch.Tensor:
@@ -111,9 +134,9 @@ def weights_init(m: nn.Module) -> None:
 
 
 def build_models(nz: int, ngf: int, ndf: int, image_size: int, generator: torch.Generator | None = None,
-                 d_norm: str = "group"):
+                 d_norm: str = "group", gan_head: bool = False):
     """G and D, initialized; `generator` makes the initialization reproducible."""
-    G, D = Generator(nz, ngf, image_size), Discriminator(ndf, image_size, d_norm)
+    G, D = Generator(nz, ngf, image_size), Discriminator(ndf, image_size, d_norm, gan_head)
     with torch.random.fork_rng(devices=[]):
         if generator is not None:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))

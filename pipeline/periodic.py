@@ -72,7 +72,7 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
         # The blends are data: made in float32 outside autocast (CPU half precision is slow there).
         pairs = self_blend(batch.images, batch.landmarks, gen) if calibrates else None
         with step.autocast():
-            fake = D(step.G_ema(z)).float()
+            fake = D(step.G_ema(z), gan=True)[:, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
         real = D(batch.images.float()).float()

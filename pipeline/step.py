@@ -3,7 +3,9 @@
 D learns from three kinds of input: real faces (real), G's samples (fake, weighted by train.gan_weight)
 and self-blends of the real batch (fake, weighted by train.sbi_weight; pipeline/sbi.py), made on the
 training device inside the step. Reals and blends get the same random quality degradations, so that
-image quality never tells them apart. G then learns to make D call its samples real.
+image quality never tells them apart. G then learns to make D call its samples real. With self-blends and
+G both, G's samples get D's own GAN logit, whose loss trains only its head (pipeline/models.py): D's layers,
+the detector's, learn from reals and blends alone.
 
 No host round trip: a step with non-finite gradients is skipped on the device. Every optimizer has a
 GradScaler (scale 1 and fixed in fp32 and bf16, dynamic in fp16), and fused Adam reads the scaler's
@@ -30,10 +32,16 @@ from pipeline.sbi import degrade, self_blend
 
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor | None, logits_blend: torch.Tensor | None,
-           valid: torch.Tensor | None, gan_weight: float, sbi_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """D's loss, -log D(x) - w_gan log(1 - D(G(z))) - w_sbi log(1 - D(blend)), and its detached statistics."""
+           valid: torch.Tensor | None, gan_weight: float, sbi_weight: float,
+           logits_real_gan: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D's loss, -log D(x) - w_gan log(1 - D(G(z))) - w_sbi log(1 - D(blend)), and its detached statistics.
+
+    Where D has its own GAN logit, `logits_fake` are that logit's, and `logits_real_gan` the reals' (its own
+    -log D(x) term); otherwise one logit does both, and the reals count once."""
     loss = F.softplus(-logits_real.float()).mean()
     stats = {"D/real": torch.sigmoid(logits_real.detach().float()).mean()}
+    if logits_real_gan is not None:
+        loss = loss + F.softplus(-logits_real_gan.float()).mean()
     if logits_fake is not None:
         loss = loss + gan_weight * F.softplus(logits_fake.float()).mean()
         stats["D/fake"] = torch.sigmoid(logits_fake.detach().float()).mean()
@@ -68,7 +76,10 @@ class GANStep:
     def __init__(self, cfg: Config, fast: FastPaths, device: torch.device, noise: torch.Generator, wrap=None):
         m, t = cfg.model, cfg.train
         self.cfg, self.fast, self.device, self.noise = cfg, fast, device, noise
-        G, D = build_models(m.nz, m.ngf, m.ndf, cfg.data.image_size, torch.Generator().manual_seed(t.seed), m.d_norm)
+        # D's own GAN logit only where it has two tasks: self-blends and G's samples (pipeline/models.py).
+        gan_head = m.d_gan_head == "own" and t.sbi_weight > 0 and t.gan_weight > 0
+        G, D = build_models(m.nz, m.ngf, m.ndf, cfg.data.image_size, torch.Generator().manual_seed(t.seed), m.d_norm,
+                            gan_head)
         self.G_raw = G.to(device, memory_format=fast.layout)
         self.D_raw = D.to(device, memory_format=fast.layout)
         self.G_ema = copy.deepcopy(self.G_raw).eval().requires_grad_(False)
@@ -120,9 +131,10 @@ class GANStep:
         return real, blend, pairs.valid
 
     def _score(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """D's [n, 2] logits of each part: the detector's and the GAN's."""
         if self.one_forward and len(parts) > 1:
-            return list(self.D(torch.cat(parts)).split([len(p) for p in parts]))
-        return [self.D(p) for p in parts]
+            return list(self.D(torch.cat(parts), gan=True).split([len(p) for p in parts]))
+        return [self.D(p, gan=True) for p in parts]
 
     # ------------------------------------------------------------------ the step
     def __call__(self, batch, step: int) -> dict[str, torch.Tensor]:
@@ -143,10 +155,12 @@ class GANStep:
                     z = torch.randn(x.real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise)
                     fake = self.G(z)
                 parts = [x.real] + ([fake.detach()] if fake is not None else []) + ([x.blend] if x.blend is not None else [])
-                logits = self._score(parts)
-                logits_fake = logits[1] if fake is not None else None
-                logits_blend = logits[-1] if x.blend is not None else None
-                loss_D, stats = d_loss(logits[0], logits_fake, logits_blend, x.valid, t.gan_weight, t.sbi_weight)
+                logits = self._score(parts)  # the detector's logit [:, 0] for reals and blends, the GAN's [:, 1] for G's
+                logits_fake = logits[1][:, 1] if fake is not None else None
+                logits_blend = logits[-1][:, 0] if x.blend is not None else None
+                real_gan = logits[0][:, 1] if self.D_raw.gan_head is not None else None
+                loss_D, stats = d_loss(logits[0][:, 0], logits_fake, logits_blend, x.valid, t.gan_weight, t.sbi_weight,
+                                       real_gan)
             self.scaler_D.scale(loss_D).backward()
             self.scaler_D.step(self.opt_D)
             self.scaler_D.update(self._new_scale)
@@ -159,7 +173,7 @@ class GANStep:
                 self.D_raw.requires_grad_(False)
                 try:
                     with self.autocast():
-                        loss_G = g_loss(self.D_for_G(fake))
+                        loss_G = g_loss(self.D_for_G(fake, gan=True)[:, 1])
                     self.scaler_G.scale(loss_G).backward()
                 finally:
                     self.D_raw.requires_grad_(True)

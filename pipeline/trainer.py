@@ -43,7 +43,7 @@ from pipeline.errors import UserError
 from pipeline.fastpaths import resolve
 from pipeline.fsutil import write_bytes_atomic
 from pipeline.loggers import WANDB_MODES, RunLogger, new_run_id
-from pipeline.models import D_NORMS, SIZES
+from pipeline.models import D_GAN_HEADS, D_NORMS, SIZES
 from pipeline.periodic import Calibration, Every
 from pipeline.progress import Meter, hms
 from pipeline.step import GANStep
@@ -70,6 +70,8 @@ def _check(cfg: Config) -> None:
         raise UserError("train.sbi_weight needs the face crops and their landmarks: set data.crop=face.")
     if cfg.model.d_norm not in D_NORMS:
         raise UserError(f"model.d_norm {cfg.model.d_norm!r} is not one of {D_NORMS}: choose one of those.")
+    if cfg.model.d_gan_head not in D_GAN_HEADS:
+        raise UserError(f"model.d_gan_head {cfg.model.d_gan_head!r} is not one of {D_GAN_HEADS}: choose one of those.")
     if not cfg.data.drop_last:
         raise UserError("data.drop_last is false: ranks would then take different numbers of steps and wait for each other "
                         "for ever; training needs true (evaluation reads every sample whatever it says).")

@@ -104,6 +104,7 @@ def test_every_shipped_config_loads_and_passes_the_trainers_checks(path):
     ("data.drop_last=false", r"data.drop_last is false: ranks would then take different numbers of steps"),
     ("train.max_steps=0", r"train.max_steps is 0: it must be at least 1, or null"),
     ("log.wandb=offlne", r"log.wandb 'offlne' is not one of \('offline', 'online', 'disabled'\)"),
+    ("model.d_gan_head=both", r"model.d_gan_head 'both' is not one of \('own', 'shared'\)"),
 ])
 def test_training_settings_that_cannot_work_are_refused_before_anything_starts(override, message):
     with pytest.raises(UserError, match=message):

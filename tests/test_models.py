@@ -13,6 +13,26 @@ def test_g_draws_images_of_the_size_and_d_returns_one_logit_each(size):
     assert D(images).shape == (3,)
 
 
+def test_ds_own_gan_logit_trains_its_head_alone_and_g_still_learns_through_all_of_d():
+    G, D = build_models(100, 16, 16, 64, torch.Generator().manual_seed(0), gan_head=True)
+    x = G(torch.randn(4, 100, 1, 1)).detach().requires_grad_(True)
+    both = D(x, gan=True)
+    assert both.shape == (4, 2) and torch.equal(both[:, 0], D(x))  # the detector's logit is D's plain output
+    # D's update: the GAN's loss reaches its head, never the layers the detector shares.
+    torch.nn.functional.softplus(both[:, 1]).mean().backward()
+    assert D.gan_head.weight.grad.abs().sum() > 0
+    untouched = [x, *D.main.parameters()]  # (zeros where the detector's column passed its zero gradient back)
+    assert all(t.grad is None or not t.grad.any() for t in untouched)
+    # G's update (D frozen): the gradient flows through every layer of D, back to the samples.
+    D.zero_grad(set_to_none=True)
+    D.requires_grad_(False)
+    torch.nn.functional.softplus(-D(x, gan=True)[:, 1]).mean().backward()
+    assert x.grad.abs().sum() > 0
+    # Without the head, one logit does both.
+    _, plain = build_models(100, 16, 16, 64, torch.Generator().manual_seed(0))
+    assert plain.gan_head is None and torch.equal(plain(x, gan=True)[:, 0], plain(x, gan=True)[:, 1])
+
+
 def test_the_dcgan_initialization_and_its_reproducibility():
     G1, D1 = build_models(100, 64, 64, 64, torch.Generator().manual_seed(7))
     G2, _ = build_models(100, 64, 64, 64, torch.Generator().manual_seed(7))

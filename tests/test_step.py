@@ -159,6 +159,35 @@ def test_g_step_computes_no_gradients_for_ds_weights(shards, tmp_path):
         trainer.close()
 
 
+@pytest.mark.parametrize("extra, own", [((), True), (("model.d_gan_head=shared",), False), (("train.gan_weight=0",), False),
+                                         (("train.sbi_weight=0",), False)])
+def test_d_has_its_own_gan_logit_only_where_it_learns_both_tasks(shards, tmp_path, extra, own):
+    trainer = _trainer(shards, tmp_path, *extra)
+    try:
+        assert (trainer.step_fn.D_raw.gan_head is not None) == own
+        trainer.train_step(next(iter(trainer.loader)))
+    finally:
+        trainer.close()
+
+
+def test_gs_samples_never_move_the_detectors_layers(shards, tmp_path):
+    # Two trainers alike but for G's weights: after D's update, the layers the detector uses are the same.
+    trainers = [_trainer(shards, tmp_path / name) for name in ("a", "b")]
+    try:
+        with torch.no_grad():
+            for p in trainers[1].step_fn.G_raw.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        batch = next(iter(trainers[0].loader))
+        for trainer in trainers:
+            trainer.train_step(batch)
+        a, b = (t.step_fn.D_raw for t in trainers)
+        assert all(torch.equal(p, q) for p, q in zip(a.main.parameters(), b.main.parameters()))
+        assert not torch.equal(a.gan_head.weight, b.gan_head.weight)  # the GAN's own head did see the samples
+    finally:
+        for trainer in trainers:
+            trainer.close()
+
+
 def test_one_forward_of_reals_fakes_and_blends_scores_as_three(shards, tmp_path):
     trainer = _trainer(shards, tmp_path)
     try:

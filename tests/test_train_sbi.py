@@ -55,6 +55,7 @@ def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_thresho
     assert len(blend) == 4 and all(0 < v < 1 for v in blend) and "D(G(z))" in result.stdout
     assert re.findall(r"step (\d+): parameters identical on all 2 ranks", result.stdout) == ["2", "4"]
     state = _state(run_dir, 4)
+    assert "gan_head.weight" in state["D"]  # with G and self-blends, D gives G's samples their own logit
     calibration = state["calibration"]
     assert 0 < state["threshold"] < 1 and calibration["step"] == 4 and calibration["split"] == "val"
     assert calibration["reals"] > 0 and calibration["blends"] > 0 and 0 <= calibration["auc"] <= 1
@@ -81,6 +82,7 @@ def test_d_alone_learns_reals_against_self_blends_without_g(shards, runs):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "D(blend)" in result.stdout and "D(G(z))" not in result.stdout
     state = _state(runs / "no-G", 3)
+    assert "gan_head.weight" not in state["D"]  # one task, one logit
     G0 = torch.load(runs / "no-G" / "checkpoints" / "step-00000002.pt", weights_only=True)["G"]
     assert all(torch.equal(v, G0[k]) for k, v in state["G"].items())  # G never steps
     assert not all(torch.equal(v, G0[k]) for k, v in state["D"].items() if v.is_floating_point())
