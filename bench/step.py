@@ -92,8 +92,9 @@ def step_flops(step: GANStep, batch: Batch) -> int:
 
 
 def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
+    # One logit for both (model.d_gan_head shared), as the old step's D had: the two steps then run the same models.
     overrides = [f"data.image_size={size}", f"data.batch_size={batch_size}", "train.sbi_weight=1", "train.gan_weight=1",
-                 f"model.ngf={args.width}", f"model.ndf={args.width}", *args.overrides]
+                 f"model.ngf={args.width}", f"model.ndf={args.width}", "model.d_gan_head=shared", *args.overrides]
     cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
     fast = resolve(cfg.train, cfg.model, device)
     gen = torch.Generator(device=device).manual_seed(0)

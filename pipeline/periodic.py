@@ -52,7 +52,8 @@ class Calibration:
 @torch.no_grad()
 def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split: str, at_step: int,
              calibration: Calibration, should_stop=None) -> dict[str, float] | None:
-    """D's accuracy on real val images and on G_ema's images, and D's loss, over all ranks.
+    """D's accuracy on real val images and on G_ema's images, and D's loss, over all ranks: the GAN's, on its own
+    logit where D has one (else on its only logit).
 
     On face crops (`calibrates`), also D's AUC on the val reals against their self-blends, and the threshold
     on P(fake) at their equal-error point, which becomes the detector's verdict threshold (in `calibration`).
@@ -75,13 +76,16 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
             fake = D(step.G_ema(z), gan=True)[:, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
-        real = D(batch.images.float()).float()
+        real_both = D(batch.images.float(), gan=True).float()
+        real = real_both[:, 0]
         if pairs is not None:
             blend = D(pairs.fake).float()[pairs.valid]
             real_scores.append(fake_score(real))
             blend_scores.append(fake_score(blend))
-        loss = F.softplus(-real).sum() + F.softplus(fake).sum()
-        sums += torch.stack([(real > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=device)])
+        # The GAN's loss and accuracies on its own logit: reals and G_ema's samples (one logit: the detector's).
+        real_gan = real_both[:, 1]
+        loss = F.softplus(-real_gan).sum() + F.softplus(fake).sum()
+        sums += torch.stack([(real_gan > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=device)])
     D.train()
     right_real, right_fake, loss, n = dist.all_reduce_(sums).tolist()
     metrics = {"val/D_acc_real": right_real / n, "val/D_acc_fake": right_fake / n, "val/loss_D": loss / n}

@@ -37,11 +37,13 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor | None, logits_b
     """D's loss, -log D(x) - w_gan log(1 - D(G(z))) - w_sbi log(1 - D(blend)), and its detached statistics.
 
     Where D has its own GAN logit, `logits_fake` are that logit's, and `logits_real_gan` the reals' (its own
-    -log D(x) term); otherwise one logit does both, and the reals count once."""
+    -log D(x) term, so this loss is then the two heads' added); otherwise one logit does both, and the reals
+    count once. D/real and D/blend are the detector's, D/fake and D/real_gan the GAN logit's."""
     loss = F.softplus(-logits_real.float()).mean()
     stats = {"D/real": torch.sigmoid(logits_real.detach().float()).mean()}
     if logits_real_gan is not None:
         loss = loss + F.softplus(-logits_real_gan.float()).mean()
+        stats["D/real_gan"] = torch.sigmoid(logits_real_gan.detach().float()).mean()
     if logits_fake is not None:
         loss = loss + gan_weight * F.softplus(logits_fake.float()).mean()
         stats["D/fake"] = torch.sigmoid(logits_fake.detach().float()).mean()

@@ -246,6 +246,14 @@ class Trainer:
             self.load_state_dict(state)
         except RuntimeError as e:  # the models' shapes differ: another model.* or data.image_size
             saved = state.get("config", {})
+            saved_head, head = any(k.startswith("gan_head.") for k in state["D"]), self.step_fn.D_raw.gan_head is not None
+            if saved_head != head:  # the one difference model.* does not show: D's own GAN logit, or none
+                raise UserError(
+                    f"checkpoint {path} holds a D " + ("with its own logit for G's samples (model.d_gan_head own, with G and "
+                    "self-blends both), and this run's D has one logit: resume it with model.d_gan_head=own and "
+                    "train.gan_weight and train.sbi_weight above 0" if saved_head else "with one logit for G's samples and "
+                    "self-blends (model.d_gan_head shared, or written before it existed), and this run's D has two: resume "
+                    "it with model.d_gan_head=shared") + ", or start afresh under another train.name.") from None
             raise UserError(f"checkpoint {path} holds another model (saved with model {saved.get('model')}, image size "
                             f"{saved.get('data', {}).get('image_size')}; {str(e).splitlines()[0]}): give this run a new "
                             "train.name, or set train.resume=never to start it afresh.") from None

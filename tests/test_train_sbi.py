@@ -61,7 +61,7 @@ def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_thresho
     assert calibration["reals"] > 0 and calibration["blends"] > 0 and 0 <= calibration["auc"] <= 1
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    for tag in ("D/blend", "sbi/valid", "val/sbi_auc", "val/sbi_eer", "val/threshold"):
+    for tag in ("D/blend", "D/real_gan", "sbi/valid", "val/sbi_auc", "val/sbi_eer", "val/threshold"):
         assert tag in events.Tags()["scalars"], tag
     assert events.Scalars("val/threshold")[-1].value == pytest.approx(state["threshold"])
 

@@ -75,6 +75,29 @@ def test_a_job_torchrun_started_again_resumes_whatever_train_resume_says(celeba_
         again.close()
 
 
+def test_a_resume_across_ds_gan_logit_settings_names_the_setting(celeba_shards, tmp_path):
+    assert _train(_config(celeba_shards, tmp_path, "logits", "train.max_steps=1", "model.d_gan_head=shared"))[1] == 1
+    with pytest.raises(UserError, match=r"holds a D with one logit for G's samples and self-blends .* resume it with "
+                                        r"model.d_gan_head=shared, or start afresh"):
+        Trainer(_config(celeba_shards, tmp_path, "logits", "train.max_steps=2"), ONE_CPU)  # the default: own
+
+
+def test_validation_reports_the_gans_accuracy_on_its_own_logit(celeba_shards, tmp_path):
+    trainer = Trainer(_config(celeba_shards, tmp_path, "val-gan", "train.max_steps=1"), ONE_CPU)
+    try:
+        D = trainer.step_fn.D_raw
+        torch.nn.init.normal_(D.gan_head.weight, 0.0, 0.5)  # the two logits now call the reals differently
+        metrics = trainer.validate()
+        D.eval()
+        with torch.no_grad():
+            logits = torch.cat([D(batch.images, gan=True) for batch in trainer.val_loader])
+        D.train()
+        assert metrics["val/D_acc_real"] == pytest.approx((logits[:, 1] > 0).float().mean().item())
+        assert (logits[:, 1] > 0).float().mean() != (logits[:, 0] > 0).float().mean()
+    finally:
+        trainer.close()
+
+
 def test_calibration_keeps_confident_scores_apart(celeba_shards, tmp_path):
     # In float32, sigmoid(-logit) is exactly 1 below a logit of -16.6: the val faces would all tie, and the
     # threshold and the AUC of calibration would mean nothing.
