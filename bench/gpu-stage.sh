@@ -35,5 +35,5 @@ prepare)
   done
   du -shL "$stage"/* "$root"/.gpu/p*
   ;;
-*) sed -n '2,15p' "$0"; exit 2 ;;
+*) sed -n '2,14p' "$0"; exit 2 ;;
 esac
