@@ -87,7 +87,7 @@ class Discriminator(nn.Module):
     GAN's loss trains that head and never the layers below, which learn from reals and self-blends alone: the
     detector. G trains against the GAN's logit through every layer of D, as before. With one logit for both,
     the layers also learn "G's early samples are fake", which is no help against a face swap: on the CPU's
-    synthetic benchmark (64 px, two seeds, 850 steps) the detector scored 0.07 video AUC lower with one logit
+    synthetic benchmark (64 px, three seeds, 850 steps) the detector scored 0.07 video AUC lower with one logit
     (BENCHMARKS.md). With d_norm batch, G's samples still move BatchNorm's running statistics, which scoring
     uses; the default GroupNorm has none.
     """
