@@ -19,7 +19,7 @@ from pipeline import dist
 from pipeline.errors import UserError
 from pipeline.evaluate import (check_shards, load_discriminator, log_to_run, missing_videos, per_video, plots, report_folder,
                                score_split, summarize, verdict_threshold, write_report)
-from shards.manifest import load_manifest, synthetic
+from shards.manifest import synthetic
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
         if run_dir is None and (args.out is None or args.log_to_run):
             raise UserError(f"checkpoint {args.checkpoint} is not in a run's checkpoints/ folder, so its run is unknown: "
                             "pass --out for the report" + (", without --log-to-run." if args.log_to_run else "."))
-        check_shards(args.shards, args.celeba, meta["faces"] if info.is_main else None)  # the warning once
+        manifest = check_shards(args.shards, args.celeba, meta["faces"] if info.is_main else None)  # the warning once
         threshold, note = verdict_threshold(meta, args.checkpoint)
         if note and info.is_main:
             print(f"warning: {note}", file=sys.stderr)
@@ -57,7 +57,7 @@ def main() -> int:
                        "split": args.split, "calibration": meta["calibration"],
                        "synthetic_data": synthetic(args.shards, *([args.celeba] if args.celeba else [])),
                        **summarize(frames, videos, celeba, threshold)}
-            expected = load_manifest(args.shards)["source"].get("test_videos") if args.split == "test" else None
+            expected = manifest["source"].get("test_videos") if args.split == "test" else None
             if expected and (missing := missing_videos(videos, expected)):
                 summary["counts"]["missing_videos"] = missing
                 print(f"warning: {sum(missing.values())} of {sum(expected.values())} test videos have no scored frame "

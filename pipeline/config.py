@@ -177,8 +177,11 @@ def _merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             setattr(obj, key, _check(value, hints[key], prefix + key, source))
 
 
-def parse_override(text: str) -> dict:
-    """`data.batch_size=64` -> {"data": {"batch_size": 64}}; the value is read as YAML."""
+def parse_override(text: str, text_field: bool = False) -> dict:
+    """`data.batch_size=64` -> {"data": {"batch_size": 64}}; the value is read as YAML.
+
+    A `text_field` keeps its text where YAML reads another scalar: train.name=no is "no", not false (and =123
+    not a number, =2024-05-01 not a date); a run named so is meant."""
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} is not key=value: write it like data.batch_size=64.")
@@ -187,6 +190,8 @@ def parse_override(text: str) -> dict:
     except yaml.YAMLError as e:
         raise UserError(f"override {text!r}: its value is not valid YAML ({str(e).splitlines()[0]}): close its brackets, "
                         f"or quote it as text, as in {key}='{value}'.") from None
+    if text_field and not isinstance(nested, (str, type(None), list, dict)):
+        nested = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
@@ -220,26 +225,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         _merge_file(cfg, Path(path))
     for text in overrides:
-        _merge(cfg, _text_where_text(cfg, parse_override(text), text), f"override {text!r}")
+        _merge(cfg, parse_override(text, _text_field(cfg, text.partition("=")[0])), f"override {text!r}")
     return cfg
 
 
-def _text_where_text(cfg: Config, nested: dict, text: str) -> dict:
-    """An override of a text-only field keeps its text: YAML reads train.name=no as false, =123 as a number, and
-    =2024-05-01 as a date; a run named so is meant."""
-    keys, obj = [], cfg
-    value: Any = nested
-    while isinstance(value, dict) and len(value) == 1 and dataclasses.is_dataclass(obj):
-        key, value = next(iter(value.items()))
-        keys.append(key)
-        hint = typing.get_type_hints(type(obj)).get(key)
-        obj = getattr(obj, key, None)
-    if hint is not None and _allowed(hint) in ((str,), (str, type(None))) and not isinstance(value, (str, type(None), list, dict)):
-        value = text.partition("=")[2]
-        for key in reversed(keys):
-            value = {key: value}
-        return value
-    return nested
+def _text_field(cfg: Config, key: str) -> bool:
+    """Whether the dotted key names a field that holds text only (str, or str or null)."""
+    *sections, name = key.split(".")
+    obj: Any = cfg
+    for section in sections:
+        obj = getattr(obj, section, None)
+    hint = typing.get_type_hints(type(obj)).get(name) if dataclasses.is_dataclass(obj) else None
+    return hint is not None and _allowed(hint) in ((str,), (str, type(None)))
 
 
 def config_from_dict(values: dict, source: str) -> Config:

@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pipeline.config import DataConfig, config_from_dict
 from pipeline.data import build_loader
 from pipeline.errors import UserError
 from pipeline.fsutil import write_bytes_atomic, write_json_atomic
-from pipeline.models import Discriminator, fake_score
+from pipeline.models import Discriminator, fake_score, has_gan_head
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
         cfg, step = state["config"], state["step"]
         # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
         D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"),
-                          gan_head=any(k.startswith("gan_head.") for k in state["D"]))
+                          gan_head=has_gan_head(state["D"]))
         D.load_state_dict(state["D"])
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None
@@ -202,28 +203,31 @@ def write_report(out: Path, summary: dict, videos: list[dict], images: dict[str,
         raise UserError(f"cannot write the report to {out} ({e.strerror or e}): pass a writable folder as --out.") from None
 
 
-def check_shards(celebdf: str, celeba: str | None, faces: dict | None) -> None:
-    """Refuse shards of the wrong dataset (swapped --shards and --celeba score every image as real, and exit 0);
-    warn where the Celeb-DF shards' faces were cropped unlike the training shards' (detect crops as training did)."""
+def check_shards(celebdf: str, celeba: str | None, faces: dict | None) -> dict:
+    """The Celeb-DF shards' manifest, after refusing shards of the wrong dataset (swapped --shards and --celeba
+    score every image as real, and exit 0); a warning where the Celeb-DF shards' faces were cropped unlike the
+    training shards' (detect crops as training did)."""
     from shards.manifest import detection_geometry, load_manifest
 
+    manifests = []
     for folder, want, option in ((celebdf, "celebdf", "--shards"), (celeba, "celeba", "--celeba")):
-        if folder is not None and (got := load_manifest(folder).get("dataset")) != want:
+        if folder is None:
+            continue
+        manifests.append(load_manifest(folder))
+        if (got := manifests[-1].get("dataset")) != want:
             raise UserError(f"{folder} holds {got} shards, and {option} takes {want}'s: pass Celeb-DF's shards as --shards "
                             "and CelebA's as --celeba.")
     if faces is not None and (theirs := detection_geometry([celebdf])) != faces:
         log.warning("the faces of %s were cropped with %s, and the checkpoint's training faces with %s: these figures "
                     "then do not measure what pipeline.detect does (it crops as training did)", celebdf, theirs, faces)
+    return manifests[0]  # Celeb-DF's
 
 
 def missing_videos(videos: list[dict], expected: dict[str, int]) -> dict[str, int]:
     """Per folder, how many of the test list's videos have no scored frame (sharding found no face in any, or
     could not read them): the video metrics are over the others."""
-    scored: dict[str, int] = {}
-    for v in videos:
-        folder = v["video"].split("_", 1)[0]
-        scored[folder] = scored.get(folder, 0) + 1
-    return {f: n - scored.get(f, 0) for f, n in sorted(expected.items()) if n > scored.get(f, 0)}
+    scored = Counter(v["video"].split("_", 1)[0] for v in videos)  # <folder>_<stem>
+    return {f: n - scored[f] for f, n in sorted(expected.items()) if n > scored[f]}
 
 
 def tag_prefix(split: str) -> str:

@@ -121,6 +121,11 @@ class Discriminator(nn.Module):
         return torch.stack([detector, self.gan_head(own).flatten()], 1)
 
 
+def has_gan_head(state_dict: dict) -> bool:
+    """Whether D's saved weights hold its own GAN logit (model.d_gan_head own, with G and self-blends both)."""
+    return any(k.startswith("gan_head.") for k in state_dict)
+
+
 def fake_score(logits: torch.Tensor) -> torch.Tensor:
     """P(fake) = sigmoid(-logit) of D's logits, in float64.
 

@@ -43,7 +43,7 @@ from pipeline.errors import UserError
 from pipeline.fastpaths import resolve
 from pipeline.fsutil import write_bytes_atomic
 from pipeline.loggers import WANDB_MODES, RunLogger, new_run_id
-from pipeline.models import D_GAN_HEADS, D_NORMS, SIZES
+from pipeline.models import D_GAN_HEADS, D_NORMS, SIZES, has_gan_head
 from pipeline.periodic import Calibration, Every
 from pipeline.progress import Meter, hms
 from pipeline.step import GANStep
@@ -246,7 +246,7 @@ class Trainer:
             self.load_state_dict(state)
         except RuntimeError as e:  # the models' shapes differ: another model.* or data.image_size
             saved = state.get("config", {})
-            saved_head, head = any(k.startswith("gan_head.") for k in state["D"]), self.step_fn.D_raw.gan_head is not None
+            saved_head, head = has_gan_head(state["D"]), self.step_fn.D_raw.gan_head is not None
             if saved_head != head:  # the one difference model.* does not show: D's own GAN logit, or none
                 raise UserError(
                     f"checkpoint {path} holds a D " + ("with its own logit for G's samples (model.d_gan_head own, with G and "
