@@ -26,6 +26,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import queue
 import shutil
 import sys
@@ -45,6 +46,9 @@ from pipeline.data.preprocess import FacePreprocessor
 from pipeline.detect import MAX_PIXELS, MAX_VIDEO_FRAMES, Detector, MediaTooLargeError, NoFaceError, NotMediaError, TooSlowError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
+from shards.cli import positive_int
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 64 << 10  # the form's boundaries and part headers around the file, in bytes
@@ -55,7 +59,7 @@ class FrameScore(BaseModel):
     frame: int
     faces: int
     score: float | None  # P(fake) of the frame's largest face (the one the shards keep); null without a face
-    box: list[int] | None = None  # that face in frame pixels: left, top, right, bottom
+    box: list[int] | None = None  # that face in the frame's pixels as scored (long side <= 1920): left, top, right, bottom
     other_faces_max_score: float | None = None  # with several faces: the highest P(fake) among the others
 
 
@@ -71,6 +75,7 @@ class Detection(BaseModel):
     score_min: float
     score_max: float
     threshold: float
+    threshold_calibrated: bool  # false: the checkpoint has none, and 0.5 stands in (see notes)
     verdict: str  # fake | real
     notes: list[str]
 
@@ -80,8 +85,10 @@ class Problem(BaseModel):
 
 
 ERRORS = {400: "the request has no file, or the upload is empty or unreadable",
-          413: "the upload, or its pixels or frames, are beyond the limits", 415: "the upload is neither an image nor a video",
-          422: "no face was found", 503: "the server is busy (see Retry-After) or the detection took too long"}
+          413: "the upload, its pixels or its frames are beyond the limits, or checking it took too long",
+          415: "the upload is neither an image nor a video", 422: "no face was found",
+          500: "the detection failed on the server (its log has the details)",
+          503: "the server is busy: try again after Retry-After seconds"}
 
 
 class Service:
@@ -93,6 +100,8 @@ class Service:
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
                  max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES):
         self.template = Detector(checkpoint, device)
+        if self.template.threshold_note:  # notes reach the users: where the server keeps its files is not theirs to know
+            self.template.threshold_note = self.template.threshold_note.replace(f"checkpoint {checkpoint}", "the server's checkpoint")
         self.max_bytes = max_upload_mb << 20
         self.frames = frames
         # The slots: detections running at once. A slot holds its detector once one has been built.
@@ -130,14 +139,20 @@ class Service:
             except queue.Empty:
                 raise HTTPException(503, f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds.",
                                     headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            broken = False
             try:
                 deadline = time.monotonic() + self.request_timeout_s
                 detector = detector or self._new_detector()
                 result, thumbnails = detector.detect(path, self.frames, deadline, **self.limits)
             except UserError as e:
                 raise HTTPException(_status(e), str(e).replace(str(path), "the upload")) from None
+            except Exception as e:  # a bug, or the machine (memory, a CUDA error): one sentence here, the traceback in the log
+                broken = True
+                log.exception("detection failed")
+                raise HTTPException(500, f"checking the upload failed on the server ({type(e).__name__}): try again; "
+                                         "if it fails again, the server's log says why.") from None
             finally:
-                self.slots.put(detector)
+                self.slots.put(None if broken else detector)  # a detector that failed is rebuilt, never reused
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result["file"] = upload.filename or "upload"  # shown to the user, never used as a path
@@ -145,7 +160,8 @@ class Service:
 
 
 def _status(e: UserError) -> int:
-    for kind, status in ((NotMediaError, 415), (NoFaceError, 422), (MediaTooLargeError, 413), (TooSlowError, 503)):
+    # Too slow is a property of the upload, like its size (413): retrying the same file would fail the same way.
+    for kind, status in ((NotMediaError, 415), (NoFaceError, 422), (MediaTooLargeError, 413), (TooSlowError, 413)):
         if isinstance(e, kind):
             return status
     return 400
@@ -206,12 +222,12 @@ def _data_uri(png_or_jpg: bytes, mime: str) -> str:
 
 
 def _plot(result: dict) -> bytes:
-    import matplotlib
+    # A Figure of its own, not pyplot: requests draw on many threads at once, and pyplot's global figure
+    # registry is not thread-safe.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 2.6))
+    fig = Figure(figsize=(7, 2.6))
+    ax = fig.subplots()
     scored = [(r["frame"], r["score"]) for r in result["frames"] if r["score"] is not None]
     ax.plot([f for f, _ in scored], [s for _, s in scored], "o-", label="fake score")
     ax.axhline(result["threshold"], color="k", linestyle=":", label="threshold")
@@ -222,7 +238,6 @@ def _plot(result: dict) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -253,10 +268,12 @@ def result_page(result: dict, thumbnails: list) -> str:
         for r, t in zip([r for r in result["frames"] if r["score"] is not None], thumbnails)
     )
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in result["notes"])
+    threshold = ("the threshold calibrated at training time" if result["threshold_calibrated"]
+                 else "a stand-in: this checkpoint has no calibrated threshold")
     body = (f'<h1>{html.escape(result["file"])}</h1>'
             f'<p class="verdict {result["verdict"]}" id="verdict">{result["verdict"].upper()}</p>'
             f'<p id="score">Mean fake score {result["score"]:.3f} over {result["frames_with_face"]} of '
-            f'{result["frames_looked_at"]} frames ({result["kind"]}); fake above {result["threshold"]:.3f}, the threshold calibrated at training time.</p>{notes}'
+            f'{result["frames_looked_at"]} frames ({result["kind"]}); fake above {result["threshold"]:.3f}, {threshold}.</p>{notes}'
             f'<img alt="fake score per frame" src="{_data_uri(_plot(result), "image/png")}">'
             f'<h2>Faces scored</h2><div>{thumbs}</div><p><a href="/">Check another file</a></p>')
     return PAGE.format(title="Verdict", body=body)
@@ -322,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-upload-mb", type=int, default=200)
-    parser.add_argument("--frames", type=int, default=32, help="frames sampled from a video")
-    parser.add_argument("--max-concurrent", type=int, default=2, help="detections running at once (default: %(default)s)")
+    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled from a video")
+    parser.add_argument("--max-concurrent", type=positive_int, default=2, help="detections running at once (default: %(default)s)")
     parser.add_argument("--queue-timeout-s", type=float, default=30.0, help="longest wait for a free slot, then 503")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 503")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 413")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image or video frame")
     parser.add_argument("--max-video-frames", type=int, default=MAX_VIDEO_FRAMES, help="frames decoded at most")
     args = parser.parse_args(argv)

@@ -71,10 +71,11 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
                 deadline: float | None = None) -> tuple[str, list[tuple[int, np.ndarray]]]:
     """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name, and the
     size is checked from the headers before anything is decoded. A video still decoding at `deadline`
-    (time.monotonic()) is a TooSlowError."""
+    (time.monotonic()) is a TooSlowError. Frames come shrunk to a long side of 1920 px at most (shards.video.shrink:
+    memory and dlib's time), as the shards' video frames do."""
     from PIL import Image
 
-    from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames
+    from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
 
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a video or an image file.")
@@ -96,13 +97,16 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
         image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise not_media
-        return "image", [(0, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))]
+        return "image", [(0, cv2.cvtColor(shrink(image), cv2.COLOR_BGR2RGB))]
     try:
         claimed, _, width, height = probe(str(path))
         _check_pixels(path, width, height, max_pixels)
         if claimed > max_video_frames:
             raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a shorter video.")
-        return "video", sample_frames(str(path), frames, max_video_frames, deadline).frames
+        sampled = sample_frames(str(path), frames, max_video_frames, deadline).frames
+        if not sampled:  # frames decoded, and OpenCV converted none of them: no picture to look at
+            raise not_media
+        return "video", sampled
     except VideoError as e:
         if e.reason.startswith("more than"):
             raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.") from None
@@ -188,7 +192,8 @@ class Detector:
             "file": str(path), "kind": kind, "checkpoint_step": self.step, "frames_looked_at": len(results),
             "frames_with_face": len(scored), "frames_without_face": len(results) - len(scored),
             "frames": results, "score": score, "score_min": float(scores_arr.min()), "score_max": float(scores_arr.max()),
-            "threshold": self.threshold, "verdict": "fake" if score > self.threshold else "real", "notes": notes,
+            "threshold": self.threshold, "threshold_calibrated": self.threshold_note is None,
+            "verdict": "fake" if score > self.threshold else "real", "notes": notes,
         }, crops_kept
 
 

@@ -16,6 +16,9 @@ import numpy as np
 
 PAST_DEADLINE = "decoding ran past its deadline"
 DEADLINE_EVERY_FRAMES = 16  # the clock is read this often: about a second of 8K video at worst
+# Kept frames are shrunk to this long side (pixels) as they decode: 32 frames of 8K video would hold 3.2 GB and cost
+# dlib minutes. Celeb-DF's frames are all smaller (942x500 is typical), so its shards never meet it.
+MAX_SIDE_PX = 1920
 
 
 class VideoError(Exception):
@@ -28,7 +31,7 @@ class VideoError(Exception):
 
 @dataclass
 class SampledFrames:
-    frames: list[tuple[int, np.ndarray]]  # (frame index, [H, W, 3] uint8 RGB), in order
+    frames: list[tuple[int, np.ndarray]]  # (frame index, [H, W, 3] uint8 RGB, long side <= MAX_SIDE_PX), in order
     decoded: int  # frames that actually decoded
     container_count: int  # what the container claimed
     fps: float
@@ -43,9 +46,19 @@ def even_indices(n_frames: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n_frames - 1, k, dtype=int).tolist()))
 
 
+def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
+    """The frame (any channel order) itself, or scaled down (area interpolation) so that its long side is `max_side_px`."""
+    side = max(rgb.shape[:2])
+    if side <= max_side_px:
+        return rgb
+    scale = max_side_px / side
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
 def _decode(path: str, wanted: set[int], max_frames: int | None = None,
             deadline: float | None = None) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (RGB) and the number of frames decoded, reading to the end (or past `max_frames`, or
+    """The wanted frames (RGB, long side at most MAX_SIDE_PX) and the number of frames decoded, reading to the end (or past `max_frames`, or
     `deadline` on time.monotonic(): VideoError)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
@@ -60,7 +73,7 @@ def _decode(path: str, wanted: set[int], max_frames: int | None = None,
             if n in wanted:
                 ok, frame = cap.retrieve()
                 if ok:  # converted now: one copy of each kept frame, not a BGR and an RGB one
-                    frames[n] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    frames[n] = cv2.cvtColor(shrink(frame), cv2.COLOR_BGR2RGB)
             n += 1
     finally:
         cap.release()

@@ -1,11 +1,14 @@
 """The web app as users meet it: a real uvicorn server on localhost, its JSON API (also fuzzed by
 schemathesis against the app's own OpenAPI schema), and its pages in a real headless Chromium."""
 
+import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,8 +27,9 @@ pytestmark = pytest.mark.slow
 def _serve(checkpoint, *options):
     """A real `python -m pipeline.app` on a free localhost port: yields its URL once /health answers."""
     port = free_port()
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads the access log until the end, and a full pipe blocks the server
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.app", "--checkpoint", str(checkpoint), "--port", str(port), *options],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -34,11 +38,14 @@ def _serve(checkpoint, *options):
                 break
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            pytest.fail(log.read().decode()[-2000:])
         time.sleep(0.2)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +306,59 @@ def test_a_person_uploads_a_video_in_chromium_and_sees_the_verdict(server, chrom
     assert "neither an image nor a video" in error.text
     # The pages pass their own content security policy: the browser reported no violation.
     assert not [e for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+def _upload(path: Path):
+    from fastapi import UploadFile
+
+    return UploadFile(io.BytesIO(path.read_bytes()), filename=path.name)
+
+
+def test_a_failure_inside_detection_is_one_sentence_and_its_detector_is_rebuilt(smoke_checkpoint, monkeypatch):
+    # A bug or the machine (memory, a CUDA error) fails a detection: the user gets 500 and a sentence (the traceback
+    # goes to the log), and that slot's detector, which may be broken, is dropped and built anew for the next upload.
+    from fastapi import HTTPException
+
+    from pipeline.app import Service
+    from pipeline.detect import Detector
+
+    service = Service(smoke_checkpoint, max_concurrent=1)
+    photo = photo_paths()[0]
+    assert service.run(_upload(photo))[0]["frames_with_face"] == 1 and service.detectors_built == 1
+    monkeypatch.setattr(Detector, "detect", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(HTTPException) as refused:
+        service.run(_upload(photo))
+    assert refused.value.status_code == 500 and "failed on the server (MemoryError)" in refused.value.detail
+    monkeypatch.undo()
+    assert service.run(_upload(photo))[0]["frames_with_face"] == 1 and service.detectors_built == 2
+
+
+def test_a_checkpoint_without_a_threshold_says_so_without_the_servers_paths(uncalibrated_checkpoint):
+    from pipeline.app import Service, result_page
+
+    service = Service(uncalibrated_checkpoint)
+    result, thumbnails = service.run(_upload(photo_paths()[0]))
+    assert result["threshold"] == 0.5 and result["threshold_calibrated"] is False
+    assert any(n.startswith("the server's checkpoint has no calibrated threshold") for n in result["notes"])
+    page = result_page(result, thumbnails)
+    assert str(uncalibrated_checkpoint.parent) not in json.dumps(result) + page
+    assert "a stand-in: this checkpoint has no calibrated threshold" in page and "calibrated at training time" not in page
+
+
+def test_a_detection_past_its_deadline_is_413_not_a_retry_after_busy(smoke_checkpoint):
+    # Too slow is the upload's own property, like its size: 503 would tell the client to send it again.
+    from fastapi import HTTPException
+
+    from pipeline.app import Service
+
+    service = Service(smoke_checkpoint, request_timeout_s=0)
+    with pytest.raises(HTTPException) as refused:
+        service.run(_upload(sorted(photo_paths())[0]))
+    assert refused.value.status_code == 413 and "took too long" in refused.value.detail
+
+
+@pytest.mark.parametrize("option", ["--frames", "--max-concurrent"])
+def test_options_below_one_are_refused(option, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.app", "--checkpoint", str(tmp_path / "none.pt"), option, "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"{option}: " in result.stderr and "is not a positive integer" in result.stderr

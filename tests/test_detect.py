@@ -29,7 +29,8 @@ def test_a_video_gets_per_frame_scores_and_a_verdict(uncalibrated_checkpoint, ce
     assert out["kind"] == "video" and [f["frame"] for f in out["frames"]] == even_indices(decoded, 5)
     assert out["frames_with_face"] == 5 and all(f["faces"] == 1 and 0 <= f["score"] <= 1 for f in out["frames"])
     assert out["score"] == pytest.approx(np.mean([f["score"] for f in out["frames"]]))
-    assert out["threshold"] == 0.5 and out["verdict"] == ("fake" if out["score"] > 0.5 else "real")
+    assert out["threshold"] == 0.5 and out["threshold_calibrated"] is False
+    assert out["verdict"] == ("fake" if out["score"] > 0.5 else "real")
     assert any("has no calibrated threshold" in n and "using 0.5" in n for n in out["notes"])
     text = detect(video, smoke_checkpoint, "--frames", "5")
     assert text.returncode == 0 and f"verdict: {out['verdict'].upper()}" in text.stdout
@@ -88,6 +89,50 @@ def test_frames_without_a_face_are_counted_not_scored(smoke_checkpoint, tmp_path
     assert out["frames_looked_at"] == 8 and 0 < out["frames_without_face"] < 8
     assert all((f["score"] is None) == (f["faces"] == 0) for f in out["frames"])
     assert any("had no face" in n for n in out["notes"])
+
+
+def test_large_frames_are_shrunk_as_they_decode_and_their_faces_still_found(smoke_checkpoint, tmp_path):
+    # 32 frames of 8K video would hold 3.2 GB and cost dlib minutes a frame: frames over 1920 px on their long side
+    # are shrunk as they decode, images too.
+    from pipeline.detect import Detector, read_frames
+
+    face = cv2.imread(str(photo_paths()[0]))  # Grace Hopper, 512 x 600
+    big = cv2.resize(face, (2400, 2800), interpolation=cv2.INTER_CUBIC)  # 6.7 megapixels, 2800 px tall
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    wide = np.zeros((1440, 2560, 3), np.uint8)
+    wide[:, 980:1580] = cv2.resize(face, (600, 1440))[:, :, :]
+    writer = cv2.VideoWriter(str(tmp_path / "wide.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (2560, 1440))
+    for _ in range(3):
+        writer.write(wide)
+    writer.release()
+    kind, frames = read_frames(tmp_path / "big.png", 1)
+    assert kind == "image" and frames[0][1].shape == (1920, round(2400 * 1920 / 2800), 3)
+    kind, frames = read_frames(tmp_path / "wide.avi", 2)
+    assert kind == "video" and [f.shape for _, f in frames] == [(1080, 1920, 3)] * 2
+    out, _ = Detector(smoke_checkpoint).detect(tmp_path / "big.png")
+    assert out["frames_with_face"] == 1 and max(out["frames"][0]["box"]) <= 1920
+
+
+def test_a_video_whose_frames_do_not_convert_is_not_media(tmp_path, celebdf_root, monkeypatch):
+    import shards.video
+    from pipeline.detect import NotMediaError, read_frames
+
+    capture = cv2.VideoCapture
+
+    class NeverConverts:  # a fault no real file here produces: every frame decodes, none converts
+        def __init__(self, path):
+            self.cap = capture(path)
+
+        def retrieve(self):
+            return False, None
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+    video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
+    monkeypatch.setattr(shards.video.cv2, "VideoCapture", NeverConverts)
+    with pytest.raises(NotMediaError, match="is neither an image nor a video that can be decoded"):
+        read_frames(video, 4)
 
 
 @pytest.mark.parametrize("content, message", [
