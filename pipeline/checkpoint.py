@@ -41,21 +41,30 @@ class CheckpointManager:
         found = [p for p in self.folder.iterdir() if NAME.match(p.name)]
         return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
 
+    def _existing_or_none(self) -> Path | None:
+        try:
+            newest = self.existing()
+        except OSError:  # the folder is the fault: say what was asked, not a second error
+            return None
+        return newest[0] if newest else None
+
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Rank 0 only. Older checkpoints are removed only once the new one is complete under its name."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(step)
         buffer = io.BytesIO()
         torch.save(state, buffer)  # serialized first: a failed write is then the file system's plain OSError
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_bytes(buffer.getbuffer())
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            newest = self.existing()
-            raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and run the "
-                            f"same command again; it resumes from {newest[0] if newest else 'the start'}, which is intact.") from None
+            newest = self._existing_or_none()
+            after = f"run the same command again; it resumes from {newest or 'the start'}, which is intact."
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and "
+                                + after) from None
+            raise UserError(f"checkpoint {path} cannot be written ({e.strerror or e}): make {self.folder} a writable folder, "
+                            "then " + after) from None
         self._set_aside_newer(step, f"checkpoint of step {step} written after newer ones (this run went on from an older "
                                     "checkpoint)")
         for old in self.existing()[self.keep_last:]:
@@ -119,7 +128,12 @@ class CheckpointManager:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
                 return path
-            except Exception as e:
+            except (OSError, MemoryError) as e:
+                # The storage or the machine, not the file: skipping every checkpoint for that would start the run over,
+                # and its first save would then set the good checkpoints aside.
+                raise UserError(f"checkpoint {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): fix "
+                                "the storage or the machine, then run the same command again; nothing was changed.") from None
+            except Exception as e:  # torch's reader on a cut-short or damaged file: RuntimeError, EOFError, UnpicklingError
                 log.warning("skipping checkpoint %s, which does not load (%s); trying the one before", path, e)
         return None
 

@@ -88,8 +88,9 @@ class TrainConfig:
     ckpt_every_epochs: int = 0
     ckpt_keep_last: int = 3
     resume: str = "auto"  # auto: newest intact checkpoint of the run, if any | never | a checkpoint path
-    stop_marker: str | None = None  # a file rank 0 writes once every rank saved and stopped on a signal
-    # (launch/slurm/torchrun.sh requeues only then: torchrun itself exits non-zero after passing a signal on)
+    stop_marker: str | None = None  # a file rank 0 writes once every rank saved and stopped on a signal, holding
+    # the newest checkpoint's path (launch/slurm/torchrun.sh requeues only then, as torchrun itself exits non-zero
+    # after passing a signal on, and says which checkpoint the job will resume from)
     max_nonfinite_steps: int = 20  # the run stops after this many skipped steps in a row (non-finite
     # gradients), checked every log_every_steps
     sbi_weight: float = 0.0  # weight in D's loss of self-blended pseudo-fakes of the real batch (pipeline/sbi.py);

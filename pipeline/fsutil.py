@@ -18,7 +18,7 @@ def tmp_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed onto `path`.
+    """Yield a temporary path to write; on success it is fsynced, renamed onto `path`, and the folder fsynced.
 
     On an exception the temporary file is removed and `path` keeps whatever it held before.
     """
@@ -29,8 +29,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)  # the rename itself is durable only once the folder is: callers delete older files next
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

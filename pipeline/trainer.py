@@ -336,7 +336,10 @@ class Trainer:
             log.info("stopping at step %d on a signal%s; resume with the same command", self.step, when)
         marker = self.cfg.train.stop_marker
         if marker and self.info.is_main:
-            write_bytes_atomic(Path(marker), f"{self.step}\n".encode())
+            # The checkpoint a requeued job will resume from: this step's, or an older one where the save was skipped
+            # (steps being skipped) or there is none.
+            newest = self.ckpt.existing()
+            write_bytes_atomic(Path(marker), f"{newest[0] if newest else 'no checkpoint: the start'}\n".encode())
         return "signal"
 
     def run_periodic(self, due, final: bool) -> None:

@@ -4,6 +4,7 @@
 
 nan: the loss becomes NaN, where a real fault appears (the loss pipeline/step.py computes).
 nan-on: NaN at that step and every one after it: a run that diverges.
+INJECT_SIGNAL_STEP=N: also SIGUSR1 to rank 0 itself at step N (a preemption, for the stop marker's tests).
 kill: the process kills itself with SIGKILL, as the OOM killer or a lost node would: no handler runs and
 nothing is saved. Only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0): its restarts run on.
 At exit it prints the process's threads (tests/threads_at_exit.py).
@@ -29,6 +30,8 @@ def d_loss(*args, **kwargs):
     global _calls
     _calls += 1
     loss, stats = _d_loss(*args, **kwargs)
+    if str(_calls) == os.environ.get("INJECT_SIGNAL_STEP") and int(os.environ.get("RANK", 0)) == 0:
+        signal.raise_signal(signal.SIGUSR1)
     faulty = _calls >= AT_STEP if FAULT == "nan-on" else _calls == AT_STEP
     if faulty and int(os.environ.get("RANK", 0)) == RANK:
         if FAULT.startswith("nan"):

@@ -1,8 +1,14 @@
 """The checkpoint folder's rules: the newest k kept, and a run that went on from an older checkpoint."""
 
+import errno
+import os
 import shutil
 
+import pytest
+import torch
+
 from pipeline.checkpoint import SUPERSEDED, CheckpointManager
+from pipeline.errors import UserError
 
 
 def test_a_run_resumed_from_an_older_checkpoint_keeps_its_own_and_auto_resumes_it(tmp_path):
@@ -58,3 +64,37 @@ def test_a_job_started_again_goes_on_from_its_own_newest_checkpoint_whatever_tra
     assert [p.name for p in ckpt.existing()] == ["step-00000030.pt", "step-00000020.pt"]
     assert "step-00000040.pt" in _aside(folder)
     assert ckpt.start("auto", "SLURM's restart 3") == start  # auto is auto
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_one_sentence(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match=r"checkpoint .*step-00000003.pt cannot be written \(.*\): make .* a writable folder, "
+                                        r"then run the same command again; it resumes from the start"):
+        CheckpointManager(tmp_path / "checkpoints", keep_last=2).save({"step": 3}, 3)
+
+
+def test_a_checkpoint_the_storage_cannot_read_stops_the_resume_instead_of_starting_over(tmp_path, monkeypatch):
+    # A damaged file is skipped for the one before; an I/O error (NFS, a failing disk) is the storage's, and skipping
+    # every checkpoint for it would start the run over and set the good ones aside at its first save.
+    ckpt = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        ckpt.save({"step": step}, step)
+    ckpt.path(2).write_bytes(ckpt.path(2).read_bytes()[:100])
+    assert ckpt.find("auto") == ckpt.path(1)
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(UserError, match=r"checkpoint .*step-00000002.pt cannot be read \(Input/output error\): fix the storage"):
+        ckpt.find("auto")
+
+
+def test_a_checkpoint_is_durable_once_saved_its_folder_fsynced_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), fsync(fd)))
+    CheckpointManager(tmp_path, keep_last=1).save({"step": 1}, 1)
+    assert synced == [False, True]  # the file's bytes, then the folder's entry for its new name

@@ -43,10 +43,10 @@ def wait_until_gone(job, timeout_s=300):
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
 
 
-def preempt_at_step_3(env, logs):
-    """Submit train.sbatch, send USR1 to its batch shell once rank 0 logged step 3 (what --signal=B:USR1@180
-    does), and wait for the job to end: (scontrol's job record, the job's log path)."""
-    job = sbatch("launch/slurm/train.sbatch", logs, env)
+def preempt_at_step_3(env, logs, signal="USR1", *sbatch_args):
+    """Submit train.sbatch, send `signal` to its batch shell once rank 0 logged step 3 (USR1: what
+    --signal=B:USR1@180 does), and wait for the job to end: (scontrol's job record, the job's log path)."""
+    job = sbatch("launch/slurm/train.sbatch", logs, env, *sbatch_args)
     log_path = logs / f"dcgan-{job}.out"
     deadline = time.monotonic() + 120
     while not (log_path.exists() and "[rank 0] step 3/" in log_path.read_text()):
@@ -55,7 +55,7 @@ def preempt_at_step_3(env, logs):
     step = subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout
     # torchrun's step has every CPU the job asked for (sbatch --cpus-per-task=2), not srun's default of one.
     assert re.search(r"\bCPUs=2\b", step), step
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    subprocess.run(["scancel", f"--signal={signal}", "--batch", job], check=True)
     return wait_until_gone(job, timeout_s=300), log_path
 
 
@@ -90,14 +90,56 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     log = log_path.read_text()
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
     assert 3 <= stopped < 60
-    assert f"ranks stopped cleanly with a checkpoint at step {stopped}; requeueing" in log and "(restart 1)" in log
-    assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / f'step-{stopped:08d}.pt'}" in log
+    checkpoint = tmp_path / "preempted" / "checkpoints" / f"step-{stopped:08d}.pt"
+    assert f"ranks stopped cleanly; requeueing to resume from {checkpoint}" in log and "(restart 1)" in log
+    assert f"resumed from {checkpoint}" in log
     whole, resumed = _state(tmp_path / "reference", 60), _state(tmp_path / "preempted", 60)
     for name in ("G", "D", "G_ema"):
         for key, value in whole[name].items():
             assert torch.equal(value, resumed[name][key]), f"{name}.{key}"
     runs = sorted((tmp_path / "preempted").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and {run_info(r).run_id for r in runs} == {resumed["wandb_run_id"]}
+
+
+def test_sigterm_stops_the_ranks_with_a_checkpoint_and_does_not_requeue(cluster, celeba_shards, tmp_path):
+    # SIGTERM (scancel, or preemption's grace time) must not end the batch shell at once, killing the ranks mid-save.
+    extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.val_every_epochs=0",
+             "log.wandb=disabled")
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "termed", *extra))}
+    info, log_path = preempt_at_step_3(env, tmp_path / "logs", "TERM")
+    log = log_path.read_text()
+    assert "JobState=COMPLETED" in info and "Restarts=0" in info, info
+    stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
+    checkpoint = tmp_path / "termed" / "checkpoints" / f"step-{stopped:08d}.pt"
+    assert checkpoint.is_file() and f"ranks stopped cleanly on SIGTERM; newest checkpoint: {checkpoint}; not requeued" in log
+
+
+def test_a_job_slurm_will_not_requeue_fails_with_its_checkpoint_named(cluster, celeba_shards, tmp_path):
+    # sbatch --no-requeue: the requeue is refused, and the job must say so and fail, not end COMPLETED half-trained.
+    extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.val_every_epochs=0",
+             "log.wandb=disabled")
+    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "pinned", *extra))}
+    info, log_path = preempt_at_step_3(env, tmp_path / "logs", "USR1", "--no-requeue")
+    log = log_path.read_text()
+    assert "JobState=FAILED" in info and "Restarts=0" in info, info
+    assert "scontrol requeue failed: submit the same job again to resume" in log, log[-3000:]
+
+
+def test_a_job_asking_for_a_task_per_gpu_still_runs_one_torchrun_a_node(cluster, celeba_shards, tmp_path):
+    # sbatch --ntasks-per-node=2 (one task per GPU, a common habit) sets SLURM_NTASKS=2, which srun would follow.
+    # The override holds a glob that a file in the job's folder matches: it must reach the trainer as written.
+    (tmp_path / "repo").mkdir()
+    for entry in REPO.iterdir():
+        (tmp_path / "repo" / entry.name).symlink_to(entry)
+    (tmp_path / "repo" / "log.group=run-X").write_text("")
+    env = {"CONFIG": "configs/smoke.yaml", "REPO": str(tmp_path / "repo"),
+           "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "tasks", "train.max_steps=2", "log.wandb=disabled", "log.group=run-?")}
+    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env, "--ntasks-per-node=2", "--cpus-per-task=1")
+    info = wait_until_gone(job)
+    log = (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
+    assert "JobState=COMPLETED" in info and log.count("[rank 0] step 2/2") == 1, log[-3000:]
+    state = _state(tmp_path / "tasks", 2)
+    assert state["world_size"] == 2 and state["config"]["log"]["group"] == "run-?"
 
 
 def test_a_job_whose_ranks_fail_after_the_preemption_signal_is_not_requeued(cluster, celeba_shards, tmp_path):
@@ -110,7 +152,7 @@ def test_a_job_whose_ranks_fail_after_the_preemption_signal_is_not_requeued(clus
     info, log_path = preempt_at_step_3(env, tmp_path / "logs")
     log = log_path.read_text()
     assert "Restarts=0" in info and "JobState=FAILED" in info, info
-    assert "ranks failed after the preemption signal" in log and "not requeued" in log and "requeueing" not in log
+    assert "ranks failed after the stop signal" in log and "not requeued" in log and "requeueing" not in log
 
 
 def test_the_sweep_array_runs_every_task_in_its_own_folder_and_one_wandb_group(cluster, celeba_shards, tmp_path):

@@ -7,13 +7,17 @@
 #                  those CUDA_VISIBLE_DEVICES names, else those nvidia-smi lists, which ignores both, else 1)
 #   RDZV_PORT      torchrun's rendezvous port on the first node (default: derived from the job id)
 #
-# Preemption and time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before
-# the end. The trap passes it to srun, which passes it to torchrun on every node; torchrun 2.15 passes on
-# only the signals named in --signals-to-handle, so USR1 is added there. The ranks agree to stop at
-# their next logging boundary (train.log_every_steps; validation and evaluation stop early too), save a
-# checkpoint (seconds) and exit 0; only then does this script requeue the job, which resumes from that
-# checkpoint with the same wandb run (a job started again goes on from its run's newest checkpoint, whatever
-# train.resume says: pipeline/checkpoint.py). Ranks that fail instead are not requeued.
+# Time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before the end (and so does
+# preemption where the site sets PreemptParameters=send_user_signal). The trap passes it to srun, which
+# passes it to torchrun on every node; torchrun 2.15 passes on only the signals named in
+# --signals-to-handle, so USR1 is added there. The ranks agree to stop at their next logging boundary
+# (train.log_every_steps; validation and evaluation stop early too), save a checkpoint (seconds) and exit 0;
+# only then does this script requeue the job, which resumes from that checkpoint with the same wandb run (a
+# job started again goes on from its run's newest checkpoint, whatever train.resume says:
+# pipeline/checkpoint.py). Ranks that fail instead are not requeued.
+# SIGTERM (scancel, or preemption by default: Slurm's GraceTime before the kill) stops the ranks the same
+# way, and this shell waits for their checkpoint instead of dying at once, but does not requeue: it may be a
+# person's scancel, and preemption with PreemptMode=REQUEUE requeues the job itself.
 #
 # NCCL settings worth knowing (export them in SETUP or before sbatch): NCCL_DEBUG=WARN (INFO to debug
 # hangs), NCCL_SOCKET_IFNAME=<the fabric's interface> when nodes have several, NCCL_IB_HCA=<mlx5 ports>
@@ -47,17 +51,28 @@ srun_pid=
 # one sign of a clean stop, as torchrun itself exits non-zero whenever it passed a signal on.
 marker=${STOP_MARKER:-$REPO/.stopped-$SLURM_JOB_ID}
 rm -f "$marker"
+terminated=0
 on_usr1() {
   preempted=1
-  echo "$(date +%T) job $SLURM_JOB_ID: USR1 (preemption or time limit): asking every rank to checkpoint and stop"
+  echo "$(date +%T) job $SLURM_JOB_ID: USR1 (time limit or preemption): asking every rank to checkpoint and stop"
   [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"
 }
+on_term() {
+  terminated=1
+  echo "$(date +%T) job $SLURM_JOB_ID: SIGTERM: asking every rank to checkpoint and stop; the job will not be requeued"
+  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"  # the ranks' clean stop (Slurm may also send TERM to them itself)
+}
 trap on_usr1 USR1
+trap on_term TERM
 
 echo "$(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD_NODE:$RDZV_PORT, config $CONFIG ${OVERRIDES:-}"
-# shellcheck disable=SC2086  # OVERRIDES is a list of key=value words
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
+# One torchrun a node, whatever tasks the job asked for (sbatch --ntasks-per-node=8 would otherwise start 8).
+# OVERRIDES is a list of key=value words: split on spaces, never expanded as file names (train.betas=[0.5,0.99]
+# is a glob that a file named train.betas=5 would match).
+set -f
+# shellcheck disable=SC2086
+srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 150 \
@@ -68,14 +83,22 @@ while :; do  # `wait` returns early whenever the trap runs; wait again until sru
   status=$?
   kill -0 "$srun_pid" 2>/dev/null || break
 done
-if [ "$preempted" = 1 ] && [ -f "$marker" ]; then
-  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly with a checkpoint at step $(cat "$marker"); requeueing to resume from it"
+if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
+       "(submit the same job again to resume from it)"
   rm -f "$marker"
-  scontrol requeue "$SLURM_JOB_ID"
   exit 0
-elif [ "$preempted" = 1 ]; then
+elif [ "$preempted" = 1 ] && [ -f "$marker" ]; then
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly; requeueing to resume from $(cat "$marker")"
+  rm -f "$marker"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "$(date +%T) job $SLURM_JOB_ID: scontrol requeue failed: submit the same job again to resume (sbatch --requeue is needed)"
+    exit 1
+  fi
+  exit 0
+elif [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; then
   # A rank failed (the save, or anything else): a requeue would loop on the fault or lose work silently.
-  echo "$(date +%T) job $SLURM_JOB_ID: ranks failed after the preemption signal (status $status): not requeued; read the log above"
+  echo "$(date +%T) job $SLURM_JOB_ID: ranks failed after the stop signal (status $status): not requeued; read the log above"
   exit $((status == 0 ? 1 : status))
 fi
 echo "$(date +%T) job $SLURM_JOB_ID: training ended with status $status"
