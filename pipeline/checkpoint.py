@@ -126,14 +126,17 @@ class CheckpointManager:
             return path
         for path in self.existing():
             try:
-                torch.load(path, map_location="cpu", weights_only=True)
+                data = path.read_bytes()
+            except OSError as e:
+                # The storage, not the file: skipping every checkpoint for that would start the run over, and its first
+                # save would then set the good checkpoints aside.
+                raise UserError(f"checkpoint {path} cannot be read ({e.strerror or e}): fix the storage, then run the same "
+                                "command again; nothing was changed.") from None
+            try:
+                # From memory: torch.load on a file cut short can itself raise OSError (EINVAL, seeking past the end).
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
                 return path
-            except (OSError, MemoryError) as e:
-                # The storage or the machine, not the file: skipping every checkpoint for that would start the run over,
-                # and its first save would then set the good checkpoints aside.
-                raise UserError(f"checkpoint {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): fix "
-                                "the storage or the machine, then run the same command again; nothing was changed.") from None
-            except Exception as e:  # torch's reader on a cut-short or damaged file: RuntimeError, EOFError, UnpicklingError
+            except Exception as e:  # a cut-short or damaged file: RuntimeError, EOFError, ValueError, UnpicklingError
                 log.warning("skipping checkpoint %s, which does not load (%s); trying the one before", path, e)
         return None
 

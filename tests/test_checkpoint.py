@@ -3,6 +3,7 @@
 import errno
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,14 +79,20 @@ def test_a_checkpoint_the_storage_cannot_read_stops_the_resume_instead_of_starti
     # every checkpoint for it would start the run over and set the good ones aside at its first save.
     ckpt = CheckpointManager(tmp_path, keep_last=3)
     for step in (1, 2):
-        ckpt.save({"step": step}, step)
-    ckpt.path(2).write_bytes(ckpt.path(2).read_bytes()[:100])
-    assert ckpt.find("auto") == ckpt.path(1)
+        ckpt.save({"step": step, "weights": torch.ones(100_000)}, step)
+    whole = ckpt.path(2).read_bytes()
+    for cut in (100, 5000, len(whole) - 1):  # torch.load of a file cut at 5000 bytes raises OSError (EINVAL) itself
+        ckpt.path(2).write_bytes(whole[:cut])
+        assert ckpt.find("auto") == ckpt.path(1), cut
 
-    def unreadable(*args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error")
+    real_read = Path.read_bytes
 
-    monkeypatch.setattr(torch, "load", unreadable)
+    def unreadable(self):
+        if self.name.startswith("step-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
     with pytest.raises(UserError, match=r"checkpoint .*step-00000002.pt cannot be read \(Input/output error\): fix the storage"):
         ckpt.find("auto")
 
@@ -98,3 +105,18 @@ def test_a_checkpoint_is_durable_once_saved_its_folder_fsynced_after_the_rename(
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), fsync(fd)))
     CheckpointManager(tmp_path, keep_last=1).save({"step": 1}, 1)
     assert synced == [False, True]  # the file's bytes, then the folder's entry for its new name
+
+
+def test_a_folder_the_file_system_cannot_fsync_still_takes_checkpoints(tmp_path, monkeypatch):
+    import stat
+
+    fsync = os.fsync
+
+    def no_folder_sync(fd):  # as some FUSE and CIFS mounts answer
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    ckpt = CheckpointManager(tmp_path, keep_last=1)
+    assert ckpt.save({"step": 1}, 1) == ckpt.path(1) and ckpt.find("auto") == ckpt.path(1)

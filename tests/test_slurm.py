@@ -108,7 +108,7 @@ def test_sigterm_stops_the_ranks_with_a_checkpoint_and_does_not_requeue(cluster,
     env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "termed", *extra))}
     info, log_path = preempt_at_step_3(env, tmp_path / "logs", "TERM")
     log = log_path.read_text()
-    assert "JobState=COMPLETED" in info and "Restarts=0" in info, info
+    assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
     checkpoint = tmp_path / "termed" / "checkpoints" / f"step-{stopped:08d}.pt"
     assert checkpoint.is_file() and f"ranks stopped cleanly on SIGTERM; newest checkpoint: {checkpoint}; not requeued" in log
@@ -135,6 +135,11 @@ def test_a_job_asking_for_a_task_per_gpu_still_runs_one_torchrun_a_node(cluster,
     env = {"CONFIG": "configs/smoke.yaml", "REPO": str(tmp_path / "repo"),
            "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "tasks", "train.max_steps=2", "log.wandb=disabled", "log.group=run-?")}
     job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env, "--ntasks-per-node=2", "--cpus-per-task=1")
+    deadline = time.monotonic() + 60
+    while "StepId" not in (step := subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout):
+        assert time.monotonic() < deadline, "no step 0"
+        time.sleep(0.1)
+    assert re.search(r"\bCPUs=2\b", step) and re.search(r"\bTasks=1\b", step), step  # the job's CPUs, one task
     info = wait_until_gone(job)
     log = (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
     assert "JobState=COMPLETED" in info and log.count("[rank 0] step 2/2") == 1, log[-3000:]

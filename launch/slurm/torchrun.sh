@@ -15,9 +15,12 @@
 # only then does this script requeue the job, which resumes from that checkpoint with the same wandb run (a
 # job started again goes on from its run's newest checkpoint, whatever train.resume says:
 # pipeline/checkpoint.py). Ranks that fail instead are not requeued.
-# SIGTERM (scancel, or preemption by default: Slurm's GraceTime before the kill) stops the ranks the same
-# way, and this shell waits for their checkpoint instead of dying at once, but does not requeue: it may be a
-# person's scancel, and preemption with PreemptMode=REQUEUE requeues the job itself.
+# SIGTERM to this shell (scancel --batch --signal=TERM, or a site's preemption that signals the batch shell)
+# stops the ranks the same way, and the shell waits for their checkpoint instead of dying at once, but does not
+# requeue (it may be a person's scancel; PreemptMode=REQUEUE requeues a job itself) and exits 143, so that
+# `afterok` dependents do not start. A TERM that Slurm sends to the whole job (a plain scancel, the end of the
+# time limit, preemption's GraceTime) also reaches srun, which ends its tasks itself: ask sites for
+# PreemptParameters=send_user_signal, and stop a job cleanly with `scancel --batch --signal=USR1 <job>`.
 #
 # NCCL settings worth knowing (export them in SETUP or before sbatch): NCCL_DEBUG=WARN (INFO to debug
 # hangs), NCCL_SOCKET_IFNAME=<the fabric's interface> when nodes have several, NCCL_IB_HCA=<mlx5 ports>
@@ -87,10 +90,11 @@ if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
        "(submit the same job again to resume from it)"
   rm -f "$marker"
-  exit 0
+  exit 143  # 128 + SIGTERM: stopped, not finished
 elif [ "$preempted" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly; requeueing to resume from $(cat "$marker")"
   rm -f "$marker"
+  trap '' TERM  # the requeue itself ends this job: its TERM must not read as a person's
   if ! scontrol requeue "$SLURM_JOB_ID"; then
     echo "$(date +%T) job $SLURM_JOB_ID: scontrol requeue failed: submit the same job again to resume (sbatch --requeue is needed)"
     exit 1
