@@ -306,6 +306,18 @@ def build_app(service: Service) -> FastAPI:
         return JSONResponse({"detail": "the request needs a multipart/form-data field `file` holding a video or an image."},
                             status_code=400)
 
+    @app.exception_handler(Exception)
+    def failed(request: Request, exc: Exception):
+        # Anything that escaped the detection's own handling (drawing the page, a bug): one sentence, as every other
+        # error (uvicorn logs the traceback). Starlette answers this from its outermost layer, outside the headers
+        # middleware above, so the headers are set here.
+        detail = f"the server failed on this request ({type(exc).__name__}): try again; if it fails again, its log says why."
+        headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
+        if request.url.path == "/detect":
+            return HTMLResponse(_error_page(detail), status_code=500,
+                                headers={**headers, "content-security-policy": PAGE_POLICY})
+        return JSONResponse({"detail": detail}, status_code=500, headers=headers)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def upload_page() -> str:
         return PAGE.format(title="Deepfake check", body=UPLOAD)

@@ -362,3 +362,23 @@ def test_options_below_one_are_refused(option, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.app", "--checkpoint", str(tmp_path / "none.pt"), option, "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"{option}: " in result.stderr and "is not a positive integer" in result.stderr
+
+
+def test_a_failure_outside_the_detection_is_still_one_sentence(smoke_checkpoint, monkeypatch):
+    # Drawing the result page fails (a bug): the person gets the error page, the API its {"detail"} JSON.
+    from fastapi.testclient import TestClient
+
+    import pipeline.app
+    from pipeline.app import Service, build_app
+
+    client = TestClient(build_app(Service(smoke_checkpoint)), raise_server_exceptions=False)
+    monkeypatch.setattr(pipeline.app, "result_page", lambda *a: 1 / 0)
+    photo = photo_paths()[0]
+    page = client.post("/detect", files={"file": (photo.name, photo.read_bytes())})
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+    assert "the server failed on this request (ZeroDivisionError)" in page.text and "Traceback" not in page.text
+    assert page.headers["x-content-type-options"] == "nosniff" and "default-src 'none'" in page.headers["content-security-policy"]
+    monkeypatch.setattr(pipeline.app.Service, "run", lambda *a: 1 / 0)
+    api = client.post("/api/detect", files={"file": (photo.name, photo.read_bytes())})
+    assert api.status_code == 500 and api.json() == {"detail": "the server failed on this request (ZeroDivisionError): "
+                                                               "try again; if it fails again, its log says why."}
