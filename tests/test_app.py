@@ -366,19 +366,26 @@ def test_options_below_one_are_refused(option, tmp_path):
 
 def test_a_failure_outside_the_detection_is_still_one_sentence(smoke_checkpoint, monkeypatch):
     # Drawing the result page fails (a bug): the person gets the error page, the API its {"detail"} JSON.
-    from fastapi.testclient import TestClient
+    import asyncio
 
     import pipeline.app
     from pipeline.app import Service, build_app
 
-    client = TestClient(build_app(Service(smoke_checkpoint)), raise_server_exceptions=False)
-    monkeypatch.setattr(pipeline.app, "result_page", lambda *a: 1 / 0)
+    transport = httpx.ASGITransport(build_app(Service(smoke_checkpoint)), raise_app_exceptions=False)  # the app in-process
     photo = photo_paths()[0]
-    page = client.post("/detect", files={"file": (photo.name, photo.read_bytes())})
+
+    def upload(path):
+        async def send():
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                return await client.post(path, files={"file": (photo.name, photo.read_bytes())})
+        return asyncio.run(send())
+
+    monkeypatch.setattr(pipeline.app, "result_page", lambda *a: 1 / 0)
+    page = upload("/detect")
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
     assert "the server failed on this request (ZeroDivisionError)" in page.text and "Traceback" not in page.text
     assert page.headers["x-content-type-options"] == "nosniff" and "default-src 'none'" in page.headers["content-security-policy"]
     monkeypatch.setattr(pipeline.app.Service, "run", lambda *a: 1 / 0)
-    api = client.post("/api/detect", files={"file": (photo.name, photo.read_bytes())})
+    api = upload("/api/detect")
     assert api.status_code == 500 and api.json() == {"detail": "the server failed on this request (ZeroDivisionError): "
                                                                "try again; if it fails again, its log says why."}
