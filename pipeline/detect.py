@@ -77,6 +77,8 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
 
     from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass a video or an image file.")
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a video or an image file.")
     with open(path, "rb") as f:

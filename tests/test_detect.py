@@ -138,11 +138,14 @@ def test_a_video_whose_frames_do_not_convert_is_not_media(tmp_path, celebdf_root
 @pytest.mark.parametrize("content, message", [
     (b"just text", "is neither an image nor a video"),
     (None, "no face was found"),
+    ("folder", "is a folder: pass a video or an image file"),
 ])
 def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, message):
     path = tmp_path / "input.jpg"
     if content is None:
         cv2.imwrite(str(path), np.full((200, 200, 3), 127, np.uint8))
+    elif content == "folder":
+        path.mkdir()
     else:
         path.write_bytes(content)
     result = detect(path, smoke_checkpoint)
