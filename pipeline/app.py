@@ -59,7 +59,7 @@ class FrameScore(BaseModel):
     frame: int
     faces: int
     score: float | None  # P(fake) of the frame's largest face (the one the shards keep); null without a face
-    box: list[int] | None = None  # that face in the frame's pixels as scored (long side <= 1920): left, top, right, bottom
+    box: list[int] | None = None  # that face: left, top, right, bottom in the frame as scored (long side <= 1920 px)
     other_faces_max_score: float | None = None  # with several faces: the highest P(fake) among the others
 
 
@@ -100,8 +100,9 @@ class Service:
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
                  max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES):
         self.template = Detector(checkpoint, device)
-        if self.template.threshold_note:  # notes reach the users: where the server keeps its files is not theirs to know
-            self.template.threshold_note = self.template.threshold_note.replace(f"checkpoint {checkpoint}", "the server's checkpoint")
+        note = self.template.threshold_note
+        if note:  # notes reach the users: where the server keeps its files is not theirs to know
+            self.template.threshold_note = note.replace(f"checkpoint {checkpoint}", "the server's checkpoint")
         self.max_bytes = max_upload_mb << 20
         self.frames = frames
         # The slots: detections running at once. A slot holds its detector once one has been built.
@@ -146,7 +147,7 @@ class Service:
                 result, thumbnails = detector.detect(path, self.frames, deadline, **self.limits)
             except UserError as e:
                 raise HTTPException(_status(e), str(e).replace(str(path), "the upload")) from None
-            except Exception as e:  # a bug, or the machine (memory, a CUDA error): one sentence here, the traceback in the log
+            except Exception as e:  # a bug, or the machine (memory, CUDA): one sentence here, the traceback in the log
                 broken = True
                 log.exception("detection failed")
                 raise HTTPException(500, f"checking the upload failed on the server ({type(e).__name__}): try again; "

@@ -47,7 +47,7 @@ def even_indices(n_frames: int, k: int) -> list[int]:
 
 
 def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
-    """The frame (any channel order) itself, or scaled down (area interpolation) so that its long side is `max_side_px`."""
+    """The frame (any channel order) itself, or scaled down (area interpolation) to a long side of `max_side_px`."""
     side = max(rgb.shape[:2])
     if side <= max_side_px:
         return rgb
@@ -58,8 +58,8 @@ def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
 
 def _decode(path: str, wanted: set[int], max_frames: int | None = None,
             deadline: float | None = None) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (RGB, long side at most MAX_SIDE_PX) and the number of frames decoded, reading to the end (or past `max_frames`, or
-    `deadline` on time.monotonic(): VideoError)."""
+    """The wanted frames (RGB, long side at most MAX_SIDE_PX) and the number of frames decoded, reading to the end
+    (or past `max_frames`, or `deadline` on time.monotonic(): VideoError)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError("unreadable video")
