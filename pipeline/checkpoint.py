@@ -41,12 +41,10 @@ class CheckpointManager:
         found = [p for p in self.folder.iterdir() if NAME.match(p.name)]
         return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
 
-    def _existing_or_none(self) -> Path | None:
-        try:
-            newest = self.existing()
-        except OSError:  # the folder is the fault: say what was asked, not a second error
-            return None
-        return newest[0] if newest else None
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint, if any."""
+        found = self.existing()
+        return found[0] if found else None
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Rank 0 only. Older checkpoints are removed only once the new one is complete under its name."""
@@ -58,7 +56,10 @@ class CheckpointManager:
             with atomic_path(path) as tmp:
                 tmp.write_bytes(buffer.getbuffer())
         except OSError as e:
-            newest = self._existing_or_none()
+            try:
+                newest = self.newest()
+            except OSError:  # the folder is the fault: say what was asked, not a second error
+                newest = None
             after = f"run the same command again; it resumes from {newest or 'the start'}, which is intact."
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise UserError(f"no space left in {self.folder} for checkpoint {path.name} ({e.strerror}): free some and "

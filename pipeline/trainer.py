@@ -338,8 +338,7 @@ class Trainer:
         if marker and self.info.is_main:
             # The checkpoint a requeued job will resume from: this step's, or an older one where the save was skipped
             # (steps being skipped) or there is none.
-            newest = self.ckpt.existing()
-            write_bytes_atomic(Path(marker), f"{newest[0] if newest else 'no checkpoint: the start'}\n".encode())
+            write_bytes_atomic(Path(marker), f"{self.ckpt.newest() or 'no checkpoint: the start'}\n".encode())
         return "signal"
 
     def run_periodic(self, due, final: bool) -> None:
@@ -407,10 +406,9 @@ class Trainer:
         skipped = int(self.step_fn.skipped())
         self.step_fn.worst_in_row.copy_(self.step_fn.in_row)
         if worst_in_row >= self.cfg.train.max_nonfinite_steps:
-            newest = self.ckpt.existing()
             raise TrainingDiverged(
                 f"{int(worst_in_row)} steps in a row had a non-finite loss or gradients (up to step {self.step}), so the "
-                f"run stopped; its last good checkpoint is {newest[0] if newest else 'none'}: lower train.lr_D and "
+                f"run stopped; its last good checkpoint is {self.ckpt.newest() or 'none'}: lower train.lr_D and "
                 "train.lr_G, or use train.precision fp32 or bf16.")
         if self.logger is not None:
             values.update({
