@@ -285,6 +285,15 @@ def _error_page(detail: str) -> str:
     return PAGE.format(title="Error", body=body)
 
 
+def _secured(response, path: str):
+    """The response with the security headers, and the pages' content security policy on the two pages."""
+    for name, value in SECURITY_HEADERS:
+        response.headers[name.decode()] = value.decode()
+    if response.headers.get("content-type", "").startswith("text/html") and path in ("/", "/detect"):
+        response.headers["content-security-policy"] = PAGE_POLICY
+    return response
+
+
 def build_app(service: Service) -> FastAPI:
     app = FastAPI(title="deepfake-gan detector", version=__version__,
                   description="A DCGAN discriminator's verdict on a video or an image, per frame and overall.")
@@ -292,12 +301,7 @@ def build_app(service: Service) -> FastAPI:
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS:
-            response.headers[name.decode()] = value.decode()
-        if response.headers.get("content-type", "").startswith("text/html") and request.url.path in ("/", "/detect"):
-            response.headers["content-security-policy"] = PAGE_POLICY
-        return response
+        return _secured(await call_next(request), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     def malformed(request: Request, exc: RequestValidationError):
@@ -313,11 +317,9 @@ def build_app(service: Service) -> FastAPI:
         # error (uvicorn logs the traceback). Starlette answers this from its outermost layer, outside the headers
         # middleware above, so the headers are set here.
         detail = f"the server failed on this request ({type(exc).__name__}): try again; if it fails again, its log says why."
-        headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
         if request.url.path == "/detect":
-            return HTMLResponse(_error_page(detail), status_code=500,
-                                headers={**headers, "content-security-policy": PAGE_POLICY})
-        return JSONResponse({"detail": detail}, status_code=500, headers=headers)
+            return _secured(HTMLResponse(_error_page(detail), status_code=500), request.url.path)
+        return _secured(JSONResponse({"detail": detail}, status_code=500), request.url.path)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def upload_page() -> str:
