@@ -67,8 +67,11 @@ def test_a_job_started_again_goes_on_from_its_own_newest_checkpoint_whatever_tra
     assert ckpt.start("auto", "SLURM's restart 3") == start  # auto is auto
 
 
-def test_a_checkpoint_folder_that_cannot_be_written_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("listable", [True, False])
+def test_a_checkpoint_folder_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch, listable):
     (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    if not listable:  # the folder cannot even be listed for the message: still the one sentence, not a second error
+        monkeypatch.setattr(CheckpointManager, "existing", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(UserError, match=r"checkpoint .*step-00000003.pt cannot be written \(.*\): make .* a writable folder, "
                                         r"then run the same command again; it resumes from the start"):
         CheckpointManager(tmp_path / "checkpoints", keep_last=2).save({"step": 3}, 3)

@@ -153,17 +153,21 @@ def test_a_nan_on_one_rank_is_skipped_at_that_step_on_both(celeba_shards, runs):
     assert _state(runs / "nan", 5)["nonfinite_total"] == 1 and "skipped 1 non-finite steps so far" in result.stdout
 
 
-def test_a_stop_while_steps_are_skipped_names_the_checkpoint_a_requeue_resumes_from(celeba_shards, runs, tmp_path):
+@pytest.mark.parametrize("every, newest", [(2, "step-00000002.pt"), (100, None)])
+def test_a_stop_while_steps_are_skipped_names_the_checkpoint_a_requeue_resumes_from(celeba_shards, runs, tmp_path, every,
+                                                                                    newest):
     # No checkpoint is saved while steps are being skipped: the stop marker (which launch/slurm/torchrun.sh prints
-    # and requeues on) must name the newest checkpoint there is, not the step the ranks stopped at.
-    overrides = _overrides(celeba_shards.out_dir, runs, "skipping", "train.max_steps=20", "train.max_nonfinite_steps=100",
-                           f"train.stop_marker={tmp_path / 'stopped'}", "log.wandb=disabled")
+    # and requeues on) must name the newest checkpoint there is, not the step the ranks stopped at, or say there is none.
+    name = f"skipping-{every}"
+    overrides = _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=20", "train.max_nonfinite_steps=100",
+                           f"train.ckpt_every_steps={every}", f"train.stop_marker={tmp_path / 'stopped'}", "log.wandb=disabled")
     env = {**os.environ, "INJECT_FAULT": "nan-on", "INJECT_RANK": "1", "INJECT_STEP": "3", "INJECT_SIGNAL_STEP": "5"}
     result = subprocess.run(_command(2, overrides, "tests/inject_fault.py"), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert "stopping at step 5 on a signal" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step 5: no checkpoint while steps are being skipped" in result.stdout
-    assert (tmp_path / "stopped").read_text() == f"{runs / 'skipping' / 'checkpoints' / 'step-00000002.pt'}\n"
+    expected = runs / name / "checkpoints" / newest if newest else "no checkpoint: the start"
+    assert (tmp_path / "stopped").read_text() == f"{expected}\n"
 
 
 def test_a_run_that_diverges_on_one_rank_stops_both_with_code_3_and_leaves_no_gloo_thread(celeba_shards, runs):
