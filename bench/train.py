@@ -31,13 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision: str, channels_last: bool,
-            compile_: bool, inputs: str, sbi: bool, graph_inputs: bool, warmup: int, steps: int) -> dict:
+            compile_: bool, compile_mode: str, inputs: str, sbi: bool, graph_inputs: bool, warmup: int,
+            steps: int) -> dict:
     overrides = [
         f"data.shards={shards}", f"data.batch_size={batch}", f"data.channels_last={channels_last}",
         f"data.threads={os.cpu_count()}", f"model.ngf={ngf}", f"model.ndf={ngf}", f"train.precision={precision}",
-        f"train.channels_last={channels_last}", f"train.compile={compile_}", "train.val_every_epochs=0",
-        f"train.runs_dir={runs}", "train.resume=never", "train.epochs=1000", "log.wandb=disabled", "log.tensorboard=false",
-        f"train.sbi_weight={float(sbi)}", f"train.graph_inputs={graph_inputs}",
+        f"train.channels_last={channels_last}", f"train.compile={compile_}", f"train.compile_mode={compile_mode}",
+        "train.val_every_epochs=0", f"train.runs_dir={runs}", "train.resume=never", "train.epochs=1000",
+        "log.wandb=disabled", "log.tensorboard=false", f"train.sbi_weight={float(sbi)}", f"train.graph_inputs={graph_inputs}",
     ]
     cfg = load_config(REPO / "configs" / "base.yaml", overrides)
     trainer = Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
@@ -59,8 +60,9 @@ def measure(shards: str, runs: str, device: str, batch: int, ngf: int, precision
         seconds = time.perf_counter() - t0
     finally:
         trainer.close()
-    return {"precision": precision, "channels_last": channels_last, "compile": compile_, "inputs": inputs, "sbi": sbi,
-            "graph_inputs": graph_inputs, "seconds": round(seconds, 3), "images_per_s": round(steps * batch / seconds, 1)}
+    return {"precision": precision, "channels_last": channels_last, "compile": compile_, "compile_mode": compile_mode,
+            "inputs": inputs, "sbi": sbi, "graph_inputs": graph_inputs, "seconds": round(seconds, 3),
+            "images_per_s": round(steps * batch / seconds, 1)}
 
 
 def main() -> int:
@@ -72,6 +74,8 @@ def main() -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--channels-last", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--compile", nargs="+", type=int, default=[0])
+    parser.add_argument("--compile-mode", nargs="+", default=["default"],
+                        help="torch.compile's modes, with --compile 1 (reduce-overhead: CUDA graphs of D's and G's passes)")
     parser.add_argument("--inputs", nargs="+", default=["tensors", "dali"])
     parser.add_argument("--sbi", nargs="+", type=int, default=[0, 1], help="0: plain GAN step; 1: with self-blends")
     parser.add_argument("--graph-inputs", nargs="+", type=int, default=[0], help="1: self-blends from a CUDA graph")
@@ -95,14 +99,18 @@ def main() -> int:
             root = write_celeba(Path(tmp) / "celeba", 4000)
             shards = str(build(CelebASource(root), Path(tmp) / "shards", workers=os.cpu_count() or 1, progress=False).out_dir)
         runs = results["runs"]
-        grid = itertools.product(args.precision, args.channels_last, args.compile, args.inputs, args.sbi, args.graph_inputs)
-        for precision, cl, comp, inputs, sbi, graph in grid:
+        grid = itertools.product(args.precision, args.channels_last, args.compile, args.compile_mode, args.inputs, args.sbi,
+                                 args.graph_inputs)
+        for precision, cl, comp, mode, inputs, sbi, graph in grid:
             if graph and not sbi:
                 continue  # the graph holds the self-blends: nothing to graph without them
-            r = measure(shards, tmp, args.device, args.batch, args.ngf, precision, bool(cl), bool(comp), inputs,
+            if mode != "default" and not comp:
+                continue  # a mode of a compiler that is off
+            r = measure(shards, tmp, args.device, args.batch, args.ngf, precision, bool(cl), bool(comp), mode, inputs,
                         bool(sbi), bool(graph), args.warmup, args.steps)
             runs.append(r)
-            print(f"{precision} channels_last={cl} compile={comp} {inputs:7s} sbi={sbi} graph_inputs={graph}: "
+            shown = f"compile={comp}" + (f" {mode}" if mode != "default" else "")
+            print(f"{precision} channels_last={cl} {shown} {inputs:7s} sbi={sbi} graph_inputs={graph}: "
                   f"{r['images_per_s']:8.1f} images/s", flush=True)
             path.write_text(json.dumps(results, indent=2) + "\n")  # after each row: a run cut short keeps its rows
     path.write_text(json.dumps(results, indent=2) + "\n")

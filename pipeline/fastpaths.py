@@ -32,6 +32,13 @@ class FastPaths:
     graph_inputs: bool = False  # the self-blends and degradations from one CUDA graph (pipeline/graphs.py)
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch.compile's mode replays G's and D's passes as CUDA graphs (reduce-overhead, max-autotune)."""
+        from torch._inductor import list_mode_options
+
+        return self.compile and bool(list_mode_options(self.compile_mode).get("triton.cudagraphs"))
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return PRECISIONS[self.precision]
 
@@ -67,6 +74,12 @@ def resolve(train, model, device: torch.device) -> FastPaths:
                     "falling back to the contiguous layout", " and ".join(odd), TENSOR_CORE_CHANNELS)
         channels_last = False
     compile_ = _switch(train.compile, "compile", device)
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if train.compile_mode not in modes:
+        raise UserError(f"train.compile_mode is {train.compile_mode!r}: write one of torch.compile's modes, "
+                        f"{', '.join(modes)}.")
     if compile_:
         problem = compiler_problem(device)
         if problem:

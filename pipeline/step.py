@@ -101,6 +101,9 @@ class GANStep:
         if fast.compile:
             self.G, self.D = torch.compile(self.G, mode=fast.compile_mode), torch.compile(self.D, mode=fast.compile_mode)
             self.D_for_G = torch.compile(self.D_raw, mode=fast.compile_mode)
+        # reduce-overhead and max-autotune replay CUDA graphs whose outputs live in a pool that later replays reuse:
+        # each step says where it begins, and G's samples, which G's pass reads after D's graphs ran, are copied out.
+        self.cuda_graphs = fast.cuda_graphs and device.type == "cuda"
         # One forward of reals, fakes and blends together: GroupNorm makes each score independent of the
         # batch, so this equals three forwards in a third of the launches. BatchNorm's D keeps them apart.
         self.one_forward = m.d_norm == "group"
@@ -145,6 +148,8 @@ class GANStep:
         `step` is the number of steps done before this one (G_ema's warm-up uses it).
         """
         t = self.cfg.train
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with record_function("step/inputs"):  # named ranges: bench/step.py times each part with the profiler
             x = self.make_inputs(batch)
         fake = None
@@ -156,6 +161,8 @@ class GANStep:
                 if self.with_G:
                     z = torch.randn(x.real.shape[0], self.cfg.model.nz, 1, 1, device=self.device, generator=self.noise)
                     fake = self.G(z)
+                    if self.cuda_graphs:
+                        fake = fake.clone()
                 parts = [x.real] + ([fake.detach()] if fake is not None else []) + ([x.blend] if x.blend is not None else [])
                 logits = self._score(parts)  # the detector's logit [:, 0] for reals and blends, the GAN's [:, 1] for G's
                 logits_fake = logits[1][:, 1] if fake is not None else None

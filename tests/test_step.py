@@ -11,7 +11,8 @@ from conftest import REPO
 
 from pipeline.config import load_config
 from pipeline.dist import DistInfo
-from pipeline.fastpaths import _switch, adam, resolve
+from pipeline.errors import UserError
+from pipeline.fastpaths import FastPaths, _switch, adam, resolve
 
 
 def _trainer(shards, runs, *extra, device="cpu"):
@@ -46,6 +47,17 @@ def test_channels_last_with_channel_counts_it_cannot_use_falls_back_with_one_war
     assert fast.channels_last is False
     (record,) = caplog.records
     assert "model.ndf 12 is not a multiple of 8" in record.message and "falling back to the contiguous layout" in record.message
+
+
+def test_a_compile_mode_torch_does_not_know_is_one_sentence_and_the_graphing_modes_are_told_apart():
+    cfg = load_config(REPO / "configs" / "base.yaml", ["train.compile_mode=reduce_overhead"])
+    with pytest.raises(UserError, match=r"train.compile_mode is 'reduce_overhead': write one of torch.compile's modes, "
+                                        r"default, .*reduce-overhead"):
+        resolve(cfg.train, cfg.model, torch.device("cpu"))
+    graphs = {mode: FastPaths("bf16", True, True, True, mode, True).cuda_graphs
+              for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    assert graphs == {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+    assert not FastPaths("bf16", True, True, False, "reduce-overhead", True).cuda_graphs  # not compiled: no graphs
 
 
 def test_graph_inputs_on_a_cpu_falls_back_with_one_warning(caplog):
@@ -232,6 +244,32 @@ def test_steady_state_steps_never_wait_for_the_host(graph_inputs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(stats["loss/D"]) and step.skipped().item() == 0
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_steps_equal_default_ones_and_their_statistics_outlive_later_steps():
+    # reduce-overhead replays CUDA graphs whose outputs the next replays overwrite: G's samples are read again
+    # after D's graphs ran (which failed with "accessing tensor output of CUDAGraphs that has been overwritten"
+    # until the step copied them out), and the trainer keeps each step's statistics until it logs.
+    from pipeline.data import Batch
+    from pipeline.sbi import template_batch
+    from pipeline.step import GANStep
+
+    device = torch.device("cuda")
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=32", "data.image_size=64",
+                                                          f"train.compile_mode={mode}"])
+        fast = resolve(cfg.train, cfg.model, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        images, landmarks = template_batch(64, 32, gen)
+        batch = Batch(images.contiguous(memory_format=fast.layout), landmarks=landmarks)
+        step = GANStep(cfg, fast, device, gen)
+        assert step.cuda_graphs is (mode == "reduce-overhead")
+        runs[mode] = [step(batch, i) for i in range(5)]  # read only after the last step, as the trainer does
+    for default, graphed in zip(runs["default"], runs["reduce-overhead"]):
+        for key in ("loss/D", "loss/G"):
+            torch.testing.assert_close(graphed[key], default[key], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
