@@ -6,12 +6,13 @@
 #   DEADLINE_S=N bench/gpu-detector.sh ...                 (the call's own limit less a margin, default 570: pass the
 #                                                          run's timeout_s less 30 when the session has less left)
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
-# otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s on the 937-person
-# synthetic data, still climbing, where 64 px had stopped near 0.77 (BENCHMARKS.md). Scored on the staged
-# Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto); if that run
-# fails, it runs again without it. Then, on the staged CelebA shards, the trainer end to end with G and
-# self-blends, eager against the graph (bench.train, 64 px, batch 128: the row issue 10 still lacks),
-# and the `gpu` tests if the call has a minute left.
+# otherwise): on an H200 it reached video AUC 0.80 after 120 s, 0.84 after 210 s and 0.856 after 300 s
+# with the self-blend graph on the 937-person synthetic data, where 64 px had stopped near 0.77
+# (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
+# staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto); if that
+# run fails, it runs again without it. Then, on the staged CelebA shards, the trainer end to end with G
+# and the self-blend graph, torch.compile's default mode against reduce-overhead (bench.train, 64 px,
+# batch 128), and the `gpu` tests if the call has a minute left.
 # OUT gets device.txt, detector.log, train.log, gpu-tests.log and the JSON of each part.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu-detector.sh OUT [SECONDS [key=value ...]]" >&2; exit 2; }
@@ -44,7 +45,8 @@ detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] &&
 limit=100 && [ "$limit" -lt "$(left)" ] || limit=$(left)
 if [ "$limit" -gt 30 ]; then
   timeout "$limit" $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
-    --precision bf16 --channels-last 1 --compile 1 --inputs dali --sbi 1 --graph-inputs 0 1 --out "$out" > "$out/train.log" 2>&1
+    --precision bf16 --channels-last 1 --compile 1 --compile-mode default reduce-overhead --inputs dali --sbi 1 \
+    --graph-inputs 1 --out "$out" > "$out/train.log" 2>&1
   echo "== train: exit $? ($(grep -c images/s "$out/train.log" 2>/dev/null) rows)"
 else
   echo "== train: skipped, $(left) s left"
