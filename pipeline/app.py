@@ -8,8 +8,11 @@ API: `POST /api/detect` (multipart field `file`), described at `/openapi.json` a
 The model loads once. What a person can send is bounded before it costs anything:
 - the body: a Content-Length over the limit is answered 413 before a byte of the body is read, and a
   body without one (chunked) is counted as it arrives and cut off at the limit (`BodyLimit`);
-- the work: at most `--max-concurrent` detections run at once; a request waits for a slot at most
-  `--queue-timeout-s`, then gets 503 with Retry-After, and a detection stops at `--request-timeout-s`;
+- the work: at most `--max-concurrent` detections run at once and `--max-waiting` uploads wait for a
+  slot, each at most `--queue-timeout-s`; one upload more gets 503 with Retry-After before its body is
+  read (`Admission`), and so does one that waited its time out; a detection stops at `--request-timeout-s`.
+  Uploads thus never take all the server's threads (`/health` answers on the event loop regardless), and
+  at most `--max-concurrent` + `--max-waiting` of them are on disk at once;
 - the content: the first bytes must be a JPEG, PNG, MP4/MOV, AVI or WebM/MKV; pixels per frame and
   frames per video are checked from the headers before decoding (pipeline/detect.py).
 Uploads go to a private temporary folder under a fixed name (nothing a user sends becomes a path, a
@@ -25,7 +28,6 @@ import copy
 import hashlib
 import html
 import io
-import json
 import logging
 import queue
 import shutil
@@ -38,7 +40,7 @@ from pathlib import Path
 import cv2
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from pipeline import __version__
@@ -46,13 +48,15 @@ from pipeline.data.preprocess import FacePreprocessor
 from pipeline.detect import MAX_PIXELS, MAX_VIDEO_FRAMES, Detector, MediaTooLargeError, NoFaceError, NotMediaError, TooSlowError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
-from shards.cli import positive_int
+from shards.cli import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 64 << 10  # the form's boundaries and part headers around the file, in bytes
 RETRY_AFTER_S = 10
+BUSY = f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds."
+UPLOAD_PATHS = ("/detect", "/api/detect")
 
 
 class FrameScore(BaseModel):
@@ -98,7 +102,7 @@ class Service:
 
     def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32,
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
-                 max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES):
+                 max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES, max_waiting: int = 8):
         self.template = Detector(checkpoint, device)
         note = self.template.threshold_note
         if note:  # notes reach the users: where the server keeps its files is not theirs to know
@@ -109,6 +113,8 @@ class Service:
         self.slots: queue.Queue[Detector | None] = queue.Queue()
         for _ in range(max_concurrent):
             self.slots.put(None)
+        self.admitted = max_concurrent + max_waiting  # uploads inside the app at once at most (Admission)
+        self.uploads_inside = 0  # reported by /health
         self.detectors_built = 0  # reported by /health
         self._count_lock = threading.Lock()
         self.queue_timeout_s, self.request_timeout_s = queue_timeout_s, request_timeout_s
@@ -138,8 +144,7 @@ class Service:
             try:
                 detector = self.slots.get(timeout=self.queue_timeout_s)
             except queue.Empty:
-                raise HTTPException(503, f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds.",
-                                    headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                raise HTTPException(503, BUSY, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
             broken = False
             try:
                 deadline = time.monotonic() + self.request_timeout_s
@@ -207,15 +212,39 @@ class BodyLimit:
 
     async def _refuse(self, scope, send):
         mb = (self.max_bytes - MULTIPART_OVERHEAD) >> 20
-        detail = f"the upload is larger than {mb} MB: send a shorter video."
-        if scope["path"] == "/detect":
-            body, kind = _error_page(detail).encode(), b"text/html; charset=utf-8"
-        else:
-            body, kind = json.dumps({"detail": detail}).encode(), b"application/json"
-        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
-                   *SECURITY_HEADERS]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _refusal(scope["path"], 413, f"the upload is larger than {mb} MB: send a shorter video.")(scope, None, send)
+
+
+class Admission:
+    """ASGI middleware: at most `service.admitted` uploads inside the app at once, running, waiting for a slot
+    or still arriving; one more gets 503 with Retry-After before its body is read. Uploads then never hold all
+    the threads that synchronous routes run on, nor spool more bodies to disk than that. (uvicorn's
+    --limit-concurrency would refuse /health and the pages too.)"""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
+            return await self.app(scope, receive, send)
+        service = self.service  # counted on the event loop alone: nothing runs between its awaits, no lock
+        if service.uploads_inside >= service.admitted:
+            return await _refusal(scope["path"], 503, BUSY, {"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        service.uploads_inside += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            service.uploads_inside -= 1
+
+
+def _refusal(path: str, status: int, detail: str, headers: dict | None = None) -> Response:
+    """An answer sent before the body is read (the connection then closes): the page for a person, else JSON."""
+    if path == "/detect":
+        response = HTMLResponse(_error_page(detail), status_code=status, headers=headers)
+    else:
+        response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    response.headers["connection"] = "close"
+    return _secured(response, path)
 
 
 def _data_uri(png_or_jpg: bytes, mime: str) -> str:
@@ -321,8 +350,9 @@ def build_app(service: Service) -> FastAPI:
             return _secured(HTMLResponse(_error_page(detail), status_code=500), request.url.path)
         return _secured(JSONResponse({"detail": detail}, status_code=500), request.url.path)
 
+    # The pages and /health are async: they run on the event loop, never queued behind uploads for a thread.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def upload_page() -> str:
+    async def upload_page() -> str:
         return PAGE.format(title="Deepfake check", body=UPLOAD)
 
     @app.post("/detect", response_class=HTMLResponse, include_in_schema=False)
@@ -340,9 +370,11 @@ def build_app(service: Service) -> FastAPI:
         return result
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "checkpoint_step": service.template.step, "detectors_built": service.detectors_built}
+    async def health() -> dict:
+        return {"status": "ok", "checkpoint_step": service.template.step, "detectors_built": service.detectors_built,
+                "uploads_inside": service.uploads_inside, "uploads_admitted": service.admitted}
 
+    app.add_middleware(Admission, service=service)
     app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD)  # outermost: before any parsing
     return app
 
@@ -356,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-upload-mb", type=int, default=200)
     parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled from a video")
     parser.add_argument("--max-concurrent", type=positive_int, default=2, help="detections running at once (default: %(default)s)")
+    parser.add_argument("--max-waiting", type=non_negative_int, default=8,
+                        help="uploads waiting for a slot; one more gets 503 at once (default: %(default)s)")
     parser.add_argument("--queue-timeout-s", type=float, default=30.0, help="longest wait for a free slot, then 503")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 413")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image or video frame")
@@ -363,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         service = Service(args.checkpoint, args.device, args.max_upload_mb, args.frames, args.max_concurrent,
-                          args.queue_timeout_s, args.request_timeout_s, args.max_pixels, args.max_video_frames)
+                          args.queue_timeout_s, args.request_timeout_s, args.max_pixels, args.max_video_frames,
+                          args.max_waiting)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

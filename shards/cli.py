@@ -27,6 +27,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below zero")
+    return value
+
+
 def _people_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="photos: share of the people held out as test people; the same --seed, --people and fraction give "

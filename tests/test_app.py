@@ -234,6 +234,74 @@ def test_a_flood_of_uploads_gets_results_or_503_and_nothing_mixed_up(busy_server
     assert httpx.get(f"{busy_server}/health").json()["detectors_built"] == 1
 
 
+@pytest.fixture
+def full_server(smoke_checkpoint):
+    """One detection slot and one waiting place: two uploads fill it."""
+    yield from _serve(smoke_checkpoint, "--max-concurrent", "1", "--max-waiting", "1", "--frames", "4")
+
+
+def test_uploads_beyond_the_running_and_waiting_ones_get_503_before_their_bodies_are_read(full_server):
+    # Two uploads whose bodies are still arriving fill the server; a third gets 503 at once, its 200 MB never
+    # read, and once the two go away an upload is served again.
+    url = full_server
+    host, port = url.removeprefix("http://").split(":")
+    head = (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.mp4\"\r\n\r\n")
+    arriving = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    try:
+        for sock in arriving:
+            sock.sendall(head % (b"/api/detect", 1 << 20))
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{url}/health").json())["uploads_inside"] < 2:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
+        assert health["uploads_admitted"] == 2
+        status, response, seconds = _raw(url, head % (b"/api/detect", 200 << 20))
+        assert status == 503 and b"retry-after: 10" in response.lower() and b"busy with other uploads" in response
+        status, page, _ = _raw(url, head % (b"/detect", 200 << 20))  # a person gets the page, with its policy
+        assert status == 503 and b'id="error"' in page and b"content-security-policy: default-src 'none'" in page.lower()
+    finally:
+        for sock in arriving:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health").json()["uploads_inside"]:
+        assert time.monotonic() < deadline, "the two uploads that went away are still counted"
+        time.sleep(0.1)
+    assert post(url, "face.jpg", photo_paths()[0].read_bytes()).status_code == 200
+
+
+def test_health_and_the_upload_page_answer_while_uploads_hold_every_thread(smoke_checkpoint, monkeypatch):
+    # Synchronous routes share one pool of threads (40 in AnyIO; 1 here): uploads waiting for a detection slot
+    # can hold them all, and /health, which a load balancer reads, must answer regardless.
+    import asyncio
+
+    import anyio.to_thread
+
+    from pipeline.app import Service, build_app
+
+    service = Service(smoke_checkpoint, max_concurrent=1)
+    release = threading.Event()
+    monkeypatch.setattr(Service, "run", lambda *a: release.wait(60) and 1 / 0)  # a detection that waits to be let go
+    transport = httpx.ASGITransport(build_app(service), raise_app_exceptions=False)  # the app in-process
+
+    async def check():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            upload = asyncio.create_task(client.post("/api/detect", files={"file": ("v.mp4", b"0" * 1000)}))
+            while anyio.to_thread.current_default_thread_limiter().borrowed_tokens < 1:
+                await asyncio.sleep(0.05)
+            try:
+                health = await asyncio.wait_for(client.get("/health"), 20)
+                page = await asyncio.wait_for(client.get("/"), 20)
+            finally:
+                release.set()
+            return health, page, await upload
+
+    health, page, upload = asyncio.run(check())
+    assert health.status_code == 200 and health.json()["uploads_inside"] == 1 and page.status_code == 200
+    assert upload.status_code == 500  # let go, it fails (1 / 0): it was the upload that held the thread
+
+
 def test_pages_carry_security_headers_and_a_person_gets_pages_not_json(server):
     r = httpx.get(f"{server}/", timeout=30)
     policy = r.headers["content-security-policy"]
@@ -357,11 +425,13 @@ def test_a_detection_past_its_deadline_is_413_not_a_retry_after_busy(smoke_check
     assert refused.value.status_code == 413 and "took too long" in refused.value.detail
 
 
-@pytest.mark.parametrize("option", ["--frames", "--max-concurrent"])
-def test_options_below_one_are_refused(option, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.app", "--checkpoint", str(tmp_path / "none.pt"), option, "0"],
+@pytest.mark.parametrize("option, value, why", [("--frames", "0", "0 is not a positive integer"),
+                                               ("--max-concurrent", "0", "0 is not a positive integer"),
+                                               ("--max-waiting", "-1", "-1 is below zero")])
+def test_counts_out_of_range_are_refused(option, value, why, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.app", "--checkpoint", str(tmp_path / "none.pt"), option, value],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and f"{option}: " in result.stderr and "is not a positive integer" in result.stderr
+    assert result.returncode == 2 and f"{option}: {why}" in result.stderr, result.stderr
 
 
 def test_a_failure_outside_the_detection_is_still_one_sentence(smoke_checkpoint, monkeypatch):
