@@ -255,7 +255,10 @@ class CelebDFSource:
             meta = {
                 "source": "celebdf", "split": split, "video": video.rel, "folder": video.folder,
                 "identity": video.identities[0], "frame": index, "frames_decoded": sampled.decoded,
-                "fps": round(sampled.fps, 3), "width": sampled.width, "height": sampled.height,
+                # width and height: the frame the box and landmarks are in, shrunk where the video is over
+                # MAX_SIDE_PX on its long side (Celeb-DF's never are); video_width and video_height: the video's
+                "fps": round(sampled.fps, 3), "width": rgb.shape[1], "height": rgb.shape[0],
+                "video_width": sampled.width, "video_height": sampled.height,
                 "faces_in_frame": len(faces), **crop.to_json(),
             }
             if video.label:

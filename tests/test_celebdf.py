@@ -130,6 +130,24 @@ def test_a_video_name_with_spaces_gives_shards_the_loaders_read(tmp_path, celebd
     assert len(copies) == CELEBDF_ARGS["frames_per_video"] and len(keys) == 2 * len(copies)
 
 
+def test_a_video_over_1920_px_is_shrunk_and_its_samples_say_the_size_their_boxes_are_in(tmp_path, celebdf_root):
+    # 2560x1920 frames are shrunk to 1920x1440 before dlib: the box and landmarks are in those pixels, and so must be
+    # the sample's width and height; the video's own size is kept beside them.
+    source = sample_frames(str(sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]), 4)
+    big = [cv2.resize(rgb, (2560, 1920), interpolation=cv2.INTER_CUBIC) for _, rgb in source.frames]
+    root = tmp_path / "big"
+    (root / "Celeb-real").mkdir(parents=True)
+    write_video(root / "Celeb-real" / "id0_0000.mp4", big)
+    (root / "List_of_testing_videos.txt").write_text("1 Celeb-real/id0_0000.mp4\n")
+    report = build(CelebDFSource(root, **{**CELEBDF_ARGS, "frames_per_video": 2}), tmp_path / "out", progress=False)
+    metas = [meta for _, _, meta in _metas(report.out_dir)]
+    assert metas, report.manifest["skipped"]
+    for meta in metas:
+        assert (meta["width"], meta["height"], meta["video_width"], meta["video_height"]) == (1920, 1440, 2560, 1920)
+        left, top, right, bottom = meta["box"]
+        assert 0 <= left < right <= 1920 and 0 <= top < bottom <= 1440 and right - left > 400  # the face, scaled
+
+
 def test_frames_come_from_the_frames_that_really_decode(tmp_path):
     writer = cv2.VideoWriter(str(tmp_path / "v.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
     for i in range(40):
