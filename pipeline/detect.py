@@ -67,6 +67,13 @@ def media_kind(head: bytes) -> str | None:
     return None
 
 
+def check_media_path(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass a video or an image file.")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: pass a video or an image file.")
+
+
 def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES,
                 deadline: float | None = None) -> tuple[str, list[tuple[int, np.ndarray]]]:
     """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name, and the
@@ -77,10 +84,7 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
 
     from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
 
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: pass a video or an image file.")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: pass a video or an image file.")
+    check_media_path(path)
     with open(path, "rb") as f:
         kind = media_kind(f.read(12))
     not_media = NotMediaError(f"{path} is neither an image nor a video that can be decoded: pass a JPEG/PNG image or an "
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
+        check_media_path(args.path)  # before the checkpoint loads: a mistyped path costs no wait
         result, _ = Detector(args.checkpoint, args.device).detect(args.path, args.frames)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

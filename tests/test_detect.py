@@ -152,6 +152,11 @@ def test_unusable_input_is_a_clear_error(smoke_checkpoint, tmp_path, content, me
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_missing_input_is_named_before_the_checkpoint_is_loaded(tmp_path):
+    result = detect(tmp_path / "clip.mp4", tmp_path / "no-such.pt")  # neither exists: the input is checked first
+    assert result.returncode == 2 and "clip.mp4 does not exist: pass a video or an image file" in result.stderr
+
+
 def test_a_device_that_is_not_here_is_refused(smoke_checkpoint, tmp_path):
     import torch
 
