@@ -160,10 +160,12 @@ def test_a_missing_input_is_named_before_the_checkpoint_is_loaded(tmp_path):
 def test_a_device_that_is_not_here_is_refused(smoke_checkpoint, tmp_path):
     import torch
 
+    image = tmp_path / "any.jpg"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
     for device, message in (("gpu", "--device gpu is not a device"), ("cuda", "--device cuda: this machine has no CUDA device")):
         if device == "cuda" and torch.cuda.is_available():
             continue
-        result = detect(tmp_path / "any.jpg", smoke_checkpoint, "--device", device)
+        result = detect(image, smoke_checkpoint, "--device", device)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
