@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -91,10 +92,11 @@ def step_flops(step: GANStep, batch: Batch) -> int:
     return int(sum(sum(counts.get(name, {}).values()) for name in ("Generator", "Discriminator")))
 
 
-def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
+def measure(args, size: int, batch_size: int, mode: str, device: torch.device) -> dict:
     # One logit for both (model.d_gan_head shared), as the old step's D had: the two steps then run the same models.
     overrides = [f"data.image_size={size}", f"data.batch_size={batch_size}", "train.sbi_weight=1", "train.gan_weight=1",
-                 f"model.ngf={args.width}", f"model.ndf={args.width}", "model.d_gan_head=shared", *args.overrides]
+                 f"model.ngf={args.width}", f"model.ndf={args.width}", "model.d_gan_head=shared", f"train.compile_mode={mode}",
+                 *args.overrides]
     cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
     fast = resolve(cfg.train, cfg.model, device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -103,7 +105,7 @@ def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
     new = GANStep(cfg, fast, device, gen)
     row = {"image_size": size, "batch": batch_size, "fast_paths": {k: getattr(fast, k) for k in
                                                                      ("precision", "channels_last", "fused_adam", "compile",
-                                                                      "graph_inputs")}}
+                                                                      "compile_mode", "graph_inputs")}}
     row["new_ms"] = ms_per_step(new, batch, device, args.warmup, args.steps)
     row["parts_ms"], row["kernels_per_step"] = parts_ms(new, batch, device, min(args.steps, 10))
     plain = dataclasses.replace(fast, compile=False, graph_inputs=False)
@@ -122,12 +124,13 @@ def measure(args, size: int, batch_size: int, device: torch.device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | batch | new ms/step | old ms/step | new/old speed | new img/s | inputs ms | D ms | G ms | EMA ms | MFU | kernels |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| size | batch | compile mode | new ms/step | old ms/step | new/old speed | new img/s | inputs ms | D ms | G ms | "
+             "EMA ms | MFU | kernels |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         p = r["parts_ms"]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['image_size']} | {r['batch']} | {r['new_ms']:.2f} | {r['old_ms']:.2f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['image_size']} | {r['batch']} | {r['fast_paths']['compile_mode']} | {r['new_ms']:.2f} | {r['old_ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['new_img_per_s']:.0f} | {p.get('inputs', 0):.2f} | {p.get('D', 0):.2f} | {p.get('G', 0):.2f} | "
                      f"{p.get('ema', 0):.2f} | {mfu} | {r['kernels_per_step'] or 'n/a'} |")
     return "\n".join(lines)
@@ -141,6 +144,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=64, help="model.ngf and model.ndf")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile-mode", nargs="+", default=["default"],
+                        help="torch.compile's modes, side by side in this process (reduce-overhead: CUDA graphs of D and G)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", help="the JSON's name under --out (default: step-DEVICE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
@@ -153,12 +158,11 @@ def main() -> int:
               "warmup": args.warmup, "steps": args.steps, "overrides": args.overrides, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name or 'step-' + args.device}.json"
-    for size in args.size:
-        for batch in args.batch:
-            torch._dynamo.reset()  # each shape compiles afresh and static, as a run of that shape would
-            report["rows"].append(measure(args, size, batch, device))
-            print(table(report["rows"][-1:]).splitlines()[-1], flush=True)
-            path.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a time limit keeps the rows done
+    for size, batch, mode in itertools.product(args.size, args.batch, args.compile_mode):
+        torch._dynamo.reset()  # each shape and mode compiles afresh and static, as a run of it would
+        report["rows"].append(measure(args, size, batch, mode, device))
+        print(table(report["rows"][-1:]).splitlines()[-1], flush=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a time limit keeps the rows done
     print(table(report["rows"]))
     print(f"wrote {path}")
     return 0

@@ -101,8 +101,11 @@ class GANStep:
         if fast.compile:
             self.G, self.D = torch.compile(self.G, mode=fast.compile_mode), torch.compile(self.D, mode=fast.compile_mode)
             self.D_for_G = torch.compile(self.D_raw, mode=fast.compile_mode)
-        # reduce-overhead and max-autotune replay CUDA graphs whose outputs live in a pool that later replays reuse:
-        # each step says where it begins, and G's samples, which G's pass reads after D's graphs ran, are copied out.
+        # reduce-overhead and max-autotune replay CUDA graphs from one memory pool, and each compiled call with no
+        # backward pending starts a new generation that may reuse what earlier ones made: D_for_G's call, after D's
+        # backward, freed G's samples and saved activations (an error on an H200). Marking where each step begins
+        # keeps one generation per step. G's samples are also copied out, as in the run measured there. G's .grad
+        # comes from a graph too: read it within the step (Adam does), never after the next step's G forward.
         self.cuda_graphs = fast.cuda_graphs and device.type == "cuda"
         # One forward of reals, fakes and blends together: GroupNorm makes each score independent of the
         # batch, so this equals three forwards in a third of the launches. BatchNorm's D keeps them apart.

@@ -123,6 +123,9 @@ class Trainer:
         self._interrupted = False  # a periodic job stopped early on a signal
         self.finished = False  # the end-of-training work (validation, evaluation, samples, checkpoint) is done
         self.fast = resolve(t, cfg.model, self.device)
+        if self.fast.cuda_graphs and info.distributed:
+            raise UserError(f"train.compile_mode {t.compile_mode} replays CUDA graphs, which have run on one GPU only, "
+                            "never under DDP: set train.compile_mode=default to train on several ranks.")
         if self.fast.autocast_dtype is None and cfg.data.dtype != "float32":
             raise UserError(f"data.dtype {cfg.data.dtype} needs autocast, but train.precision is {self.fast.precision} here: "
                             "set data.dtype=float32, or train.precision=bf16 (fp16 for float16 data).")

@@ -246,11 +246,40 @@ def test_steady_state_steps_never_wait_for_the_host(graph_inputs):
     assert torch.isfinite(stats["loss/D"]) and step.skipped().item() == 0
 
 
+def test_each_step_marks_where_it_begins_where_g_and_d_are_cuda_graphs(shards, tmp_path, monkeypatch):
+    # The mark is what lets a step's compiled calls share one generation of CUDA graphs (see the gpu test below);
+    # counted here on the CPU, where no graph is made.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = _trainer(shards, tmp_path)
+    try:
+        batch = next(iter(trainer.loader))
+        trainer.step_fn(batch, 0)
+        assert marks == []  # no graphs, no marks
+        trainer.step_fn.cuda_graphs = True
+        trainer.step_fn(batch, 1)
+        trainer.step_fn(batch, 2)
+        assert marks == [1, 1]
+    finally:
+        trainer.close()
+
+
+def test_a_cuda_graph_mode_under_ddp_is_refused_in_one_sentence(shards, tmp_path):
+    from pipeline.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "sbi-smoke.yaml", [f"data.shards=[{','.join(map(str, shards))}]",
+                                                            f"train.runs_dir={tmp_path}", "train.compile=true",
+                                                            "train.compile_mode=reduce-overhead"])
+    with pytest.raises(UserError, match="train.compile_mode reduce-overhead replays CUDA graphs, which have run on one "
+                                        "GPU only, never under DDP: set train.compile_mode=default"):
+        Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu")))
+
+
 @pytest.mark.gpu
-def test_reduce_overhead_steps_equal_default_ones_and_their_statistics_outlive_later_steps():
-    # reduce-overhead replays CUDA graphs whose outputs the next replays overwrite: G's samples are read again
-    # after D's graphs ran (which failed with "accessing tensor output of CUDAGraphs that has been overwritten"
-    # until the step copied them out), and the trainer keeps each step's statistics until it logs.
+def test_reduce_overhead_steps_equal_default_ones():
+    # Under reduce-overhead, D_for_G's call after D's backward started a new generation of CUDA graphs that freed G's
+    # samples ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", on an H200)
+    # until each step marked where it begins.
     from pipeline.data import Batch
     from pipeline.sbi import template_batch
     from pipeline.step import GANStep
@@ -266,7 +295,7 @@ def test_reduce_overhead_steps_equal_default_ones_and_their_statistics_outlive_l
         batch = Batch(images.contiguous(memory_format=fast.layout), landmarks=landmarks)
         step = GANStep(cfg, fast, device, gen)
         assert step.cuda_graphs is (mode == "reduce-overhead")
-        runs[mode] = [step(batch, i) for i in range(5)]  # read only after the last step, as the trainer does
+        runs[mode] = [step(batch, i) for i in range(5)]
     for default, graphed in zip(runs["default"], runs["reduce-overhead"]):
         for key in ("loss/D", "loss/G"):
             torch.testing.assert_close(graphed[key], default[key], rtol=1e-2, atol=1e-2)
