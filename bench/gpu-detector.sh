@@ -6,8 +6,8 @@
 #   DEADLINE_S=N bench/gpu-detector.sh ...                 (the call's own limit less a margin, default 570: pass the
 #                                                          run's timeout_s less 30 when the session has less left)
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
-# otherwise): on an H200 it reached video AUC 0.80 after 120 s, 0.84 after 210 s and 0.856 after 300 s
-# with the self-blend graph on the 937-person synthetic data, where 64 px had stopped near 0.77
+# otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s, and 0.856 in a
+# 300 s run with the self-blend graph, on the 937-person synthetic data, where 64 px had stopped near 0.77
 # (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
 # staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto); if that
 # run fails, it runs again without it. Then, on the staged CelebA shards, the trainer end to end with G

@@ -6,13 +6,14 @@ Pages: `/` (upload), `POST /detect` (result page: verdict, score, per-frame plot
 API: `POST /api/detect` (multipart field `file`), described at `/openapi.json` and `/docs`; `/health`.
 
 The model loads once. What a person can send is bounded before it costs anything:
-- the body: a Content-Length over the limit is answered 413 before a byte of the body is read, and a
-  body without one (chunked) is counted as it arrives and cut off at the limit (`BodyLimit`);
+- the body: a Content-Length over the limit is answered 413 before a byte of the body is read, a
+  body without one (chunked) is counted as it arrives and cut off at the limit, and one still arriving
+  after `--upload-timeout-s` is answered 408 (`BodyLimit`);
 - the work: at most `--max-concurrent` detections run at once and `--max-waiting` uploads wait for a
   slot, each at most `--queue-timeout-s`; one upload more gets 503 with Retry-After before its body is
   read (`Admission`), and so does one that waited its time out; a detection stops at `--request-timeout-s`.
-  Uploads thus never take all the server's threads (`/health` answers on the event loop regardless), and
-  at most `--max-concurrent` + `--max-waiting` of them are on disk at once;
+  At most `--max-concurrent` + `--max-waiting` uploads are thus on disk at once, and however many threads
+  they hold, `/health`, the upload page and the error answers run on the event loop, needing none;
 - the content: the first bytes must be a JPEG, PNG, MP4/MOV, AVI or WebM/MKV; pixels per frame and
   frames per video are checked from the headers before decoding (pipeline/detect.py).
 Uploads go to a private temporary folder under a fixed name (nothing a user sends becomes a path, a
@@ -37,6 +38,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import cv2
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -89,6 +91,7 @@ class Problem(BaseModel):
 
 
 ERRORS = {400: "the request has no file, or the upload is empty or unreadable",
+          408: "the upload was still arriving after the server's upload timeout",
           413: "the upload, its pixels or its frames are beyond the limits, or checking it took too long",
           415: "the upload is neither an image nor a video", 422: "no face was found",
           500: "the detection failed on the server (its log has the details)",
@@ -102,12 +105,14 @@ class Service:
 
     def __init__(self, checkpoint: Path, device: str = "cpu", max_upload_mb: int = 200, frames: int = 32,
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
-                 max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES, max_waiting: int = 8):
+                 max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES, max_waiting: int = 8,
+                 upload_timeout_s: float = 300.0):
         self.template = Detector(checkpoint, device)
         note = self.template.threshold_note
         if note:  # notes reach the users: where the server keeps its files is not theirs to know
             self.template.threshold_note = note.replace(f"checkpoint {checkpoint}", "the server's checkpoint")
         self.max_bytes = max_upload_mb << 20
+        self.upload_timeout_s = upload_timeout_s
         self.frames = frames
         # The slots: detections running at once. A slot holds its detector once one has been built.
         self.slots: queue.Queue[Detector | None] = queue.Queue()
@@ -175,13 +180,15 @@ def _status(e: UserError) -> int:
 
 class BodyLimit:
     """ASGI middleware: request bodies over `max_bytes` get 413 before they are read (Content-Length) or as
-    soon as they pass the limit (chunked), so an upload can never fill the disk the form parser spools to."""
+    soon as they pass the limit (chunked), so an upload can never fill the disk the form parser spools to;
+    a body still arriving `timeout_s` after its headers gets 408, so a stalled or trickling sender holds
+    none of `Admission`'s places for longer (uvicorn has no such limit)."""
 
-    class TooLarge(Exception):
+    class Refused(Exception):
         pass
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -190,15 +197,26 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._refuse(scope, send)
         received, refused = 0, False
+        # For every read from the client, so for the body's arrival: the app reads nothing from the client after
+        # the body (a StreamingResponse would, listening for it to go away), so the detection is not timed here.
+        deadline = anyio.current_time() + self.timeout_s
 
         async def counted():
             nonlocal received, refused
-            message = await receive()
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    message = await receive()
+            except TimeoutError:
+                refused = True
+                detail = (f"the upload was still arriving after {self.timeout_s:g} s: send it again over a faster "
+                          "connection, or a shorter video.")
+                await _refusal(scope["path"], 408, detail)(scope, None, send)
+                raise BodyLimit.Refused from None
             received += len(message.get("body", b""))
             if received > self.max_bytes and not refused:
                 refused = True  # answer now; the form parser may turn the exception below into its own error,
                 await self._refuse(scope, send)  # which `answer` then drops
-                raise BodyLimit.TooLarge
+                raise BodyLimit.Refused
             return message
 
         async def answer(message):
@@ -207,7 +225,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted, answer)
-        except BodyLimit.TooLarge:
+        except BodyLimit.Refused:
             pass
 
     async def _refuse(self, scope, send):
@@ -217,9 +235,9 @@ class BodyLimit:
 
 class Admission:
     """ASGI middleware: at most `service.admitted` uploads inside the app at once, running, waiting for a slot
-    or still arriving; one more gets 503 with Retry-After before its body is read. Uploads then never hold all
-    the threads that synchronous routes run on, nor spool more bodies to disk than that. (uvicorn's
-    --limit-concurrency would refuse /health and the pages too.)"""
+    or still arriving (at most `--upload-timeout-s`); one more gets 503 with Retry-After before its body is
+    read. That bounds the bodies spooled to disk and the threads uploads hold. (uvicorn's --limit-concurrency
+    would refuse /health and the pages too.)"""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -332,8 +350,10 @@ def build_app(service: Service) -> FastAPI:
     async def security_headers(request: Request, call_next):
         return _secured(await call_next(request), request.url.path)
 
+    # Every handler and page but the two uploads is async: it runs on the event loop, never queued behind uploads
+    # that hold the threads synchronous code runs on.
     @app.exception_handler(RequestValidationError)
-    def malformed(request: Request, exc: RequestValidationError):
+    async def malformed(request: Request, exc: RequestValidationError):
         # One shape for every 4xx ({"detail": a sentence}); 422 stays "no face was found". A person gets the page.
         if request.url.path == "/detect":
             return HTMLResponse(_error_page("choose a video or an image file, then press Check."), status_code=400)
@@ -341,7 +361,7 @@ def build_app(service: Service) -> FastAPI:
                             status_code=400)
 
     @app.exception_handler(Exception)
-    def failed(request: Request, exc: Exception):
+    async def failed(request: Request, exc: Exception):
         # Anything that escaped the detection's own handling (drawing the page, a bug): one sentence, as every other
         # error (uvicorn logs the traceback). Starlette answers this from its outermost layer, outside the headers
         # middleware above, so the headers are set here.
@@ -350,7 +370,6 @@ def build_app(service: Service) -> FastAPI:
             return _secured(HTMLResponse(_error_page(detail), status_code=500), request.url.path)
         return _secured(JSONResponse({"detail": detail}, status_code=500), request.url.path)
 
-    # The pages and /health are async: they run on the event loop, never queued behind uploads for a thread.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def upload_page() -> str:
         return PAGE.format(title="Deepfake check", body=UPLOAD)
@@ -375,7 +394,8 @@ def build_app(service: Service) -> FastAPI:
                 "uploads_inside": service.uploads_inside, "uploads_admitted": service.admitted}
 
     app.add_middleware(Admission, service=service)
-    app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD)  # outermost: before any parsing
+    app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD,  # outermost: before any parsing
+                       timeout_s=service.upload_timeout_s)
     return app
 
 
@@ -390,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=positive_int, default=2, help="detections running at once (default: %(default)s)")
     parser.add_argument("--max-waiting", type=non_negative_int, default=8,
                         help="uploads waiting for a slot; one more gets 503 at once (default: %(default)s)")
+    parser.add_argument("--upload-timeout-s", type=float, default=300.0,
+                        help="longest time an upload may take to arrive, then 408 (default: %(default)s)")
     parser.add_argument("--queue-timeout-s", type=float, default=30.0, help="longest wait for a free slot, then 503")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 413")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image or video frame")
@@ -398,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         service = Service(args.checkpoint, args.device, args.max_upload_mb, args.frames, args.max_concurrent,
                           args.queue_timeout_s, args.request_timeout_s, args.max_pixels, args.max_video_frames,
-                          args.max_waiting)
+                          args.max_waiting, args.upload_timeout_s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -234,49 +234,84 @@ def test_a_flood_of_uploads_gets_results_or_503_and_nothing_mixed_up(busy_server
     assert httpx.get(f"{busy_server}/health").json()["detectors_built"] == 1
 
 
+UPLOAD_TIMEOUT_S = 10
+
+
 @pytest.fixture
 def full_server(smoke_checkpoint):
-    """One detection slot and one waiting place: two uploads fill it."""
-    yield from _serve(smoke_checkpoint, "--max-concurrent", "1", "--max-waiting", "1", "--frames", "4")
+    """One detection slot and one waiting place: two uploads fill it; an upload may take 10 s to arrive."""
+    yield from _serve(smoke_checkpoint, "--max-concurrent", "1", "--max-waiting", "1", "--frames", "4",
+                      "--upload-timeout-s", str(UPLOAD_TIMEOUT_S))
 
 
-def test_uploads_beyond_the_running_and_waiting_ones_get_503_before_their_bodies_are_read(full_server):
-    # Two uploads whose bodies are still arriving fill the server; a third gets 503 at once, its 200 MB never
-    # read, and once the two go away an upload is served again.
+def _inside(url, count):
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{url}/health").json())["uploads_inside"] != count:
+        assert time.monotonic() < deadline, (count, health)
+        time.sleep(0.1)
+    return health
+
+
+def test_uploads_beyond_the_running_and_waiting_ones_get_503_and_a_stalled_one_408(full_server):
+    # Two uploads whose bodies are still arriving fill the server; a third gets 503 at once, its 200 MB never read.
+    # Of the two, one goes away (counted out at once) and one stalls (408 at the upload timeout, counted out);
+    # then an upload is served again.
     url = full_server
     host, port = url.removeprefix("http://").split(":")
     head = (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: %d\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.mp4\"\r\n\r\n")
-    arriving = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    gone, stalled = [socket.create_connection((host, int(port)), timeout=60) for _ in range(2)]
     try:
-        for sock in arriving:
+        for sock in (gone, stalled):
             sock.sendall(head % (b"/api/detect", 1 << 20))
-        deadline = time.monotonic() + 30
-        while (health := httpx.get(f"{url}/health").json())["uploads_inside"] < 2:
-            assert time.monotonic() < deadline, health
-            time.sleep(0.1)
-        assert health["uploads_admitted"] == 2
+        assert _inside(url, 2)["uploads_admitted"] == 2
         status, response, seconds = _raw(url, head % (b"/api/detect", 200 << 20))
         assert status == 503 and b"retry-after: 10" in response.lower() and b"busy with other uploads" in response
         status, page, _ = _raw(url, head % (b"/detect", 200 << 20))  # a person gets the page, with its policy
         assert status == 503 and b'id="error"' in page and b"content-security-policy: default-src 'none'" in page.lower()
+        gone.close()
+        _inside(url, 1)
+        response = b""
+        while data := stalled.recv(65536):  # the server answers, then closes
+            response += data
+        assert response.startswith(b"HTTP/1.1 408 ") and b"connection: close" in response.lower()
+        assert b"the upload was still arriving after 10 s: send it again over a faster connection" in response
     finally:
-        for sock in arriving:
-            sock.close()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/health").json()["uploads_inside"]:
-        assert time.monotonic() < deadline, "the two uploads that went away are still counted"
-        time.sleep(0.1)
+        gone.close()
+        stalled.close()
+    _inside(url, 0)
     assert post(url, "face.jpg", photo_paths()[0].read_bytes()).status_code == 200
 
 
-def test_health_and_the_upload_page_answer_while_uploads_hold_every_thread(smoke_checkpoint, monkeypatch):
+def test_the_upload_timeout_bounds_the_arrival_not_the_detection(smoke_checkpoint, monkeypatch):
+    # A detection longer than --upload-timeout-s is still answered: only the body's arrival is timed, and the app
+    # may go on listening for the client going away after it (Starlette does while it sends the response).
+    import asyncio
+
+    from pipeline.app import Service, build_app
+
+    service = Service(smoke_checkpoint, upload_timeout_s=1)
+    detect = Service.run
+    monkeypatch.setattr(Service, "run", lambda self, upload: (time.sleep(2), detect(self, upload))[1])
+    transport = httpx.ASGITransport(build_app(service))  # the app in-process
+    photo = photo_paths()[0]
+
+    async def upload():
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post("/api/detect", files={"file": (photo.name, photo.read_bytes())})
+
+    answer = asyncio.run(upload())
+    assert answer.status_code == 200 and answer.json()["frames_with_face"] == 1, answer.text
+
+
+def test_health_pages_and_error_answers_come_while_uploads_hold_every_thread(smoke_checkpoint, monkeypatch):
     # Synchronous routes share one pool of threads (40 in AnyIO; 1 here): uploads waiting for a detection slot
-    # can hold them all, and /health, which a load balancer reads, must answer regardless.
+    # can hold them all, and /health, which a load balancer reads, the page and the error answers must come regardless.
     import asyncio
 
     import anyio.to_thread
 
+    import pipeline.app
     from pipeline.app import Service, build_app
 
     service = Service(smoke_checkpoint, max_concurrent=1)
@@ -293,12 +328,16 @@ def test_health_and_the_upload_page_answer_while_uploads_hold_every_thread(smoke
             try:
                 health = await asyncio.wait_for(client.get("/health"), 20)
                 page = await asyncio.wait_for(client.get("/"), 20)
+                malformed = await asyncio.wait_for(client.post("/api/detect"), 20)  # no file: the validation handler
+                monkeypatch.setattr(pipeline.app, "PAGE", None)  # drawing the page fails: the catch-all handler
+                failed = await asyncio.wait_for(client.get("/"), 20)
             finally:
                 release.set()
-            return health, page, await upload
+            return health, page, malformed, failed, await upload
 
-    health, page, upload = asyncio.run(check())
+    health, page, malformed, failed, upload = asyncio.run(check())
     assert health.status_code == 200 and health.json()["uploads_inside"] == 1 and page.status_code == 200
+    assert malformed.status_code == 400 and failed.status_code == 500 and "AttributeError" in failed.json()["detail"]
     assert upload.status_code == 500  # let go, it fails (1 / 0): it was the upload that held the thread
 
 
