@@ -95,8 +95,8 @@ def step_flops(step: GANStep, batch: Batch) -> int:
 def measure(args, size: int, batch_size: int, mode: str, device: torch.device) -> dict:
     # One logit for both (model.d_gan_head shared), as the old step's D had: the two steps then run the same models.
     overrides = [f"data.image_size={size}", f"data.batch_size={batch_size}", "train.sbi_weight=1", "train.gan_weight=1",
-                 f"model.ngf={args.width}", f"model.ndf={args.width}", "model.d_gan_head=shared", f"train.compile_mode={mode}",
-                 *args.overrides]
+                 f"model.ngf={args.width}", f"model.ndf={args.width}", "model.d_gan_head=shared",
+                 f"train.compile_mode={mode}", *args.overrides]
     cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
     fast = resolve(cfg.train, cfg.model, device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -130,7 +130,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         p = r["parts_ms"]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['image_size']} | {r['batch']} | {r['fast_paths']['compile_mode']} | {r['new_ms']:.2f} | {r['old_ms']:.2f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['image_size']} | {r['batch']} | {r['fast_paths']['compile_mode']} | {r['new_ms']:.2f} | "
+                     f"{r['old_ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['new_img_per_s']:.0f} | {p.get('inputs', 0):.2f} | {p.get('D', 0):.2f} | {p.get('G', 0):.2f} | "
                      f"{p.get('ema', 0):.2f} | {mfu} | {r['kernels_per_step'] or 'n/a'} |")
     return "\n".join(lines)
@@ -145,7 +146,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile-mode", nargs="+", default=["default"],
-                        help="torch.compile's modes, side by side in this process (reduce-overhead: CUDA graphs of D and G)")
+                        help="torch.compile's modes, side by side in one process (reduce-overhead: CUDA graphs of D, G)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", help="the JSON's name under --out (default: step-DEVICE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
