@@ -50,7 +50,7 @@ from pipeline.data.preprocess import FacePreprocessor
 from pipeline.detect import MAX_PIXELS, MAX_VIDEO_FRAMES, Detector, MediaTooLargeError, NoFaceError, NotMediaError, TooSlowError
 from pipeline.errors import UserError
 from pipeline.faces import FaceDetector
-from shards.cli import non_negative_int, positive_int
+from shards.cli import non_negative_float, non_negative_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -405,17 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default: %(default)s)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-upload-mb", type=int, default=200)
+    parser.add_argument("--max-upload-mb", type=positive_int, default=200)
     parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled from a video")
     parser.add_argument("--max-concurrent", type=positive_int, default=2, help="detections running at once (default: %(default)s)")
     parser.add_argument("--max-waiting", type=non_negative_int, default=8,
                         help="uploads waiting for a slot; one more gets 503 at once (default: %(default)s)")
-    parser.add_argument("--upload-timeout-s", type=float, default=300.0,
+    parser.add_argument("--upload-timeout-s", type=positive_float, default=300.0,
                         help="longest time an upload may take to arrive, then 408 (default: %(default)s)")
-    parser.add_argument("--queue-timeout-s", type=float, default=30.0, help="longest wait for a free slot, then 503")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="longest detection, then 413")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image or video frame")
-    parser.add_argument("--max-video-frames", type=int, default=MAX_VIDEO_FRAMES, help="frames decoded at most")
+    parser.add_argument("--queue-timeout-s", type=non_negative_float, default=30.0,
+                        help="longest wait for a free slot, then 503 (0: none)")
+    parser.add_argument("--request-timeout-s", type=positive_float, default=120.0, help="longest detection, then 413")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help="per image or video frame")
+    parser.add_argument("--max-video-frames", type=positive_int, default=MAX_VIDEO_FRAMES, help="frames decoded at most")
     args = parser.parse_args(argv)
     try:
         service = Service(args.checkpoint, args.device, args.max_upload_mb, args.frames, args.max_concurrent,

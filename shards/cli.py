@@ -34,6 +34,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is below zero")
+    return value
+
+
 def _people_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="photos: share of the people held out as test people; the same --seed, --people and fraction give "
