@@ -191,6 +191,25 @@ def test_a_split_that_shrank_since_the_save_resumes_at_its_epochs_end(uneven, tm
     assert len(keys) == 36 and len(set(keys)) == 36
 
 
+def test_the_baselines_workers_are_not_forks_of_a_process_with_threads(uneven):
+    # A fork copies the locks other threads hold at that moment (DALI's threads, here), and such a worker once waited
+    # forever in the test suite. The workers come from a forkserver: their parent is not this process.
+    import os
+    from pathlib import Path
+
+    with build_loader(_cfg(uneven, "dali")) as dali:  # DALI's threads alive in this process while the workers start
+        next(iter(dali))
+        assert len(os.listdir("/proc/self/task")) > 1
+        with build_loader(_cfg(uneven, "baseline")) as data:
+            batches = iter(data)
+            next(batches)
+            workers = data._workers._workers
+            assert len(workers) == 2
+            parents = {int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for w in workers}
+            assert os.getpid() not in parents and len(parents) == 1  # one forkserver
+            assert len(list(batches)) == len(data) - 1
+
+
 def test_resuming_with_another_world_size_keeps_the_share_of_the_epoch_seen(uneven):
     with build_loader(_cfg(uneven, "baseline"), 0, 2) as data:
         data.load_state_dict({"epoch": 3, "batch": 4, "world_size": 1, "batch_size": 4, "seed": 0})

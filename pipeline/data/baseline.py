@@ -10,6 +10,7 @@ webdataset's streaming reader splits by shard, which cannot give every rank the 
 from __future__ import annotations
 
 import io
+import multiprocessing
 from typing import Iterator
 
 import numpy as np
@@ -60,6 +61,16 @@ class IndexedShards(Dataset):
         return x, label, f"{tar.name}/{entry.key}", raw, flip
 
 
+def worker_context():
+    """Where DataLoader workers start: a forkserver, never a fork of this process. A fork copies the locks that
+    this process's other threads (DALI's, torch's pools) hold at that moment, and a worker that needs one waits
+    forever: it happened in the test suite, right after a DALI loader. The server imports this module once, so
+    a worker starts without importing torch again."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class BaselineLoader(ShardLoader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, fit_batch: bool = False):
         super().__init__(cfg, rank, world_size, device, fit_batch)
@@ -85,6 +96,7 @@ class BaselineLoader(ShardLoader):
         loader = DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=items, num_workers=self.cfg.threads,
             pin_memory=self.device.type == "cuda", drop_last=self.cfg.drop_last, persistent_workers=False,
+            multiprocessing_context=worker_context() if self.cfg.threads > 0 else None,
         )
         self._workers = iter(loader)
         try:
