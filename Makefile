@@ -25,6 +25,7 @@ bench: $(INSTALLED)
 	$(PY) -m bench.loader --out bench/results
 	$(PY) -m bench.train --device cpu --batch 32 --steps 8 --warmup 2 --out bench/results
 	$(PY) -m bench.step --device cpu --size 64 --batch 32 --warmup 2 --steps 5 --out bench/results
+	$(PY) -m bench.blends --device cpu --size 64 --batch 32 --out bench/results
 	$(PY) -m bench.detector --minutes 4 --out bench/results
 
 # On a GPU machine, after bench/gpu-stage.sh (see its header): one call, at most 10 minutes. Through the

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import add_device_args, cuda_kernels, keep_row, open_device, sync
 from bench.legacy_step import LegacyStep
 from pipeline.config import load_config
 from pipeline.data import Batch
@@ -47,19 +46,14 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def ms_per_step(step, batch: Batch, device: torch.device, warmup: int, steps: int) -> float:
     for i in range(warmup):
         step(batch, i)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(batch, warmup + i)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps * 1000
 
 
@@ -72,7 +66,7 @@ def parts_ms(step, batch: Batch, device: torch.device, steps: int) -> tuple[dict
     with profile(activities=activities) as prof:
         for i in range(steps):
             step(batch, i)
-        _sync(device)
+        sync(device)
     out = {}
     for event in prof.key_averages():
         if event.key in PARTS:
@@ -80,7 +74,7 @@ def parts_ms(step, batch: Batch, device: torch.device, steps: int) -> tuple[dict
             out[event.key.split("/")[1]] = round(total_us / steps / 1000, 3)
     kernels = None
     if device.type == "cuda":
-        kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+        kernels = cuda_kernels(prof, steps)
     return out, kernels
 
 
@@ -105,10 +99,10 @@ def measure(args, size: int, batch_size: int, mode: str, device: torch.device) -
     new = GANStep(cfg, fast, device, gen)
     row = {"image_size": size, "batch": batch_size, "fast_paths": {k: getattr(fast, k) for k in
                                                                      ("precision", "channels_last", "fused_adam", "compile",
-                                                                      "compile_mode", "graph_inputs")}}
+                                                                      "compile_mode", "graph_inputs", "compile_inputs")}}
     row["new_ms"] = ms_per_step(new, batch, device, args.warmup, args.steps)
     row["parts_ms"], row["kernels_per_step"] = parts_ms(new, batch, device, min(args.steps, 10))
-    plain = dataclasses.replace(fast, compile=False, graph_inputs=False)
+    plain = dataclasses.replace(fast, compile=False, graph_inputs=False, compile_inputs=False)
     row["flops_per_step"] = step_flops(GANStep(cfg, plain, device, gen), batch)
     old = LegacyStep(GANStep(cfg, plain, device, gen))
     row["old_ms"] = ms_per_step(old, batch, device, args.warmup, args.steps)
@@ -139,31 +133,22 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", nargs="+", type=int, default=[64])
-    parser.add_argument("--batch", nargs="+", type=int, default=[32])
+    add_device_args(parser)
     parser.add_argument("--width", type=int, default=64, help="model.ngf and model.ndf")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile-mode", nargs="+", default=["default"],
                         help="torch.compile's modes, side by side in one process (reduce-overhead: CUDA graphs of D, G)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", help="the JSON's name under --out (default: step-DEVICE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.compile=false")
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
+    device, name = open_device(args.device)
     report = {"benchmark": "step", "device": name, "torch": torch.__version__, "width": args.width,
               "warmup": args.warmup, "steps": args.steps, "overrides": args.overrides, "rows": []}
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name or 'step-' + args.device}.json"
     for size, batch, mode in itertools.product(args.size, args.batch, args.compile_mode):
         torch._dynamo.reset()  # each shape and mode compiles afresh and static, as a run of it would
-        report["rows"].append(measure(args, size, batch, mode, device))
-        print(table(report["rows"][-1:]).splitlines()[-1], flush=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a time limit keeps the rows done
+        keep_row(report, path, measure(args, size, batch, mode, device), table)
     print(table(report["rows"]))
     print(f"wrote {path}")
     return 0

@@ -1,5 +1,5 @@
 """The GPU fast paths and their switches: precision, channels-last, fused Adam, torch.compile, TF32,
-and a CUDA graph of the self-blends.
+and the self-blends compiled and replayed from a CUDA graph.
 
 `auto` turns a fast path on where it pays (on CUDA) and off on CPUs, where the tests and the demo run.
 A switch that cannot work here falls back at set-up with one warning line saying what it fell back
@@ -30,6 +30,7 @@ class FastPaths:
     compile_mode: str
     tf32: bool
     graph_inputs: bool = False  # the self-blends and degradations from one CUDA graph (pipeline/graphs.py)
+    compile_inputs: bool = False  # the self-blends and degradations compiled by torch.compile (pipeline/step.py)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -80,11 +81,13 @@ def resolve(train, model, device: torch.device) -> FastPaths:
     if train.compile_mode not in modes:
         raise UserError(f"train.compile_mode is {train.compile_mode!r}: write one of torch.compile's modes, "
                         f"{', '.join(modes)}.")
-    if compile_:
+    compile_inputs = _switch(train.compile_inputs, "compile_inputs", device)
+    asked = " and ".join(f"train.{k}" for k, on in (("compile", compile_), ("compile_inputs", compile_inputs)) if on)
+    if asked:
         problem = compiler_problem(device)
         if problem:
-            log.warning("train.compile: torch.compile does not work here (%s); falling back to eager mode", problem)
-            compile_ = False
+            log.warning("%s: torch.compile does not work here (%s); falling back to eager mode", asked, problem)
+            compile_ = compile_inputs = False
     graph_inputs = _switch(train.graph_inputs, "graph_inputs", device)
     if graph_inputs and device.type != "cuda":
         log.warning("train.graph_inputs: CUDA graphs need a CUDA device, not %s; falling back to eager self-blends",
@@ -94,7 +97,8 @@ def resolve(train, model, device: torch.device) -> FastPaths:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32  # DCGAN's convolutions lose nothing at TF32's 10-bit mantissa
         torch.backends.cudnn.allow_tf32 = tf32
-    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32, graph_inputs)
+    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32, graph_inputs,
+                     compile_inputs)
 
 
 def compiler_problem(device: torch.device) -> str | None:

@@ -11,11 +11,13 @@ SBI's; and one mask kind in four is the inner face without the jaw line, which S
 SBI on both scored lower on the synthetic swaps (video AUC 0.69 against 0.74), and on the mask kinds alone
 too (0.68); half of those swaps paste an inner-face mask, so that set favours the inner kind.
 
-Every function is a pure function of tensors and a `torch.Generator` on the images' device. Per-sample
-choices are masks and `torch.where`, never Python branches on tensor values, so a GPU step never waits
-for the host. For that reason the Gaussian blur and the JPEG codec are written here: kornia's
-(`gaussian_blur2d`, `jpeg_codec_differentiable`) check their per-image sigma and quality by reading them
-on the host, a GPU sync per call (kornia 0.9, on an H200); tests hold them to kornia's blur and OpenCV's JPEG.
+The random numbers are drawn first, all at once, from a `torch.Generator` on the images' device
+(`blend_draws`, `degrade_draws`); `blend_with` and `degrade_with` are then pure functions of tensors, which
+torch.compile fuses whole (it cannot take a generator). Per-sample choices are masks and `torch.where`,
+never Python branches on tensor values, so a GPU step never waits for the host. For that reason the
+Gaussian blur and the JPEG codec are written here: kornia's (`gaussian_blur2d`, `jpeg_codec_differentiable`)
+check their per-image sigma and quality by reading them on the host, a GPU sync per call (kornia 0.9, on an
+H200); tests hold them to kornia's blur and OpenCV's JPEG.
 
 Write the README's grid (real | mask | blend, one face per row):
     python -m pipeline.sbi docs/sbi-grid.png
@@ -27,6 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,10 +162,12 @@ def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, c, h, w)
 
 
-def _warp(source: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """SBI's randaffine: one random affine for the source and the mask, then an elastic warp of the mask."""
+def _warp(source: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, elastic: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SBI's randaffine: one random affine for the source and the mask, then an elastic warp of the mask.
+
+    u: [B, 3] uniforms; elastic: [B, 2, S, S] uniforms, the warp's noise field."""
     b, _, s, _ = source.shape
-    u = _rand(g, source, b, 3)
     shift = torch.stack([_uniform(u[:, 0], -1, 1) * AFFINE_SHIFT[0], _uniform(u[:, 1], -1, 1) * AFFINE_SHIFT[1]], 1)
     inv_scale = 1 / _uniform(u[:, 2], AFFINE_SCALE_MIN, 1 / AFFINE_SCALE_MIN)  # [B]
     # affine_grid maps output to input coordinates, in units of half the image: the inverse of scale-then-shift.
@@ -175,9 +180,8 @@ def _warp(source: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple
     # displacement that scales as S/256; kornia wants it in grid units (2/S per pixel).
     sigma_px = ELASTIC_SIGMA_PX * s / REF_SIZE_PX
     alpha = ELASTIC_ALPHA_PX * (s / REF_SIZE_PX) ** 2 * 2 / s
-    noise = _rand(g, source, b, 2, s, s) * 2 - 1
     k = _gaussian_kernel_px(sigma_px)
-    mask = elastic_transform2d(mask, noise, (k, k), (sigma_px, sigma_px), (alpha, alpha))
+    mask = elastic_transform2d(mask, elastic * 2 - 1, (k, k), (sigma_px, sigma_px), (alpha, alpha))
     return source, mask
 
 
@@ -189,10 +193,9 @@ def _normalize_max(mask: torch.Tensor) -> torch.Tensor:
     return mask / mask.amax((1, 2, 3), keepdim=True).clamp_min(1e-6)
 
 
-def _blend_mask(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """SBI's get_blend_mask: blur, keep only where the blur is 1 (an erosion), blur again, max to 1."""
-    b, _, s, _ = mask.shape
-    u = _rand(g, mask, b, 5)
+def _blend_mask(mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SBI's get_blend_mask: blur, keep only where the blur is 1 (an erosion), blur again, max to 1. u: [B, 5]."""
+    s = mask.shape[-1]
     low, high = BLUR_KERNEL_PX
     k1 = low + 2 * torch.floor(u[:, 0] * ((high - low) // 2 + 1))  # [B] odd sizes, as randrange(5, 26, 2)
     k2 = low + 2 * torch.floor(u[:, 1] * ((high - low) // 2 + 1))
@@ -261,9 +264,8 @@ def _sharpen(x: torch.Tensor, alpha: torch.Tensor, lightness: torch.Tensor) -> t
     return ((1 - a) * x + a * ((9 + light) * x - box9)).clamp(0, 1)
 
 
-def _source_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """SBI's source_transforms on [0, 1]: colour jitter, then a downscale or a sharpen."""
-    u = _rand(g, x, x.shape[0], 15)
+def _source_transform(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SBI's source_transforms on [0, 1]: colour jitter, then a downscale or a sharpen. u: [B, 15]."""
     x = _color_jitter(x, u[:, :11], p=(0.3, 1.0, 1.0), bc_limit=0.1)
     down = _down_up(x, _uniform(u[:, 11], 0.25, 0.5))
     sharp = _sharpen(x, _uniform(u[:, 12], 0.2, 0.5), _uniform(u[:, 13], 0.5, 1.0))
@@ -283,9 +285,10 @@ JPEG_CHROMA_TABLE = (
 _JPEG_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _jpeg_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def jpeg_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8x8 DCT-II matrix and the two tables ([2, 8, 8]), made once per device: a copy from the host
-    inside the step would wait for the GPU."""
+    inside the step would wait for the GPU. Call it before torch.compile traces `blend_with` or `degrade_with`:
+    a trace that found the cache empty would guard on that and compile again at the next call."""
     if device not in _JPEG_CONSTANTS:
         k = torch.arange(8, dtype=torch.float64)
         dct = torch.cos((2 * k[None] + 1) * k[:, None] * math.pi / 16) * 0.5  # [frequency, position]
@@ -298,7 +301,7 @@ def _jpeg_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Baseline JPEG at a quality per image ([B] in 1..100), on [B, 3, H, W] in [0, 1]: YCbCr with 4:2:0
     chroma, 8x8 DCT, libjpeg's scaled tables, rounding, and back. Any H, W: edges are replicated to 16 px."""
-    dct, tables = _jpeg_constants(x.device)
+    dct, tables = jpeg_constants(x.device)
     b, _, h, w = x.shape
     x = F.pad(x.float(), (0, -w % 16, 0, -h % 16), mode="replicate") * 255
     r, g, bl = x.unbind(1)
@@ -324,9 +327,9 @@ def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     return (rgb[..., :h, :w] / 255).clamp(0, 1)
 
 
-def _shared_augment(real: torch.Tensor, fake: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """SBI's get_transforms with additional_targets: the same parameters for both images of a pair."""
-    u = _rand(g, real, real.shape[0], 13).repeat(2, 1)  # [2B, 13]
+def _shared_augment(real: torch.Tensor, fake: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SBI's get_transforms with additional_targets: the same parameters for both images of a pair. u: [B, 13]."""
+    u = u.repeat(2, 1)  # [2B, 13]
     pair = _color_jitter(torch.cat([real, fake]), u[:, :11], p=(0.3, 0.3, 0.3), bc_limit=0.3)
     compressed = _jpeg(pair, _uniform(u[:, 11], *JPEG_QUALITY))
     pair = torch.where((u[:, 12] < 0.5)[:, None, None, None], compressed, pair)
@@ -338,35 +341,70 @@ def _pick(index: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
     return sum((index == i).float() * v for i, v in enumerate(values))
 
 
+class BlendDraws(NamedTuple):
+    """Every random number one batch of self-blends uses: uniforms in [0, 1)."""
+    choice: torch.Tensor  # [B, 4]: mask kind, forehead lift, which image changes, blend ratio
+    source: torch.Tensor  # [B, 15]: the source transform
+    affine: torch.Tensor  # [B, 3]: the warp's shift and scale
+    elastic: torch.Tensor  # [B, 2, S, S]: the elastic warp's noise field
+    mask: torch.Tensor  # [B, 5]: the blend mask's blurs
+    shared: torch.Tensor  # [B, 13]: the pair's shared augmentation
+
+
+class DegradeDraws(NamedTuple):
+    choice: torch.Tensor  # [B, 8] uniforms: which degradations, and how strong
+    noise: torch.Tensor  # [B, 3, S, S] standard normal
+
+
+def blend_draws(images: torch.Tensor, generator: torch.Generator) -> BlendDraws:
+    b, _, s, _ = images.shape
+    return BlendDraws(*(_rand(generator, images, b, *shape) for shape in ((4,), (15,), (3,), (2, s, s), (5,), (13,))))
+
+
+def degrade_draws(images: torch.Tensor, generator: torch.Generator) -> DegradeDraws:
+    return DegradeDraws(_rand(generator, images, images.shape[0], 8),
+                        torch.randn(images.shape, generator=generator, device=images.device))
+
+
 def self_blend(images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator) -> SelfBlends:
     """Self-blends of [B, 3, S, S] images in [-1, 1] with their [B, 68, 2] normalized landmarks."""
+    return blend_with(images, landmarks, blend_draws(images, generator))
+
+
+def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws) -> SelfBlends:
+    """`self_blend` from numbers already drawn: a pure function of tensors, which torch.compile fuses whole."""
     x = images.float() * 0.5 + 0.5  # [B, 3, S, S] in [0, 1]
     b, _, s, _ = x.shape
     valid = landmarks_valid(landmarks)
     keep = valid[:, None, None, None]
     # Unusable rows get stand-in points before any arithmetic, so that no NaN reaches a pixel.
     points = torch.where(valid[:, None, None], torch.nan_to_num(landmarks.float()), _dummy_landmarks(landmarks))
-    u = _rand(generator, x, b, 4)
+    u = draws.choice
     kind = torch.floor(u[:, 0] * 4)
     mask = hull_mask(_region_points(points * s, kind, _uniform(u[:, 1], *FOREHEAD_LIFT)), s)  # [B, 1, S, S]
-    changed = _source_transform(x, generator)
+    changed = _source_transform(x, draws.source)
     on_source = (u[:, 2] < 0.5)[:, None, None, None]  # else the target changes and the real is the changed one
     source = torch.where(on_source, changed, x)
     target = torch.where(on_source | ~keep, x, changed)
-    source, mask = _warp(source, mask, generator)
+    source, mask = _warp(source, mask, draws.affine, draws.elastic)
     ratio = _pick(torch.floor(u[:, 3] * len(BLEND_RATIOS)), BLEND_RATIOS)  # [B]
-    mask = torch.where(keep, _blend_mask(mask, generator) * ratio[:, None, None, None], 0.0)
+    mask = torch.where(keep, _blend_mask(mask, draws.mask) * ratio[:, None, None, None], 0.0)
     fake = mask * source + (1 - mask) * target
-    real, fake = _shared_augment(target, fake, generator)
+    real, fake = _shared_augment(target, fake, draws.shared)
     fake = torch.where(keep, fake, real)
     return SelfBlends(real * 2 - 1, fake * 2 - 1, mask, ratio, valid)
 
 
 def degrade(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Independent random quality losses per image, each with probability p: resize, blur, noise, JPEG."""
+    return degrade_with(images, degrade_draws(images, generator), p)
+
+
+def degrade_with(images: torch.Tensor, draws: DegradeDraws, p: float = 0.5) -> torch.Tensor:
+    """`degrade` from numbers already drawn (a pure function, as `blend_with`)."""
     x = images.float() * 0.5 + 0.5  # [B, 3, S, S] in [0, 1]
-    b, _, s, _ = x.shape
-    u = _rand(generator, x, b, 8)
+    s = x.shape[-1]
+    u = draws.choice
     on = (u[:, :4] < p)[:, :, None, None, None]  # [B, 4, 1, 1, 1]
     factor = _uniform(u[:, 4], 0.3, 0.8)
     # Anti-aliasing as skimage picks it, so that the downscale is area-like rather than point sampling.
@@ -375,7 +413,7 @@ def degrade(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
     blur_sigma = (_uniform(u[:, 5], 0.2, 1.5) * s / 64)[:, None].repeat(1, 2)
     x = torch.where(on[:, 1], _blur(x, _gaussian_kernel_px(1.5 * s / 64), blur_sigma), x)
     noise_std = _uniform(u[:, 6], 0.0, 0.03)[:, None, None, None]
-    noise = torch.randn(x.shape, generator=generator, device=x.device) * noise_std
+    noise = draws.noise * noise_std
     x = torch.where(on[:, 2], (x + noise).clamp(0, 1), x)
     x = torch.where(on[:, 3], _jpeg(x, _uniform(u[:, 7], 30, 95)), x)
     return (x * 2 - 1).clamp(-1, 1)

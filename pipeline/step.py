@@ -28,7 +28,7 @@ from pipeline.config import Config
 from pipeline.fastpaths import FastPaths, adam
 from pipeline.graphs import GraphedFunction
 from pipeline.models import build_models
-from pipeline.sbi import degrade, self_blend
+from pipeline.sbi import BlendDraws, DegradeDraws, blend_draws, blend_with, degrade_draws, degrade_with, jpeg_constants
 
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor | None, logits_blend: torch.Tensor | None,
@@ -66,6 +66,11 @@ class Inputs:
     real: torch.Tensor  # [B, 3, S, S]: the real faces (degraded like the blends, with self-blends)
     blend: torch.Tensor | None = None  # [B, 3, S, S]: their self-blends
     valid: torch.Tensor | None = None  # [B] bool: which blends had usable landmarks
+
+
+# One graph (a break would split the fusion and read back to Python), for the batch's one shape: a short last batch
+# compiles once more.
+PAIRS_COMPILE = dict(fullgraph=True, dynamic=False)
 
 
 class GANStep:
@@ -117,7 +122,15 @@ class GANStep:
         # loss on this rank; the trainer agrees on the maximum over ranks)
         self.worst_in_row = torch.zeros((), device=device)  # the most in a row since the trainer last looked
         self._applied_before = self.applied()
-        self._blends = GraphedFunction(self._blends_eager, noise) if fast.graph_inputs and self.sbi else self._blends_eager
+        # The self-blends are two parts: the random numbers, drawn eagerly from the step's generator (torch.compile
+        # cannot take a generator), and a pure function of them, whose ~800 small kernels torch.compile fuses
+        # (train.compile_inputs; bench/blends.py counts them on a GPU). Its own mode is always the default: the CUDA
+        # graph around both is GraphedFunction's.
+        self._pairs = self._pairs_eager
+        if fast.compile_inputs and self.sbi:
+            jpeg_constants(device)  # cached before the first trace, which would otherwise compile twice
+            self._pairs = torch.compile(self._pairs_eager, **PAIRS_COMPILE)
+        self._blends = GraphedFunction(self._draw_and_blend, noise) if fast.graph_inputs and self.sbi else self._draw_and_blend
 
     def autocast(self):
         dtype = self.fast.autocast_dtype
@@ -131,12 +144,18 @@ class GANStep:
             return Inputs(batch.images)
         return Inputs(*self._blends(batch.images, batch.landmarks))
 
-    def _blends_eager(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _draw_and_blend(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        draws = blend_draws(images, self.noise), degrade_draws(images, self.noise), degrade_draws(images, self.noise)
+        return self._pairs(images, landmarks, *draws)
+
+    def _pairs_eager(self, images: torch.Tensor, landmarks: torch.Tensor, blend: BlendDraws, real_draws: DegradeDraws,
+                     fake_draws: DegradeDraws) -> tuple[torch.Tensor, ...]:
+        """(real, blend, valid): the self-blends of a batch and both degraded, from numbers already drawn."""
         p = self.cfg.train.degrade_prob
-        pairs = self_blend(images, landmarks, self.noise)
-        real = degrade(pairs.real, self.noise, p).to(images.dtype, memory_format=self.fast.layout)
-        blend = degrade(pairs.fake, self.noise, p).to(images.dtype, memory_format=self.fast.layout)
-        return real, blend, pairs.valid
+        pairs = blend_with(images, landmarks, blend)
+        real = degrade_with(pairs.real, real_draws, p).to(images.dtype, memory_format=self.fast.layout)
+        fake = degrade_with(pairs.fake, fake_draws, p).to(images.dtype, memory_format=self.fast.layout)
+        return real, fake, pairs.valid
 
     def _score(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """D's [n, 2] logits of each part: the detector's and the GAN's."""

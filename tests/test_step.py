@@ -1,5 +1,6 @@
 """The training step and its fast paths, in one process: what each switch does here, and its fallbacks."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
 from pipeline.fastpaths import FastPaths, _switch, adam, resolve
+from pipeline.step import PAIRS_COMPILE
 
 
 def _trainer(shards, runs, *extra, device="cpu"):
@@ -34,8 +36,10 @@ def test_auto_keeps_the_cpu_on_its_plain_paths_and_fused_adam_is_used():
     cfg = load_config(REPO / "configs" / "base.yaml")
     fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
     assert (fast.precision, fast.channels_last, fast.compile, fast.fused_adam) == ("fp32", False, False, True)
-    assert fast.graph_inputs is False
+    assert fast.graph_inputs is False and fast.compile_inputs is False
     assert cfg.train.graph_inputs == "auto" and _switch(cfg.train.graph_inputs, "graph_inputs", torch.device("cuda"))
+    assert cfg.train.compile_inputs is False  # until a GPU has measured it
+    assert _switch("auto", "compile_inputs", torch.device("cuda")) and not _switch("auto", "compile_inputs", torch.device("cpu"))
     opt = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.5, 0.999), fast.fused_adam, "D")
     assert opt.defaults["fused"] is True
 
@@ -99,6 +103,66 @@ def test_graphed_self_blends_equal_eager_ones_and_draw_fresh_numbers_each_replay
     assert short[0].shape[0] == 8 and short[0].data_ptr() != again[0].data_ptr()
 
 
+def _inputs_both_ways(cfg, device: torch.device, calls: int, backend: str | None = None):
+    """The step's inputs from the config's fast paths after `calls` calls, and eager ones from the same generator
+    state: [(fast, eager)] for real, blend and valid. `backend`: torch.compile's for the self-blends, not inductor."""
+    from pipeline.data import Batch
+    from pipeline.sbi import template_batch
+    from pipeline.step import GANStep
+
+    fast = resolve(cfg.train, cfg.model, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images, landmarks = template_batch(cfg.data.image_size, cfg.data.batch_size, gen)
+    landmarks[1] = float("nan")  # one face without usable landmarks: its blend is its real
+    batch = Batch(images.contiguous(memory_format=fast.layout), landmarks=landmarks)
+    step = GANStep(cfg, fast, device, gen)
+    if backend:
+        step._pairs = torch.compile(step._pairs_eager, backend=backend, **PAIRS_COMPILE)
+    eager = GANStep(cfg, dataclasses.replace(fast, compile_inputs=False, graph_inputs=False), device, gen)
+    for _ in range(calls):
+        step.make_inputs(batch)
+    state = gen.get_state()
+    got = step.make_inputs(batch)
+    got = [t.clone() for t in (got.real, got.blend, got.valid)]  # a graph's outputs are overwritten by its next replay
+    gen.set_state(state)
+    want = eager.make_inputs(batch)
+    return list(zip(got, (want.real, want.blend, want.valid)))
+
+
+def _assert_nearly_equal(pairs) -> None:
+    """Fused kernels round differently: equal to float precision, but for the rare pixel where a rounding flips the
+    mask's erosion or a JPEG coefficient."""
+    for got, want in pairs[:2]:
+        diff = (got.float() - want.float()).abs()
+        assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, (diff.mean(), diff.max())
+    assert torch.equal(*pairs[2])
+
+
+def test_the_self_blends_compile_whole_and_once_and_equal_eager_ones(monkeypatch):
+    """What torch.compile must make of them, whatever its backend: one graph (a generator draw or a host read would
+    break it), compiled once (a first trace that makes the JPEG tables guards on their empty cache), the same values.
+    Inductor's own kernels take two minutes to build on two cores: the gpu test below runs them; here AOT autograd's
+    eager backend runs the traced graph."""
+    from pipeline import sbi
+
+    monkeypatch.setattr(sbi, "_JPEG_CONSTANTS", {})  # as in a fresh process
+    cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=4", "data.image_size=64", "model.ngf=8",
+                                                      "model.ndf=8", "train.compile_inputs=true", "train.degrade_prob=1"])
+    fast = resolve(cfg.train, cfg.model, torch.device("cpu"))
+    assert fast.compile_inputs
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _assert_nearly_equal(_inputs_both_ways(cfg, torch.device("cpu"), calls=1, backend="aot_eager"))
+
+
+@pytest.mark.gpu
+def test_compiled_and_graphed_self_blends_are_the_eager_ones():
+    cfg = load_config(REPO / "configs" / "sbi.yaml", ["data.batch_size=32", "data.image_size=64", "train.compile_inputs=auto"])
+    fast = resolve(cfg.train, cfg.model, torch.device("cuda"))
+    assert fast.compile_inputs and fast.graph_inputs
+    _assert_nearly_equal(_inputs_both_ways(cfg, torch.device("cuda"), calls=5))  # compiled, then captured, then replayed
+
+
 @pytest.mark.gpu
 def test_a_function_that_cannot_be_captured_stops_the_run_naming_the_switch():
     # In a process of its own: a failed capture leaves the default CUDA generator unusable.
@@ -135,14 +199,16 @@ def test_compile_without_a_working_compiler_falls_back_to_eager_mode(shards, tmp
         "import logging, sys, torch\n"
         "logging.basicConfig(level=logging.WARNING, stream=sys.stdout)\n"
         "from pipeline.config import load_config\nfrom pipeline.fastpaths import resolve\n"
-        "cfg = load_config('configs/base.yaml', ['train.compile=true'])\n"
-        "print('compile', resolve(cfg.train, cfg.model, torch.device('cpu')).compile)\n"
+        "cfg = load_config('configs/base.yaml', ['train.compile=true', 'train.compile_inputs=true'])\n"
+        "fast = resolve(cfg.train, cfg.model, torch.device('cpu'))\n"
+        "print('compile', fast.compile, fast.compile_inputs)\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train.compile: torch.compile does not work here" in result.stdout and "falling back to eager mode" in result.stdout
-    assert "compile False" in result.stdout
+    assert ("train.compile and train.compile_inputs: torch.compile does not work here" in result.stdout
+            and "falling back to eager mode" in result.stdout)
+    assert "compile False False" in result.stdout
 
 
 @pytest.mark.slow
@@ -217,18 +283,19 @@ def test_one_forward_of_reals_fakes_and_blends_scores_as_three(shards, tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graph_inputs", [False, True])
-def test_steady_state_steps_never_wait_for_the_host(graph_inputs):
+@pytest.mark.parametrize("graph_inputs, compile_inputs", [(False, False), (False, True), (True, True)])
+def test_steady_state_steps_never_wait_for_the_host(graph_inputs, compile_inputs):
     from pipeline.data import Batch
     from pipeline.sbi import template_batch
     from pipeline.step import GANStep
 
-    overrides = ["data.batch_size=32", "data.image_size=64", f"train.graph_inputs={graph_inputs}"]
+    overrides = ["data.batch_size=32", "data.image_size=64", f"train.graph_inputs={graph_inputs}",
+                 f"train.compile_inputs={compile_inputs}"]
     cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
     device = torch.device("cuda")
     fast = resolve(cfg.train, cfg.model, device)
     assert (fast.precision, fast.channels_last, fast.fused_adam, fast.tf32) == ("bf16", True, True, True)
-    assert fast.graph_inputs is graph_inputs
+    assert fast.graph_inputs is graph_inputs and fast.compile_inputs is compile_inputs
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     gen = torch.Generator(device=device).manual_seed(0)
     images, landmarks = template_batch(64, 32, gen)
