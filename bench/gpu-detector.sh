@@ -9,8 +9,8 @@
 # otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s, and 0.856 in a
 # 300 s run with the self-blend graph, on the 937-person synthetic data, where 64 px had stopped near 0.77
 # (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
-# staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto); if that
-# run fails, it runs again without it. Then, on the staged CelebA shards, the trainer end to end with G
+# staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
+# train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends. Then, on the staged CelebA shards, the trainer end to end with G
 # and the self-blend graph, torch.compile's default mode against reduce-overhead (bench.train, 64 px,
 # batch 128), and the `gpu` tests if the call has a minute left.
 # OUT gets device.txt, detector.log, train.log, gpu-tests.log and the JSON of each part.
@@ -41,7 +41,8 @@ detector() {  # name, overrides...: training, then compiling, calibrating and sc
 }
 # Without the graph only if the first run failed by itself (one that ran out of time would again) and there is
 # time for a whole second run.
-detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] && detector gpu-eager "$@" train.graph_inputs=false; }
+detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] &&
+  detector gpu-eager "$@" train.graph_inputs=false train.compile_inputs=false; }
 limit=100 && [ "$limit" -lt "$(left)" ] || limit=$(left)
 if [ "$limit" -gt 30 ]; then
   timeout "$limit" $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,12 @@ def wait_until_gone(job, timeout_s=300):
         assert time.monotonic() < deadline, f"job {job} still queued after {timeout_s} s"
         time.sleep(0.5)
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+
+
+def srun_args(step: str) -> list[str]:
+    """The command line of the srun that started a step (`scontrol show step` names its host and pid: this one)."""
+    pid = re.search(r"SrunHost:Pid=\S+:(\d+)", step).group(1)
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
 
 
 def preempt_at_step_3(env, logs, signal="USR1", *sbatch_args):
@@ -140,6 +147,8 @@ def test_a_job_asking_for_a_task_per_gpu_still_runs_one_torchrun_a_node(cluster,
         assert time.monotonic() < deadline, "no step 0"
         time.sleep(0.1)
     assert re.search(r"\bCPUs=2\b", step) and re.search(r"\bTasks=1\b", step), step  # the job's CPUs, one task
+    # Slurm 22.05.8 here gives the step every CPU of the job either way; later versions may give only what srun asks.
+    assert "--cpus-per-task=2" in srun_args(step)  # the job's 2 CPUs on the node, not SLURM_CPUS_PER_TASK's 1
     info = wait_until_gone(job)
     log = (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
     assert "JobState=COMPLETED" in info and log.count("[rank 0] step 2/2") == 1, log[-3000:]

@@ -70,12 +70,17 @@ trap on_term TERM
 
 echo "$(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD_NODE:$RDZV_PORT, config $CONFIG ${OVERRIDES:-}"
-# One torchrun a node, whatever tasks the job asked for (sbatch --ntasks-per-node=8 would otherwise start 8).
+# One torchrun a node, whatever tasks the job asked for (sbatch --ntasks-per-node=8 would otherwise start 8),
+# with every CPU the job has on the node (the fewest, where nodes differ): since Slurm 22.05 srun no longer
+# takes sbatch's --cpus-per-task (its man page), and a step that does not ask again may get one CPU a task
+# (reported on 23.x; 22.05.8 still gives it all), where torchrun, its workers and DALI's threads share one core.
+cpus_per_node=$(tr ',' '\n' <<<"${SLURM_JOB_CPUS_PER_NODE:-}" | sed 's/(.*//' | grep -E '^[0-9]+$' | sort -n | head -n1)
 # OVERRIDES is a list of key=value words: split on spaces, never expanded as file names (train.betas=[0.5,0.99]
 # is a glob that a file named train.betas=5 would match).
 set -f
 # shellcheck disable=SC2086
-srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
+srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 ${cpus_per_node:+--cpus-per-task=$cpus_per_node} \
+  --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 150 \
