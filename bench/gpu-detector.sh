@@ -10,9 +10,10 @@
 # 300 s run with the self-blend graph, on the 937-person synthetic data, where 64 px had stopped near 0.77
 # (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
 # staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
-# train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends. Then, on the staged CelebA shards, the trainer end to end with G
-# and the self-blend graph, torch.compile's default mode against reduce-overhead (bench.train, 64 px,
-# batch 128), and the `gpu` tests if the call has a minute left.
+# train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends.
+# Then, on the staged CelebA shards, the trainer end to end with G and the self-blend graph,
+# torch.compile's default mode against reduce-overhead (bench.train, 64 px, batch 128), and the `gpu`
+# tests if the call has a minute left.
 # OUT gets device.txt, detector.log, train.log, gpu-tests.log and the JSON of each part.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu-detector.sh OUT [SECONDS [key=value ...]]" >&2; exit 2; }
