@@ -294,20 +294,39 @@ STYLE = """body{font-family:sans-serif;max-width:860px;margin:2em auto;padding:0
 img.thumb{width:96px;height:96px;margin:2px} .note{color:#555}"""
 PAGE = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>'
         + STYLE.replace("{", "{{").replace("}", "}}") + "</style></head><body>{body}</body></html>")
-# The pages' policy: no scripts at all, the one stylesheet above by its hash, images from the page itself
+# The upload page checks the file's size before sending it: a server that answers 413 before reading the body
+# closes the connection under a browser still sending, which shows "connection reset" instead of the sentence.
+# The limit comes from the form's data attributes, so that the script, and its hash, never change.
+SIZE_CHECK = """document.getElementById("upload").addEventListener("submit", function (event) {
+  var form = event.target, file = document.getElementById("file").files[0];
+  if (file && file.size > Number(form.dataset.maxBytes)) {
+    event.preventDefault();
+    var message = document.getElementById("too-large");
+    message.textContent = "the upload is larger than " + form.dataset.maxMb + " MB: send a shorter video.";
+    message.hidden = false;
+  }
+});"""
+
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+# The pages' policy: the one stylesheet above and the one script by their hashes, images from the page itself
 # (the plot and thumbnails are data: URIs), forms posting back here only, and no framing by other sites.
-STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
-PAGE_POLICY = (f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; img-src 'self' data:; form-action 'self'; "
-               "frame-ancestors 'none'; base-uri 'none'")
+PAGE_POLICY = (f"default-src 'none'; style-src 'sha256-{_sha256(STYLE)}'; script-src 'sha256-{_sha256(SIZE_CHECK)}'; "
+               "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer")]
 
 UPLOAD = """<h1>Is it a deepfake?</h1>
 <p>Upload a video or an image with a face. The discriminator of a DCGAN trained on CelebA scores each
 sampled frame; read the project's README on what such a detector can and cannot see.</p>
-<form action="/detect" method="post" enctype="multipart/form-data">
+<form action="/detect" method="post" enctype="multipart/form-data" id="upload" data-max-bytes="{max_bytes}"
+data-max-mb="{max_mb}">
 <input type="file" name="file" id="file" accept="video/*,image/*" required>
-<button type="submit" id="submit">Check</button></form>"""
+<button type="submit" id="submit">Check</button></form>
+<p id="too-large" hidden></p>"""
 
 
 def result_page(result: dict, thumbnails: list) -> str:
@@ -372,7 +391,8 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def upload_page() -> str:
-        return PAGE.format(title="Deepfake check", body=UPLOAD)
+        form = UPLOAD.format(max_bytes=service.max_bytes, max_mb=service.max_bytes >> 20)
+        return PAGE.format(title="Deepfake check", body=f"{form}<script>{SIZE_CHECK}</script>")
 
     @app.post("/detect", response_class=HTMLResponse, include_in_schema=False)
     def detect_page(file: UploadFile) -> HTMLResponse:

@@ -344,7 +344,8 @@ def test_health_pages_and_error_answers_come_while_uploads_hold_every_thread(smo
 def test_pages_carry_security_headers_and_a_person_gets_pages_not_json(server):
     r = httpx.get(f"{server}/", timeout=30)
     policy = r.headers["content-security-policy"]
-    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "script-src" not in policy
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert "script-src 'sha256-" in policy and "unsafe" not in policy  # the one script, the size check, by its hash
     assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
     assert httpx.get(f"{server}/health", timeout=30).headers["x-content-type-options"] == "nosniff"
     r = httpx.post(f"{server}/detect", data={"other": "x"}, timeout=60)  # the form sent without its file
@@ -412,6 +413,28 @@ def test_a_person_uploads_a_video_in_chromium_and_sees_the_verdict(server, chrom
     error = WebDriverWait(chromium, 60).until(expected_conditions.presence_of_element_located((By.ID, "error")))
     assert "neither an image nor a video" in error.text
     # The pages pass their own content security policy: the browser reported no violation.
+    assert not [e for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+def test_a_file_over_the_limit_is_refused_in_the_browser_before_it_is_sent(server, chromium, video, tmp_path):
+    # The server's 413 comes before it reads the body, and a browser still sending then shows "connection reset".
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    long = tmp_path / "long.mp4"
+    long.write_bytes(video.read_bytes() + bytes((2 << 20) + 1 - video.stat().st_size))  # one byte over 2 MB
+    chromium.get(server + "/")
+    chromium.find_element(By.ID, "file").send_keys(str(long))
+    chromium.find_element(By.ID, "submit").click()
+    message = WebDriverWait(chromium, 10).until(expected_conditions.visibility_of_element_located((By.ID, "too-large")))
+    assert message.text == "the upload is larger than 2 MB: send a shorter video."
+    assert chromium.current_url == server + "/"  # nothing was posted: still the upload page
+    exact = tmp_path / "exact.mp4"  # at the limit: sent, and judged by the server
+    exact.write_bytes(long.read_bytes()[:-1])
+    chromium.find_element(By.ID, "file").send_keys(str(exact))
+    chromium.find_element(By.ID, "submit").click()
+    WebDriverWait(chromium, 60).until(expected_conditions.url_to_be(server + "/detect"))
     assert not [e for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
 
 
