@@ -142,7 +142,7 @@ class Service:
                 while chunk := upload.file.read(CHUNK):
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise HTTPException(413, f"the upload is larger than {self.max_bytes >> 20} MB: send a shorter video.")
+                        raise HTTPException(413, too_large(self.max_bytes))
                     f.write(chunk)
             if size == 0:
                 raise HTTPException(400, "the upload is empty: choose a video or an image file.")
@@ -176,6 +176,11 @@ def _status(e: UserError) -> int:
         if isinstance(e, kind):
             return status
     return 400
+
+
+def too_large(max_bytes: int) -> str:
+    """The one sentence for an upload over the limit: from the server (413) and from the upload page's check."""
+    return f"the upload is larger than {max_bytes >> 20} MB: send a shorter video."
 
 
 class BodyLimit:
@@ -229,8 +234,7 @@ class BodyLimit:
             pass
 
     async def _refuse(self, scope, send):
-        mb = (self.max_bytes - MULTIPART_OVERHEAD) >> 20
-        await _refusal(scope["path"], 413, f"the upload is larger than {mb} MB: send a shorter video.")(scope, None, send)
+        await _refusal(scope["path"], 413, too_large(self.max_bytes - MULTIPART_OVERHEAD))(scope, None, send)
 
 
 class Admission:
@@ -296,13 +300,13 @@ PAGE = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{titl
         + STYLE.replace("{", "{{").replace("}", "}}") + "</style></head><body>{body}</body></html>")
 # The upload page checks the file's size before sending it: a server that answers 413 before reading the body
 # closes the connection under a browser still sending, which shows "connection reset" instead of the sentence.
-# The limit comes from the form's data attributes, so that the script, and its hash, never change.
+# The limit and the sentence come from the form's data attributes, so that the script, and its hash, never change.
 SIZE_CHECK = """document.getElementById("upload").addEventListener("submit", function (event) {
   var form = event.target, file = document.getElementById("file").files[0];
   if (file && file.size > Number(form.dataset.maxBytes)) {
     event.preventDefault();
     var message = document.getElementById("too-large");
-    message.textContent = "the upload is larger than " + form.dataset.maxMb + " MB: send a shorter video.";
+    message.textContent = form.dataset.tooLarge;
     message.hidden = false;
   }
 });"""
@@ -323,7 +327,7 @@ UPLOAD = """<h1>Is it a deepfake?</h1>
 <p>Upload a video or an image with a face. The discriminator of a DCGAN trained on CelebA scores each
 sampled frame; read the project's README on what such a detector can and cannot see.</p>
 <form action="/detect" method="post" enctype="multipart/form-data" id="upload" data-max-bytes="{max_bytes}"
-data-max-mb="{max_mb}">
+data-too-large="{too_large}">
 <input type="file" name="file" id="file" accept="video/*,image/*" required>
 <button type="submit" id="submit">Check</button></form>
 <p id="too-large" hidden></p>"""
@@ -391,7 +395,7 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def upload_page() -> str:
-        form = UPLOAD.format(max_bytes=service.max_bytes, max_mb=service.max_bytes >> 20)
+        form = UPLOAD.format(max_bytes=service.max_bytes, too_large=html.escape(too_large(service.max_bytes)))
         return PAGE.format(title="Deepfake check", body=f"{form}<script>{SIZE_CHECK}</script>")
 
     @app.post("/detect", response_class=HTMLResponse, include_in_schema=False)
