@@ -11,10 +11,10 @@
 # (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
 # staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
 # train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends.
-# Then, on the staged CelebA shards, the trainer end to end with G and the self-blend graph,
-# torch.compile's default mode against reduce-overhead (bench.train, 64 px, batch 128), and the `gpu`
-# tests if the call has a minute left.
-# OUT gets device.txt, detector.log, train.log, gpu-tests.log and the JSON of each part.
+# Then the `gpu` tests, the self-blends alone at 128 and 256 px, eager against compiled (bench.blends), and
+# last, on the staged CelebA shards, the trainer end to end with G and the self-blend graph, torch.compile's
+# default mode against reduce-overhead (bench.train, 64 px, batch 128), each in the time the call has left.
+# OUT gets device.txt, detector.log, gpu-tests.log, blends.log, train.log and the JSON of each part.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu-detector.sh OUT [SECONDS [key=value ...]]" >&2; exit 2; }
 out=$(realpath -m "$1")
@@ -44,19 +44,25 @@ detector() {  # name, overrides...: training, then compiling, calibrating and sc
 # time for a whole second run.
 detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] &&
   detector gpu-eager "$@" train.graph_inputs=false train.compile_inputs=false; }
-limit=100 && [ "$limit" -lt "$(left)" ] || limit=$(left)
-if [ "$limit" -gt 30 ]; then
-  timeout "$limit" $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
-    --precision bf16 --channels-last 1 --compile 1 --compile-mode default reduce-overhead --inputs dali --sbi 1 \
-    --graph-inputs 1 --out "$out" > "$out/train.log" 2>&1
-  echo "== train: exit $? ($(grep -c images/s "$out/train.log" 2>/dev/null) rows)"
-else
-  echo "== train: skipped, $(left) s left"
-fi
-if [ "$(left)" -gt 60 ]; then
-  timeout "$(left)" $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py \
-    > "$out/gpu-tests.log" 2>&1
-  echo "== gpu tests: exit $? ($(tail -1 "$out/gpu-tests.log"))"
-fi
+part() {  # name, seconds, log, command...: bounded by its own limit and by the deadline
+  local name=$1 limit=$2 log=$3; shift 3
+  [ "$limit" -lt "$(left)" ] || limit=$(left)
+  if [ "$limit" -gt 30 ]; then
+    timeout "$limit" "$@" > "$out/$log" 2>&1
+    echo "== $name: exit $? ($(tail -1 "$out/$log"))"
+  else
+    echo "== $name: skipped, $(left) s left"
+  fi
+}
+# The `gpu` tests first (they check train.compile_inputs, which no GPU has run), then the self-blends alone
+# at the detector's sizes, eager against compiled (bench.blends), then the trainer end to end with G, torch.compile's
+# default mode against reduce-overhead, in what is left.
+part "gpu tests" 150 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
+  tests/test_data.py
+part blends 100 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --out "$out"
+part train 100 train.log $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
+  --precision bf16 --channels-last 1 --compile 1 --compile-mode default reduce-overhead --inputs dali --sbi 1 \
+  --graph-inputs 1 --out "$out"
 grep -h '^| sbi-only' "$out/detector.log" | sort -u
+grep -h -E '^\| [0-9]' "$out/blends.log" 2>/dev/null
 grep -h "images/s" "$out/train.log" 2>/dev/null
