@@ -8,10 +8,10 @@
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
 # otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s, and 0.856 in a
 # 300 s run with the self-blend graph, on the 937-person synthetic data, where 64 px had stopped near 0.77
-# (BENCHMARKS.md); the next run to make is 256 px (`300 data.image_size=256 model.ndf=32`). Scored on the
-# staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
+# (BENCHMARKS.md); 256 px with ndf 32 (`300 data.image_size=256 model.ndf=32`) reached 0.836 in 5,250 steps, each
+# 3.3 times as long. Scored on the staged Celeb-DF test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
 # train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends.
-# Then the `gpu` tests, the self-blends alone at 128 and 256 px, eager against compiled (bench.blends), and
+# Then the `gpu` tests, the self-blends alone at 128 and 256 px with their heaviest kernels (bench.blends), and
 # last, on the staged CelebA shards, the trainer end to end with G and the self-blend graph, torch.compile's
 # default mode against reduce-overhead (bench.train, 64 px, batch 128), each in the time the call has left.
 # OUT gets device.txt, detector.log, gpu-tests.log, blends.log, train.log and the JSON of each part.
@@ -54,12 +54,13 @@ part() {  # name, seconds, log, command...: bounded by its own limit and by the 
     echo "== $name: skipped, $(left) s left"
   fi
 }
-# The `gpu` tests first (they check train.compile_inputs, which no GPU has run), then the self-blends alone
-# at the detector's sizes, eager against compiled (bench.blends), then the trainer end to end with G, torch.compile's
-# default mode against reduce-overhead, in what is left.
+# The `gpu` tests first, then the self-blends alone at the detector's sizes, eager and graphed, with the kernels
+# that take their time (bench.blends --profile), then the trainer end to end with G, torch.compile's default mode
+# against reduce-overhead, in what is left.
 part "gpu tests" 150 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
   tests/test_data.py
-part blends 100 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --out "$out"
+part blends 60 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --compiled 0 --profile 12 \
+  --out "$out"
 part train 100 train.log $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
   --precision bf16 --channels-last 1 --compile 1 --compile-mode default reduce-overhead --inputs dali --sbi 1 \
   --graph-inputs 1 --out "$out"

@@ -4,8 +4,9 @@
 # 1. installs the staged wheels (DALI, kornia, dlib) from /tmp/parts (bench/gpu-env.sh); 2. shards 3,000
 # synthetic CelebA faces once, for the benchmarks; 3. the step alone at 64 and 128 px, batch 128 and 256,
 # new against old, split into parts, with MFU (bench.step; the self-blends replayed from a CUDA graph, as
-# train.graph_inputs: auto makes them on GPUs), then the self-blends alone, eager, compiled
-# (train.compile_inputs), graphed and both, side by side (bench.blends); 4. the `gpu` tests;
+# train.graph_inputs: auto makes them on GPUs), then the self-blends alone, eager and graphed, with the 12
+# kernels that take the most time (bench.blends --profile; compiled is left out: its first call compiles for
+# 76 s, and it gained 1.08x over the graph at 128 px, BENCHMARKS.md); 4. the `gpu` tests;
 # 5. the DALI loader alone, mixed decoding from shards on local disk (bench.loader); 6. end to end, the
 # trainer fed by DALI against the same trainer on a batch already on the GPU, with and without self-blends
 # and their graph (bench.train); 7. last, in whatever time is left, the step in torch.compile's default
@@ -35,7 +36,7 @@ run() {  # name, seconds, command...: each part is bounded, and none runs past t
 run shards 75 bash -c "$py -m shards synth celeba --out $data/celeba --faces cartoon --images 3000 &&
   $py -m shards celeba --root $data/celeba --out $data/shards --workers $(nproc) --maxcount 500 --no-progress"
 run step 170 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
-run blends 100 $py -m bench.blends --device cuda --size 64 128 --batch 128 --out "$out"
+run blends 60 $py -m bench.blends --device cuda --size 64 128 --batch 128 --compiled 0 --profile 12 --out "$out"
 run gpu-tests 120 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py
 run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
 run train 100 $py -m bench.train --device cuda --shards "$data/shards/celeba" --batch 128 --steps 100 --warmup 10 \

@@ -75,8 +75,9 @@ class TrainConfig:
     compile: str | bool = "auto"  # torch.compile G and D
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs (one GPU, no DDP)
     graph_inputs: str | bool = "auto"  # the self-blends replayed from one CUDA graph (pipeline/graphs.py)
-    # torch.compile the self-blends and degradations into fused kernels. Off until a GPU measures it (BENCHMARKS.md):
-    # on 2 CPU cores it was 0.88x eager at batch 32 and 1.61x at batch 4. auto: on with CUDA.
+    # torch.compile the self-blends and degradations into fused kernels. Off: on an H200 at 128 px it gained 1.08x
+    # over graph_inputs' CUDA graph, after 76 s of compiling (BENCHMARKS.md); on 2 CPU cores it was 0.88x eager at
+    # batch 32. auto: on with CUDA.
     compile_inputs: str | bool = False
     fused_adam: bool = True  # one kernel per update, which skips non-finite steps on the device
     tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it
