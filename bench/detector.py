@@ -61,7 +61,7 @@ def run_variant(name: str, args, shards: list[str], runs: str) -> dict:
     try:
         trainer.validate()  # calibrates the threshold, as at the end of training
         threshold = trainer.threshold
-        D, size, device = trainer.step_fn.D_raw.eval(), cfg.data.image_size, trainer.device
+        D, size, device = trainer.step_fn.detector.eval(), cfg.data.image_size, trainer.device
         with torch.no_grad():
             frames = score_split(D, args.celebdf, "test", size, device, threads=os.cpu_count())
             celeba = score_split(D, args.celeba, "test", size, device, threads=os.cpu_count())

@@ -82,6 +82,9 @@ class TrainConfig:
     fused_adam: bool = True  # one kernel per update, which skips non-finite steps on the device
     tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it
     ema_beta: float = 0.999  # G_ema <- beta * G_ema + (1 - beta) * G; beta warms up as (1 + step) / (10 + step)
+    # The detector is D_ema, D's weights averaged in the same way (0: D's own weights). Averaged weights scored the
+    # swaps of people never seen better than the last step's did, in the same runs (BENCHMARKS.md).
+    d_ema_beta: float = 0.999
     seed: int = 0  # weights and noise derive from (seed, rank); the data's order and flips from data.seed
     # Periodic work, each on its own clock: every N steps and/or every N epochs (0 is off), and at the end.
     # The step defaults keep it under 2% of training time at full scale, where an epoch takes seconds.

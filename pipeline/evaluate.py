@@ -39,21 +39,24 @@ class Scores:
 
 
 def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discriminator, dict]:
-    """D (in eval mode) and the checkpoint's config, step and calibrated threshold."""
+    """The detector (in eval mode) and the checkpoint's config, step and calibrated threshold. The detector is
+    D_ema, the average of D's weights, where the run kept one (train.d_ema_beta), else D."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         cfg, step = state["config"], state["step"]
+        key = "D_ema" if "D_ema" in state else "D"
+        weights = state[key]
         # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
         D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"),
-                          gan_head=has_gan_head(state["D"]))
-        D.load_state_dict(state["D"])
+                          gan_head=has_gan_head(weights))
+        D.load_state_dict(weights)
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None
     except Exception as e:
         raise UserError(f"checkpoint {checkpoint} does not load as a training checkpoint ({e}): pass another one.") from None
-    broken = [name for name, value in state["D"].items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:  # its scores would be NaN, and an AUC of NaN scores is a silent 0.5
-        raise UserError(f"checkpoint {checkpoint} holds non-finite weights in D ({', '.join(broken[:3])}): it cannot score "
+        raise UserError(f"checkpoint {checkpoint} holds non-finite weights in {key} ({', '.join(broken[:3])}): it cannot score "
                         "anything; pass an earlier checkpoint of the run.")
     return D.to(device).eval(), {"config": cfg, "step": step, "wandb_run_id": state.get("wandb_run_id"),
                                  "threshold": state.get("threshold"), "calibration": state.get("calibration") or {},

@@ -60,7 +60,7 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
     `should_stop` (a collective every rank calls alike) is asked before every batch; if it says so, the
     validation stops there and returns None, leaving `calibration` as it was.
     """
-    D, device, nz = step.D_raw, step.device, step.cfg.model.nz
+    D, detector, device, nz = step.D_raw, step.detector, step.device, step.cfg.model.nz
     D.eval()
     gen = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
     sums = torch.zeros(4, device=device)  # right on real, right on fake, loss, images
@@ -77,9 +77,9 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
         real_both = D(batch.images.float(), gan=True).float()
-        real = real_both[:, 0]
+        real = real_both[:, 0] if detector is D else detector(batch.images.float()).float()
         if pairs is not None:
-            blend = D(pairs.fake).float()[pairs.valid]
+            blend = detector(pairs.fake).float()[pairs.valid]
             real_scores.append(fake_score(real))
             blend_scores.append(fake_score(blend))
         # The GAN's loss and accuracies on its own logit: reals and G_ema's samples (one logit: the detector's).
@@ -117,8 +117,8 @@ def evaluate_detector(step, cfg, rank: int, world_size: int, threshold: float | 
     from pipeline.evaluate import celebdf_scalars, per_video, score_split, summarize
 
     t = cfg.train
-    step.D_raw.eval()
-    frames = score_split(step.D_raw, t.eval_shards, t.eval_split, cfg.data.image_size, step.device, rank, world_size,
+    step.D_raw.eval()  # (D_ema is always in eval mode)
+    frames = score_split(step.detector, t.eval_shards, t.eval_split, cfg.data.image_size, step.device, rank, world_size,
                          batch_size=cfg.data.batch_size, loader=cfg.data.loader, threads=cfg.data.threads,
                          should_stop=should_stop)
     step.D_raw.train()

@@ -74,10 +74,11 @@ PAIRS_COMPILE = dict(fullgraph=True, dynamic=False)
 
 
 class GANStep:
-    """G, D, G_ema, their optimizers and loss scalers, and the step that updates them.
+    """G, D, G_ema, D_ema, their optimizers and loss scalers, and the step that updates them.
 
     `G`, `D` are what the step calls (DDP-wrapped with several ranks, compiled with train.compile);
-    `G_raw`, `D_raw` are the modules themselves, whose weights checkpoints hold.
+    `G_raw`, `D_raw` are the modules themselves, whose weights checkpoints hold. `detector` is what scores
+    faces: D_ema, the average of D's weights (train.d_ema_beta), or D_raw itself where that is 0.
     """
 
     def __init__(self, cfg: Config, fast: FastPaths, device: torch.device, noise: torch.Generator, wrap=None):
@@ -90,6 +91,8 @@ class GANStep:
         self.G_raw = G.to(device, memory_format=fast.layout)
         self.D_raw = D.to(device, memory_format=fast.layout)
         self.G_ema = copy.deepcopy(self.G_raw).eval().requires_grad_(False)
+        self.D_ema = copy.deepcopy(self.D_raw).eval().requires_grad_(False) if t.d_ema_beta > 0 else None
+        self.detector = self.D_ema if self.D_ema is not None else self.D_raw
         betas = tuple(t.betas)
         self.opt_G = adam(self.G_raw.parameters(), t.lr_G, betas, fast.fused_adam, "G")
         self.opt_D = adam(self.D_raw.parameters(), t.lr_D, betas, fast.fused_adam, "D")
@@ -210,6 +213,7 @@ class GANStep:
                     self.D_raw.requires_grad_(True)
                 self.scaler_G.step(self.opt_G)
                 self.scaler_G.update(self._new_scale)
+        if self.with_G or self.D_ema is not None:
             with record_function("step/ema"):
                 self._update_ema(step)
         self._count_skips(loss_D.detach() + loss_G.detach())
@@ -218,11 +222,15 @@ class GANStep:
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
-        # Warm-up: early on G_ema follows G closely, or short runs would show their random initial weights.
-        beta = min(self.cfg.train.ema_beta, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G_raw.parameters()), 1 - beta)
-        for b_ema, b in zip(self.G_ema.buffers(), self.G_raw.buffers()):
-            b_ema.copy_(b)
+        t = self.cfg.train
+        averages = ([(self.G_ema, self.G_raw, t.ema_beta)] if self.with_G else []) + \
+                   ([(self.D_ema, self.D_raw, t.d_ema_beta)] if self.D_ema is not None else [])
+        for ema, raw, beta in averages:
+            # Warm-up: early on the average follows closely, or short runs would keep their random initial weights.
+            beta = min(beta, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - beta)
+            for b_ema, b in zip(ema.buffers(), raw.buffers()):
+                b_ema.copy_(b)
 
     # ------------------------------------------------------------------ skipped steps
     def applied(self) -> torch.Tensor:
@@ -258,14 +266,19 @@ class GANStep:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"G": self.G_raw.state_dict(), "D": self.D_raw.state_dict(), "G_ema": self.G_ema.state_dict(),
-                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+        state = {"G": self.G_raw.state_dict(), "D": self.D_raw.state_dict(), "G_ema": self.G_ema.state_dict(),
+                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                 "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+        if self.D_ema is not None:  # the detector that evaluation, `detect` and the app load (pipeline/evaluate.py)
+            state["D_ema"] = self.D_ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.G_raw.load_state_dict(state["G"])
         self.D_raw.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
+        if self.D_ema is not None:  # a checkpoint from before D_ema, or of a run without it: the average starts at D
+            self.D_ema.load_state_dict(state.get("D_ema", state["D"]))
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
         for name in ("scaler_G", "scaler_D"):

@@ -61,6 +61,9 @@ def _check(cfg: Config) -> None:
     t = cfg.train
     if cfg.data.image_size not in SIZES:
         raise UserError(f"data.image_size {cfg.data.image_size} is not one of {SIZES}: the DCGAN is built for those.")
+    if not 0 <= t.d_ema_beta < 1:
+        raise UserError(f"train.d_ema_beta {t.d_ema_beta} is not in [0, 1): give the average's beta (0.999), or 0 to "
+                        "detect with D's own weights.")
     if t.eval_every_epochs and not t.eval_shards:
         raise UserError("train.eval_every_epochs is set but train.eval_shards is not: name the Celeb-DF shards folder.")
     if t.sbi_weight < 0 or t.gan_weight < 0 or t.sbi_weight + t.gan_weight == 0:
@@ -231,11 +234,14 @@ class Trainer:
 
     def _buffers(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {k: v.detach().cpu() for k, v in getattr(self.step_fn, name).named_buffers()}
-                for name in ("G_raw", "D_raw", "G_ema")}
+                for name in ("G_raw", "D_raw", "G_ema", "D_ema") if getattr(self.step_fn, name) is not None}
 
     def _load_buffers(self, buffers: dict[str, dict[str, torch.Tensor]]) -> None:
         for name, values in buffers.items():
-            for key, buf in getattr(self.step_fn, name).named_buffers():
+            module = getattr(self.step_fn, name)
+            if module is None:  # D_ema, saved by a run that kept one, and this one keeps none
+                continue
+            for key, buf in module.named_buffers():
                 buf.copy_(values[key])
 
     def load_checkpoint(self) -> str | None:

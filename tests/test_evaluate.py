@@ -64,6 +64,18 @@ def test_confident_fakes_keep_their_order(smoke_checkpoint, celebdf_shards):
     assert np.all(np.diff(confident.scores[np.argsort(plain.scores, kind="stable")]) >= 0)  # the same order
 
 
+
+def test_the_detector_loaded_is_the_average_of_ds_weights_where_the_run_kept_one(smoke_checkpoint, tmp_path):
+    state = torch.load(smoke_checkpoint, weights_only=True)
+    D, _ = load_discriminator(smoke_checkpoint, torch.device("cpu"))
+    assert all(torch.equal(v, state["D_ema"][k]) for k, v in D.state_dict().items())
+    assert not all(torch.equal(v, state["D"][k]) for k, v in D.state_dict().items())
+    del state["D_ema"]  # a checkpoint of a run with train.d_ema_beta=0, or from before D_ema existed
+    torch.save(state, tmp_path / "plain.pt")
+    D, _ = load_discriminator(tmp_path / "plain.pt", torch.device("cpu"))
+    assert all(torch.equal(v, state["D"][k]) for k, v in D.state_dict().items())
+
+
 # ---------------------------------------------------------------- the command
 
 def evaluate(nproc, *args):
@@ -178,15 +190,15 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoint, celebdf_shards, tmp_path):
     state = torch.load(smoke_checkpoint, weights_only=True)
-    first = next(k for k, v in state["D"].items() if v.is_floating_point())
-    state["D"][first] = torch.full_like(state["D"][first], float("nan"))
+    first = next(k for k, v in state["D_ema"].items() if v.is_floating_point())
+    state["D_ema"][first] = torch.full_like(state["D_ema"][first], float("nan"))
     broken = tmp_path / "broken.pt"
     torch.save(state, broken)
     result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
-    assert result.returncode == 2 and f"checkpoint {broken} holds non-finite weights in D ({first})" in result.stderr
+    assert result.returncode == 2 and f"checkpoint {broken} holds non-finite weights in D_ema ({first})" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     # Finite weights that overflow: the scores are NaN, and evaluation says so instead of reporting 0.5.
-    state["D"][first] = torch.load(smoke_checkpoint, weights_only=True)["D"][first] * 1e38
+    state["D_ema"][first] = torch.load(smoke_checkpoint, weights_only=True)["D_ema"][first] * 1e38
     torch.save(state, broken)
     result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
     assert result.returncode == 2 and "D gave non-finite scores to" in result.stderr and "pass an earlier one" in result.stderr

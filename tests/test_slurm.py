@@ -101,7 +101,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     assert f"ranks stopped cleanly; requeueing to resume from {checkpoint}" in log and "(restart 1)" in log
     assert f"resumed from {checkpoint}" in log
     whole, resumed = _state(tmp_path / "reference", 60), _state(tmp_path / "preempted", 60)
-    for name in ("G", "D", "G_ema"):
+    for name in ("G", "D", "G_ema", "D_ema"):
         for key, value in whole[name].items():
             assert torch.equal(value, resumed[name][key]), f"{name}.{key}"
     runs = sorted((tmp_path / "preempted").glob("wandb/offline-run-*/run-*.wandb"))

@@ -266,6 +266,61 @@ def test_gs_samples_never_move_the_detectors_layers(shards, tmp_path):
             trainer.close()
 
 
+
+@pytest.mark.parametrize("extra", [(), ("train.gan_weight=0",)])
+def test_the_detector_is_the_average_of_ds_weights_with_g_or_without(shards, tmp_path, extra):
+    trainer = _trainer(shards, tmp_path, "train.d_ema_beta=0.5", *extra)
+    step = trainer.step_fn
+    try:
+        assert step.detector is step.D_ema and not step.D_ema.training
+        expected = [p.detach().clone() for p in step.D_raw.parameters()]
+        batches = iter(trainer.loader)
+        for k in range(3):
+            trainer.train_step(next(batches))
+            beta = min(0.5, (1 + k) / (10 + k))  # warmed up as G_ema is
+            expected = [e.lerp(p.detach(), 1 - beta) for e, p in zip(expected, step.D_raw.parameters())]
+        assert all(torch.allclose(e, p, atol=1e-7) for e, p in zip(expected, step.D_ema.parameters()))
+        assert not all(torch.equal(p, q) for p, q in zip(step.D_raw.parameters(), step.D_ema.parameters()))
+        state = step.state_dict()
+        assert all(torch.equal(v, state["D_ema"][k]) for k, v in step.D_ema.state_dict().items())
+        del state["D_ema"]  # an older checkpoint: the average starts from D
+        step.load_state_dict(state)
+        assert all(torch.equal(p, q) for p, q in zip(step.D_raw.parameters(), step.D_ema.parameters()))
+    finally:
+        trainer.close()
+
+
+def test_without_an_average_the_detector_is_d_itself(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "train.d_ema_beta=0")
+    try:
+        trainer.train_step(next(iter(trainer.loader)))
+        assert trainer.step_fn.D_ema is None and trainer.step_fn.detector is trainer.step_fn.D_raw
+        assert "D_ema" not in trainer.step_fn.state_dict()
+    finally:
+        trainer.close()
+
+
+def test_calibration_and_evaluation_score_with_the_detector_whatever_d_holds(shards, celebdf_shards, tmp_path):
+    from pipeline.periodic import evaluate_detector
+
+    trainer = _trainer(shards, tmp_path, f"train.eval_shards={celebdf_shards.out_dir}", "train.eval_split=test")
+    try:
+        trainer.train_step(next(iter(trainer.loader)))
+        runs = []
+        for zeroed in (False, True):
+            if zeroed:  # D's own weights now say nothing; the detector's are untouched
+                with torch.no_grad():
+                    for p in trainer.step_fn.D_raw.parameters():
+                        p.zero_()
+            trainer.validate()
+            scalars = evaluate_detector(trainer.step_fn, trainer.cfg, 0, 1, trainer.threshold)
+            runs.append((dict(trainer.calibration.info), trainer.threshold, scalars))
+        assert runs[0] == runs[1]
+        assert runs[0][0]["auc"] != 0.5  # a zeroed D would score every face alike: AUC 0.5
+    finally:
+        trainer.close()
+
+
 def test_one_forward_of_reals_fakes_and_blends_scores_as_three(shards, tmp_path):
     trainer = _trainer(shards, tmp_path)
     try:

@@ -68,7 +68,7 @@ def test_a_smoke_run_finishes_with_finite_losses_and_checkpoints(full_run):
     assert positions == [{"epoch": 1, "batch": 2, "world_size": 2, "batch_size": 4, "reader_epoch": 1, "reader_batch": 2}] * 2
     assert all(loader["dali"] for loader in state["loader"])
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])
-    for name in ("G", "D", "G_ema"):
+    for name in ("G", "D", "G_ema", "D_ema"):
         assert all(torch.isfinite(v).all() for v in state[name].values() if v.is_floating_point())
     losses = [float(m) for m in re.findall(r"loss/D (\S+)", result.stdout)]
     assert len(losses) == 8 and all(0 < v < 100 for v in losses)
@@ -123,7 +123,7 @@ def test_resume_matches_an_uninterrupted_run(full_run, celeba_shards, runs):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step 4, epoch 0, batch 4" in second.stdout
     whole, halves = _state(full_run[0], 8), _state(runs / "halves", 8)
-    for name in ("G", "D", "G_ema"):
+    for name in ("G", "D", "G_ema", "D_ema"):
         for key, value in whole[name].items():
             assert torch.equal(value, halves[name][key]), f"{name}.{key}"
     assert whole["opt_G"]["state"][0]["exp_avg"].equal(halves["opt_G"]["state"][0]["exp_avg"])

@@ -71,7 +71,7 @@ def test_resume_with_self_blends_matches_an_uninterrupted_run(sbi_run, shards, r
         result = train(2, _overrides(shards, runs, "halves", f"train.max_steps={steps}", "train.val_every_steps=2"))
         assert result.returncode == 0, result.stderr[-3000:]
     whole, halves = _state(sbi_run[0], 4), _state(runs / "halves", 4)
-    for name in ("G", "D", "G_ema"):
+    for name in ("G", "D", "G_ema", "D_ema"):
         for key, value in whole[name].items():
             assert torch.equal(value, halves[name][key]), f"{name}.{key}"
     assert whole["threshold"] == halves["threshold"]

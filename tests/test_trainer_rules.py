@@ -104,7 +104,7 @@ def test_calibration_keeps_confident_scores_apart(celeba_shards, tmp_path):
     trainer = Trainer(_config(celeba_shards, tmp_path, "confident", "train.max_steps=1"), ONE_CPU)
     try:
         plain = trainer.validate()
-        trainer.step_fn.D_raw.register_forward_hook(lambda module, inputs, logits: logits - 25)  # all called fake
+        trainer.step_fn.detector.register_forward_hook(lambda module, inputs, logits: logits - 25)  # all called fake
         confident = trainer.validate()
         assert confident["val/sbi_auc"] == pytest.approx(plain["val/sbi_auc"], abs=1e-6)
         # The scores are 1 - O(e^-25), and the threshold lies among them: not 1e-6 below a tie at exactly 1.
@@ -148,6 +148,18 @@ def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path
     assert [p.name for p in (tmp_path / "finished" / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
 
 
+
+def test_a_run_resumes_with_or_without_the_average_of_ds_weights_whatever_its_checkpoint_holds(celeba_shards, tmp_path):
+    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=1")) == ("max_steps", 1)  # with D_ema
+    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=2", "train.d_ema_beta=0")) == ("max_steps", 2)
+    assert "D_ema" not in _newest(tmp_path, "kept")
+    trainer = Trainer(_config(celeba_shards, tmp_path, "kept", "train.max_steps=3"), ONE_CPU)  # an average again
+    try:  # it starts from D's weights
+        assert all(torch.equal(p, q) for p, q in zip(trainer.step_fn.D_raw.parameters(), trainer.step_fn.D_ema.parameters()))
+    finally:
+        trainer.close()
+
+
 def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_shards, tmp_path):
     assert _train(_config(celeba_shards, tmp_path, "shape", "train.max_steps=1")) == ("max_steps", 1)
     with pytest.raises(UserError, match=r"checkpoint .*shape/checkpoints/step-00000001.pt holds another model .*"
@@ -158,6 +170,7 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_sha
 @pytest.mark.parametrize("extra, message", [
     (["train.eval_every_epochs=1", "train.eval_shards=/nonexistent/celebdf"], r"train.eval_shards: .*/nonexistent/celebdf"),
     (["data.dtype=bfloat16", "train.precision=fp32"], r"data.dtype bfloat16 needs autocast, but train.precision is fp32"),
+    (["train.d_ema_beta=1"], r"train.d_ema_beta 1.0 is not in \[0, 1\): give the average's beta \(0.999\), or 0"),
 ])
 def test_settings_that_would_fail_later_are_refused_at_start_up(celeba_shards, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
