@@ -77,15 +77,15 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
         real_both = D(batch.images.float(), gan=True).float()
-        real = real_both[:, 0] if detector is D else detector(batch.images.float()).float()
         if pairs is not None:
+            real = real_both[:, 0] if detector is D else detector(batch.images.float()).float()
             blend = detector(pairs.fake).float()[pairs.valid]
             real_scores.append(fake_score(real))
             blend_scores.append(fake_score(blend))
         # The GAN's loss and accuracies on its own logit: reals and G_ema's samples (one logit: the detector's).
         real_gan = real_both[:, 1]
         loss = F.softplus(-real_gan).sum() + F.softplus(fake).sum()
-        sums += torch.stack([(real_gan > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real.numel(), device=device)])
+        sums += torch.stack([(real_gan > 0).sum(), (fake < 0).sum(), loss, torch.tensor(real_both.shape[0], device=device)])
     D.train()
     right_real, right_fake, loss, n = dist.all_reduce_(sums).tolist()
     metrics = {"val/D_acc_real": right_real / n, "val/D_acc_fake": right_fake / n, "val/loss_D": loss / n}

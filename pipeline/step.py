@@ -223,14 +223,19 @@ class GANStep:
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
         t = self.cfg.train
-        averages = ([(self.G_ema, self.G_raw, t.ema_beta)] if self.with_G else []) + \
-                   ([(self.D_ema, self.D_raw, t.d_ema_beta)] if self.D_ema is not None else [])
-        for ema, raw, beta in averages:
+        # G_ema takes G's BatchNorm statistics as they are, as StyleGAN2-ADA's does. D_ema, which scores faces in
+        # eval mode, averages them too (model.d_norm batch): statistics of D's newest weights would not fit its own.
+        averages = ([(self.G_ema, self.G_raw, t.ema_beta, False)] if self.with_G else []) + \
+                   ([(self.D_ema, self.D_raw, t.d_ema_beta, True)] if self.D_ema is not None else [])
+        for ema, raw, beta, average_buffers in averages:
             # Warm-up: early on the average follows closely, or short runs would keep their random initial weights.
             beta = min(beta, (1 + step) / (10 + step))
             torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - beta)
             for b_ema, b in zip(ema.buffers(), raw.buffers()):
-                b_ema.copy_(b)
+                if average_buffers and b.is_floating_point():
+                    b_ema.lerp_(b, 1 - beta)
+                else:
+                    b_ema.copy_(b)
 
     # ------------------------------------------------------------------ skipped steps
     def applied(self) -> torch.Tensor:

@@ -237,6 +237,8 @@ class Trainer:
                 for name in ("G_raw", "D_raw", "G_ema", "D_ema") if getattr(self.step_fn, name) is not None}
 
     def _load_buffers(self, buffers: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.step_fn.D_ema is not None and "D_ema" not in buffers:  # saved without the average: it starts at D,
+            buffers = {**buffers, "D_ema": buffers["D_raw"]}  # with this rank's own statistics
         for name, values in buffers.items():
             module = getattr(self.step_fn, name)
             if module is None:  # D_ema, saved by a run that kept one, and this one keeps none

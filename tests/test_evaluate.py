@@ -188,17 +188,20 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
     assert table.returncode == 0 and f"{values[-1].value:.4g} (val)" in table.stdout, table.stdout + table.stderr
 
 
-def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoint, celebdf_shards, tmp_path):
+@pytest.mark.parametrize("detector", ["D_ema", "D"])  # D: a checkpoint without the average (train.d_ema_beta=0)
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(smoke_checkpoint, celebdf_shards, tmp_path, detector):
     state = torch.load(smoke_checkpoint, weights_only=True)
-    first = next(k for k, v in state["D_ema"].items() if v.is_floating_point())
-    state["D_ema"][first] = torch.full_like(state["D_ema"][first], float("nan"))
+    if detector == "D":
+        del state["D_ema"]
+    first = next(k for k, v in state[detector].items() if v.is_floating_point())
+    state[detector][first] = torch.full_like(state[detector][first], float("nan"))
     broken = tmp_path / "broken.pt"
     torch.save(state, broken)
     result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
-    assert result.returncode == 2 and f"checkpoint {broken} holds non-finite weights in D_ema ({first})" in result.stderr
+    assert result.returncode == 2 and f"checkpoint {broken} holds non-finite weights in {detector} ({first})" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     # Finite weights that overflow: the scores are NaN, and evaluation says so instead of reporting 0.5.
-    state["D_ema"][first] = torch.load(smoke_checkpoint, weights_only=True)["D_ema"][first] * 1e38
+    state[detector][first] = torch.load(smoke_checkpoint, weights_only=True)[detector][first] * 1e38
     torch.save(state, broken)
     result = evaluate(1, "--checkpoint", broken, "--shards", celebdf_shards.out_dir, "--out", tmp_path / "out")
     assert result.returncode == 2 and "D gave non-finite scores to" in result.stderr and "pass an earlier one" in result.stderr

@@ -267,19 +267,24 @@ def test_gs_samples_never_move_the_detectors_layers(shards, tmp_path):
 
 
 
-@pytest.mark.parametrize("extra", [(), ("train.gan_weight=0",)])
+@pytest.mark.parametrize("extra", [(), ("train.gan_weight=0",), ("model.d_norm=batch",)])
 def test_the_detector_is_the_average_of_ds_weights_with_g_or_without(shards, tmp_path, extra):
-    trainer = _trainer(shards, tmp_path, "train.d_ema_beta=0.5", *extra)
+    trainer = _trainer(shards, tmp_path, "train.d_ema_beta=0.05", *extra)  # below the warm-up's 0.1 from the start
     step = trainer.step_fn
     try:
         assert step.detector is step.D_ema and not step.D_ema.training
         expected = [p.detach().clone() for p in step.D_raw.parameters()]
+        statistics = [b.clone() for b in step.D_raw.buffers()]  # BatchNorm's, with model.d_norm=batch
         batches = iter(trainer.loader)
         for k in range(3):
             trainer.train_step(next(batches))
-            beta = min(0.5, (1 + k) / (10 + k))  # warmed up as G_ema is
+            beta = min(0.05, (1 + k) / (10 + k))
             expected = [e.lerp(p.detach(), 1 - beta) for e, p in zip(expected, step.D_raw.parameters())]
+            statistics = [s.lerp(b, 1 - beta) if b.is_floating_point() else b.clone()
+                          for s, b in zip(statistics, step.D_raw.buffers())]
         assert all(torch.allclose(e, p, atol=1e-7) for e, p in zip(expected, step.D_ema.parameters()))
+        assert len(statistics) == (9 if "model.d_norm=batch" in extra else 0)  # mean, variance and count of 3 norms
+        assert all(torch.allclose(s, b, atol=1e-7) for s, b in zip(statistics, step.D_ema.buffers()))
         assert not all(torch.equal(p, q) for p, q in zip(step.D_raw.parameters(), step.D_ema.parameters()))
         state = step.state_dict()
         assert all(torch.equal(v, state["D_ema"][k]) for k, v in step.D_ema.state_dict().items())

@@ -150,12 +150,21 @@ def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path
 
 
 def test_a_run_resumes_with_or_without_the_average_of_ds_weights_whatever_its_checkpoint_holds(celeba_shards, tmp_path):
-    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=1")) == ("max_steps", 1)  # with D_ema
-    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=2", "train.d_ema_beta=0")) == ("max_steps", 2)
-    assert "D_ema" not in _newest(tmp_path, "kept")
-    trainer = Trainer(_config(celeba_shards, tmp_path, "kept", "train.max_steps=3"), ONE_CPU)  # an average again
-    try:  # it starts from D's weights
-        assert all(torch.equal(p, q) for p, q in zip(trainer.step_fn.D_raw.parameters(), trainer.step_fn.D_ema.parameters()))
+    batch_norm = "model.d_norm=batch"  # statistics per rank
+    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=1", batch_norm)) == ("max_steps", 1)  # D_ema
+    assert _train(_config(celeba_shards, tmp_path, "kept", "train.max_steps=2", batch_norm, "train.d_ema_beta=0")) == (
+        "max_steps", 2)
+    path = sorted((tmp_path / "kept" / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(path, weights_only=True)
+    assert "D_ema" not in state and "D_ema" not in state["buffers"][0]
+    own = state["buffers"][0]["D_raw"]  # as another rank's own statistics would differ from D's (a new tensor: the
+    own["main.3.running_mean"] = own["main.3.running_mean"] + 1  # saved one may share its storage with D's)
+    torch.save(state, path)
+    trainer = Trainer(_config(celeba_shards, tmp_path, "kept", "train.max_steps=3", batch_norm), ONE_CPU)  # an average
+    try:  # it starts from D's weights, and from this rank's statistics
+        step = trainer.step_fn
+        assert all(torch.equal(p, q) for p, q in zip(step.D_raw.parameters(), step.D_ema.parameters()))
+        assert all(torch.equal(b, own[k]) for k, b in step.D_ema.named_buffers()) and len(own) == 9
     finally:
         trainer.close()
 
