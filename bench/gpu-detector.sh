@@ -16,7 +16,7 @@
 # Then the `gpu` tests, the self-blends alone at 128 and 256 px with their heaviest kernels (bench.blends), and
 # last, on the staged CelebA shards, the trainer end to end with G and the self-blend graph, torch.compile's
 # default mode against reduce-overhead (bench.train, 64 px, batch 128), each in the time the call has left.
-# OUT gets device.txt, detector.log, gpu-tests.log, blends.log, train.log and the JSON of each part.
+# OUT gets detector.log (the card and versions first), gpu-tests.log, blends.log, train.log and the JSON of each part.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/gpu-detector.sh OUT [SECONDS [key=value ...]]" >&2; exit 2; }
 out=$(realpath -m "$1")
@@ -28,8 +28,8 @@ deadline=${DEADLINE_S:-570}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 source bench/gpu-env.sh
-device_info > "$out/device.txt" 2>&1
-cat "$out/device.txt"
+device_info 2>&1 | tee "$out/detector.log"  # the card and versions head the detector's log: the device tool brings
+# back 8 files, and a run with its eager retry writes 8 besides
 data=/tmp/stage/data
 left() { echo $((deadline - SECONDS)); }  # the device runs a call for at most 600 s, and less when the session has less
 detector() {  # name, overrides...: training, then compiling, calibrating and scoring about 6,000 frames
