@@ -104,6 +104,11 @@ class GANStep:
         self._new_scale = None if fp16 else 1.0  # update(1.0) keeps the scale fixed without reading found_inf
         self.with_G = t.gan_weight > 0
         self.sbi = t.sbi_weight > 0
+        # The averages each step updates: (average, model, beta, whether its BatchNorm statistics are averaged too).
+        # G_ema takes G's statistics as they are, as StyleGAN2-ADA's does. D_ema, which scores faces in eval mode,
+        # averages them (model.d_norm batch): statistics of D's newest weights would not fit its own.
+        self._averages = ([(self.G_ema, self.G_raw, t.ema_beta, False)] if self.with_G else []) + \
+                         ([(self.D_ema, self.D_raw, t.d_ema_beta, True)] if self.D_ema is not None else [])
         self.G, self.D = (wrap(self.G_raw), wrap(self.D_raw)) if wrap else (self.G_raw, self.D_raw)
         self.D_for_G = self.D_raw  # G's pass needs no gradient sync for D: no DDP, no gradients for D's weights
         if fast.compile:
@@ -213,7 +218,7 @@ class GANStep:
                     self.D_raw.requires_grad_(True)
                 self.scaler_G.step(self.opt_G)
                 self.scaler_G.update(self._new_scale)
-        if self.with_G or self.D_ema is not None:
+        if self._averages:
             with record_function("step/ema"):
                 self._update_ema(step)
         self._count_skips(loss_D.detach() + loss_G.detach())
@@ -222,12 +227,7 @@ class GANStep:
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
-        t = self.cfg.train
-        # G_ema takes G's BatchNorm statistics as they are, as StyleGAN2-ADA's does. D_ema, which scores faces in
-        # eval mode, averages them too (model.d_norm batch): statistics of D's newest weights would not fit its own.
-        averages = ([(self.G_ema, self.G_raw, t.ema_beta, False)] if self.with_G else []) + \
-                   ([(self.D_ema, self.D_raw, t.d_ema_beta, True)] if self.D_ema is not None else [])
-        for ema, raw, beta, average_buffers in averages:
+        for ema, raw, beta, average_buffers in self._averages:
             # Warm-up: early on the average follows closely, or short runs would keep their random initial weights.
             beta = min(beta, (1 + step) / (10 + step))
             torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - beta)
