@@ -17,7 +17,9 @@ torch.compile fuses whole (it cannot take a generator). Per-sample choices are m
 never Python branches on tensor values, so a GPU step never waits for the host. For that reason the
 Gaussian blur and the JPEG codec are written here: kornia's (`gaussian_blur2d`, `jpeg_codec_differentiable`)
 check their per-image sigma and quality by reading them on the host, a GPU sync per call (kornia 0.9, on an
-H200); tests hold them to kornia's blur and OpenCV's JPEG.
+H200); tests hold them to kornia's blur and OpenCV's JPEG. The blur is a product with a banded matrix per
+axis (`_blur`), which a GPU does far faster than a filter per plane, so the elastic warp's smoothing uses it
+too (`_elastic`, held to kornia's elastic_transform2d).
 
 Write the README's grid (real | mask | blend, one face per row):
     python -m pipeline.sbi docs/sbi-grid.png
@@ -34,7 +36,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from kornia.color import hsv_to_rgb, rgb_to_hsv
-from kornia.geometry.transform import elastic_transform2d
 
 REF_SIZE_PX = 256  # the size the reference's pixel constants hold at
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's blend_list: full blends are drawn half the time
@@ -148,18 +149,51 @@ def _gaussian_kernel_px(max_sigma_px: float) -> int:
     return 2 * math.ceil(3 * max_sigma_px) + 1
 
 
-def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with a sigma per image and axis ([B, 2]: y, x, in pixels),
-    `kernel_px` taps (odd), reflected at the edges: kornia's gaussian_blur2d, without its host check."""
-    b, c, h, w = x.shape
+def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:
+    """[*sigma.shape, n, n]: for each sigma (in pixels), the banded matrix whose product with a line of n pixels
+    is that line blurred by a Gaussian of `kernel_px` taps (odd), reflected at the ends (or zero beyond them)."""
     r = kernel_px // 2
-    t = torch.arange(kernel_px, device=x.device, dtype=torch.float32) - r
-    k = torch.exp(-t.square() / (2 * sigma.float()[..., None].square()))  # [B, 2, K]
-    k = (k / k.sum(-1, keepdim=True)).to(x.dtype).repeat_interleave(c, 0)  # [B*C, 2, K]: one filter per plane
-    out = F.pad(x, (r, r, r, r), mode="reflect").reshape(1, b * c, h + 2 * r, w + 2 * r)
-    out = F.conv2d(out, k[:, 0, None, :, None], groups=b * c)
-    out = F.conv2d(out, k[:, 1, None, None, :], groups=b * c)
-    return out.reshape(b, c, h, w)
+    if r >= n:
+        raise ValueError(f"a blur of {kernel_px} taps cannot reflect at the ends of {n} pixels")
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-t.float().square() / (2 * sigma.float()[..., None].square()))
+    k = k / k.sum(-1, keepdim=True)  # [..., K]
+    source = torch.arange(n, device=sigma.device)[:, None] + t  # [n, K]: the pixel each tap of each output reads
+    if reflect:
+        source = source.abs()
+        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
+    k = k[..., None, :] * ((source >= 0) & (source < n))  # [..., n, K]; reflected taps are always inside
+    index = source.clamp(0, n - 1).expand(k.shape)
+    return torch.zeros(*k.shape[:-1], n, device=k.device).scatter_add_(-1, index, k)
+
+
+def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with a sigma per image and axis ([B, 2]: y, x, in pixels),
+    `kernel_px` taps (odd), reflected at the edges (or zero beyond them): kornia's gaussian_blur2d (filter2d's
+    border_type "reflect" or "constant"), without its host check.
+
+    Each axis is one batched matrix product with a banded matrix per image, rather than a convolution with a
+    filter per plane: on an H200 such grouped convolutions took the most time of the self-blends (1.5 of 10.9 ms
+    a batch at 128 px, 8.0 of 42.9 at 256), and a product of [S, S] matrices is little work for a GPU. Under
+    TF32 (`train.tf32`) the products round their inputs to 10 bits of mantissa; rounded so on the CPU, the
+    blend masks changed by 1e-4 on average, and 0.1-0.3% of their pixels by over 0.01, where _blend_mask's
+    erosion threshold flips a pixel at the mask's edge (BENCHMARKS.md)."""
+    b, c, h, w = x.shape
+    down = _blur_matrices(h, kernel_px, sigma[:, 0], reflect).to(x.dtype)  # [B, H, H]
+    across = _blur_matrices(w, kernel_px, sigma[:, 1], reflect).to(x.dtype)  # [B, W, W]
+    return down[:, None] @ x @ across[:, None].transpose(-1, -2)
+
+
+def _elastic(mask: torch.Tensor, noise: torch.Tensor, kernel_px: int, sigma_px: float, alpha: float) -> torch.Tensor:
+    """kornia's elastic_transform2d (bilinear, zero padding, align_corners False), with the smoothing of its
+    displacement field done by _blur: the noise [B, 2, S, S] (x, then y) is blurred with zeros beyond the
+    edges, scaled by alpha (grid units) and added to the identity grid."""
+    b, _, h, w = mask.shape
+    sigma = torch.full((b, 2), sigma_px, device=mask.device)
+    displacement = _blur(noise, kernel_px, sigma, reflect=False) * alpha  # [B, 2, H, W]
+    identity = F.affine_grid(torch.eye(2, 3, device=mask.device)[None], [1, 1, h, w], align_corners=False)
+    return F.grid_sample(mask, identity + displacement.permute(0, 2, 3, 1), padding_mode="zeros",
+                         align_corners=False)
 
 
 def _warp(source: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, elastic: torch.Tensor
@@ -181,7 +215,7 @@ def _warp(source: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, elastic: to
     sigma_px = ELASTIC_SIGMA_PX * s / REF_SIZE_PX
     alpha = ELASTIC_ALPHA_PX * (s / REF_SIZE_PX) ** 2 * 2 / s
     k = _gaussian_kernel_px(sigma_px)
-    mask = elastic_transform2d(mask, elastic * 2 - 1, (k, k), (sigma_px, sigma_px), (alpha, alpha))
+    mask = _elastic(mask, elastic * 2 - 1, k, sigma_px, alpha)
     return source, mask
 
 

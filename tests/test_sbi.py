@@ -218,12 +218,31 @@ def test_self_blends_and_degradations_never_read_a_device_value_on_the_host():
     assert reads.reads == []
 
 
-def test_the_blur_is_kornias():
+@pytest.mark.parametrize("reflect, border", [(True, "reflect"), (False, "constant")])
+def test_the_blur_is_kornias(reflect, border):
     from kornia.filters import gaussian_blur2d
 
     x = torch.rand(4, 3, 48, 64, generator=_gen(5))
     sigma = torch.rand(4, 2, generator=_gen(6)) * 3 + 0.3
-    torch.testing.assert_close(sbi._blur(x, 17, sigma), gaussian_blur2d(x, 17, sigma), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sbi._blur(x, 17, sigma, reflect), gaussian_blur2d(x, 17, sigma, border_type=border),
+                               atol=1e-6, rtol=0)
+
+
+def test_a_blur_longer_than_twice_the_image_is_refused():
+    with pytest.raises(ValueError, match="a blur of 17 taps cannot reflect at the ends of 8 pixels"):
+        sbi._blur(torch.zeros(1, 1, 8, 8), 17, torch.ones(1, 2))
+
+
+def test_the_elastic_warp_is_kornias():
+    from kornia.geometry.transform import elastic_transform2d
+
+    mask = (torch.rand(4, 1, 64, 64, generator=_gen(7)) > 0.5).float()
+    noise = torch.rand(4, 2, 64, 64, generator=_gen(8)) * 2 - 1
+    sigma_px, alpha = 2.0, 0.4  # alpha large enough that the warp moves pixels by several
+    ours = sbi._elastic(mask, noise, 13, sigma_px, alpha)
+    torch.testing.assert_close(ours, elastic_transform2d(mask, noise, (13, 13), (sigma_px, sigma_px), (alpha, alpha)),
+                               atol=1e-5, rtol=0)
+    assert (ours - mask).abs().mean() > 0.1
 
 
 @pytest.mark.parametrize("quality", [30, 60, 90])
