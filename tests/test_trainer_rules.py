@@ -198,3 +198,36 @@ def test_a_log_interval_is_timed_by_the_steps_it_holds(monkeypatch):
     for _ in range(3):
         meter.add({"loss/D": torch.tensor(1.0)})
     assert meter.flush() == ({"loss/D": 1.0}, 2.0)  # 3 steps in 6 s
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_default_mode_trains(celeba_shards, tmp_path):
+    # train.compile_mode=reduce-overhead gave 1.74x end to end on an H200 (BENCHMARKS.md), but only the step had run
+    # under it: its CUDA graphs own their outputs until the next replay, and the trainer's work between steps
+    # (validation and calibration, sample grids, checkpoints) and a resume must hold before it can be the default.
+    gpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"))
+
+    def run(name, mode, max_steps):
+        cfg = _config(celeba_shards, tmp_path, name, "train.compile=true", f"train.compile_mode={mode}",
+                      f"train.max_steps={max_steps}", "train.log_every_steps=2", "train.val_every_steps=3",
+                      "train.sample_every_steps=3", "train.ckpt_every_steps=3")
+        trainer = Trainer(cfg, gpu)
+        try:
+            assert trainer.step_fn.cuda_graphs is (mode == "reduce-overhead")
+            start = {k: v.detach().clone() for k, v in trainer.step_fn.D_raw.state_dict().items()}
+            return trainer.train(), trainer.step, start
+        finally:
+            trainer.close()
+
+    status, steps, start = run("plain", "default", 8)
+    assert (status, steps) == ("max_steps", 8)
+    assert run("graphs", "reduce-overhead", 4)[:2] == ("max_steps", 4)
+    assert run("graphs", "reduce-overhead", 8)[:2] == ("max_steps", 8)  # resumed at step 4
+    plain, graphs = _newest(tmp_path, "plain"), _newest(tmp_path, "graphs")
+    assert graphs["calibration"]["step"] == plain["calibration"]["step"] == 8
+    assert 0 < graphs["threshold"] < 1
+    assert len(list((tmp_path / "graphs" / "samples").glob("step-*.png"))) >= 2
+    # The same training: D's weights moved alike (a run of other weights would differ by about as much as they moved).
+    moved = sum((plain["D"][k].float() - start[k].float()).square().sum() for k in start)
+    apart = sum((graphs["D"][k].float() - plain["D"][k].float()).square().sum() for k in start)
+    assert apart < 0.05 * moved, (apart, moved)
