@@ -85,6 +85,9 @@ class TrainConfig:
     # The detector is D_ema, D's weights averaged in the same way (0: D's own weights). Averaged weights scored the
     # swaps of people never seen better than the last step's did, in the same runs (BENCHMARKS.md).
     d_ema_beta: float = 0.999
+    # > 0: D steps by SAM's gradient at this distance (sharpness-aware minimization, as SBI trains its detector with
+    # 0.05), for a second pass of D a step. Off: at 8 CPU minutes 0.05 scored the swaps lower (BENCHMARKS.md).
+    d_sam_rho: float = 0.0
     seed: int = 0  # weights and noise derive from (seed, rank); the data's order and flips from data.seed
     # Periodic work, each on its own clock: every N steps and/or every N epochs (0 is off), and at the end.
     # The step defaults keep it under 2% of training time at full scale, where an epoch takes seconds.

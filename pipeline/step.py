@@ -194,13 +194,10 @@ class GANStep:
                     if self.cuda_graphs:
                         fake = fake.clone()
                 parts = [x.real] + ([fake.detach()] if fake is not None else []) + ([x.blend] if x.blend is not None else [])
-                logits = self._score(parts)  # the detector's logit [:, 0] for reals and blends, the GAN's [:, 1] for G's
-                logits_fake = logits[1][:, 1] if fake is not None else None
-                logits_blend = logits[-1][:, 0] if x.blend is not None else None
-                real_gan = logits[0][:, 1] if self.D_raw.gan_head is not None else None
-                loss_D, stats = d_loss(logits[0][:, 0], logits_fake, logits_blend, x.valid, t.gan_weight, t.sbi_weight,
-                                       real_gan)
+                loss_D, stats = self._loss_D(parts, x.valid)
             self.scaler_D.scale(loss_D).backward()
+            if t.d_sam_rho > 0:
+                self._sharpness_aware(parts, x.valid)
             self.scaler_D.step(self.opt_D)
             self.scaler_D.update(self._new_scale)
 
@@ -224,6 +221,35 @@ class GANStep:
         self._count_skips(loss_D.detach() + loss_G.detach())
         stats.update({"loss/D": loss_D.detach(), "loss/G": loss_G.detach()})
         return stats
+
+    def _loss_D(self, parts: list[torch.Tensor], valid) -> tuple[torch.Tensor, dict]:
+        """D's loss on [reals, G's samples if any, self-blends if any]."""
+        t = self.cfg.train
+        logits = self._score(parts)  # the detector's logit [:, 0] for reals and blends, the GAN's [:, 1] for G's
+        logits_fake = logits[1][:, 1] if self.with_G else None
+        logits_blend = logits[-1][:, 0] if self.sbi else None
+        real_gan = logits[0][:, 1] if self.D_raw.gan_head is not None else None
+        return d_loss(logits[0][:, 0], logits_fake, logits_blend, valid, t.gan_weight, t.sbi_weight, real_gan)
+
+    def _sharpness_aware(self, parts: list[torch.Tensor], valid) -> None:
+        """SAM (Foret et al. 2021), as SBI trains its detector: D's gradients are taken again at the weights moved
+        train.d_sam_rho along the first gradient's direction, and the step uses those, which favours flat minima.
+        With model.d_norm batch the second pass updates BatchNorm's running statistics once more."""
+        t = self.cfg.train
+        params = [p for p in self.D_raw.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # the loss scale cancels in g/|g|
+        # A non-finite gradient moves nothing, and the step after skips as usual.
+        scale = torch.where(torch.isfinite(norm), t.d_sam_rho / (norm + 1e-12), 0.0)
+        with torch.no_grad():
+            moves = [torch.nan_to_num(g * scale, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+            torch._foreach_add_(params, moves)
+        self.opt_D.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, _ = self._loss_D(parts, valid)
+        self.scaler_D.scale(loss).backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, moves)
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:

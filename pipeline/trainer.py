@@ -64,6 +64,8 @@ def _check(cfg: Config) -> None:
     if not 0 <= t.d_ema_beta < 1:
         raise UserError(f"train.d_ema_beta {t.d_ema_beta} is not in [0, 1): give the average's beta (0.999), or 0 to "
                         "detect with D's own weights.")
+    if t.d_sam_rho < 0:
+        raise UserError(f"train.d_sam_rho {t.d_sam_rho} is negative: give SAM's distance (SBI's 0.05), or 0 for plain steps.")
     if t.eval_every_epochs and not t.eval_shards:
         raise UserError("train.eval_every_epochs is set but train.eval_shards is not: name the Celeb-DF shards folder.")
     if t.sbi_weight < 0 or t.gan_weight < 0 or t.sbi_weight + t.gan_weight == 0:
@@ -129,6 +131,9 @@ class Trainer:
         if self.fast.cuda_graphs and info.distributed:
             raise UserError(f"train.compile_mode {t.compile_mode} replays CUDA graphs, which have run on one GPU only, "
                             "never under DDP: set train.compile_mode=default to train on several ranks.")
+        if self.fast.cuda_graphs and t.d_sam_rho > 0:
+            raise UserError(f"train.d_sam_rho calls D twice a step, which has not run under train.compile_mode "
+                            f"{t.compile_mode}'s CUDA graphs: set train.compile_mode=default, or train.d_sam_rho=0.")
         if self.fast.autocast_dtype is None and cfg.data.dtype != "float32":
             raise UserError(f"data.dtype {cfg.data.dtype} needs autocast, but train.precision is {self.fast.precision} here: "
                             "set data.dtype=float32, or train.precision=bf16 (fp16 for float16 data).")

@@ -451,3 +451,45 @@ def test_steady_state_steps_read_no_device_value_on_the_host(precision):
             stats = step(Batch(images, landmarks=landmarks), i)
     assert reads.reads == []
     assert torch.isfinite(stats["loss/D"])
+
+
+def _lone_step(*extra):
+    from pipeline.data import Batch
+    from pipeline.sbi import template_batch
+    from pipeline.step import GANStep
+
+    cfg = load_config(REPO / "configs" / "sbi-only.yaml", ["data.batch_size=8", "data.image_size=64", "model.ndf=16", *extra])
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    images, landmarks = template_batch(64, 8, gen)
+    return GANStep(cfg, resolve(cfg.train, cfg.model, device), device, gen), Batch(images, landmarks=landmarks)
+
+
+def test_sam_steps_d_by_its_gradient_at_the_weights_moved_along_the_first_one():
+    rho = 0.5
+    sam, batch = _lone_step(f"train.d_sam_rho={rho}")
+    ref, _ = _lone_step()  # the same weights and random numbers; SAM done by hand below
+    inputs = ref.make_inputs(batch)
+    parts = [inputs.real, inputs.blend]
+    params = list(ref.D_raw.parameters())
+    first = torch.autograd.grad(ref._loss_D(parts, inputs.valid)[0], params)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in first]))
+    with torch.no_grad():
+        for p, g in zip(params, first):
+            p.add_(g * rho / norm)
+    second = torch.autograd.grad(ref._loss_D(parts, inputs.valid)[0], params)
+    before = [p.detach().clone() for p in sam.D_raw.parameters()]
+    sam(batch, 0)
+    # Adam's first update is lr * m / (sqrt(v) + eps) with m = g and v = g^2 after bias correction.
+    lr, eps = sam.opt_D.param_groups[0]["lr"], sam.opt_D.param_groups[0]["eps"]
+    for w, g, p in zip(before, second, sam.D_raw.parameters()):
+        torch.testing.assert_close(p.detach(), w - lr * g / (g.abs() + eps), atol=1e-5, rtol=0)  # 1% of a step
+
+
+def test_a_non_finite_gradient_under_sam_moves_no_weight_and_the_step_is_skipped():
+    step, batch = _lone_step("train.d_sam_rho=0.05")
+    batch.images[0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in step.D_raw.parameters()]
+    step(batch, 0)
+    assert all(torch.equal(w, p) for w, p in zip(before, step.D_raw.parameters()))
+    assert step.skipped().item() == 1
