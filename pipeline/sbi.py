@@ -151,7 +151,12 @@ def _gaussian_kernel_px(max_sigma_px: float) -> int:
 
 def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:
     """[*sigma.shape, n, n]: for each sigma (in pixels), the banded matrix whose product with a line of n pixels
-    is that line blurred by a Gaussian of `kernel_px` taps (odd), reflected at the ends (or zero beyond them)."""
+    is that line blurred by a Gaussian of `kernel_px` taps (odd), reflected at the ends (or zero beyond them).
+
+    Built by adding each tap's weight where it reads (a scatter of [..., n, K] values: on 2 CPU cores 10 times
+    cheaper than filling the [..., n, n] matrix entry by entry). Near the ends two taps of a row can read one
+    pixel, and CUDA adds those two in either order: the last bit may differ between runs, as it may in cuDNN's
+    kernels."""
     r = kernel_px // 2
     if r >= n:
         raise ValueError(f"a blur of {kernel_px} taps cannot reflect at the ends of {n} pixels")
@@ -164,7 +169,7 @@ def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
         source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
     k = k[..., None, :] * ((source >= 0) & (source < n))  # [..., n, K]; reflected taps are always inside
     index = source.clamp(0, n - 1).expand(k.shape)
-    return torch.zeros(*k.shape[:-1], n, device=k.device).scatter_add_(-1, index, k)
+    return torch.zeros(*k.shape[:-1], n, device=k.device, dtype=k.dtype).scatter_add_(-1, index, k)
 
 
 def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:

@@ -196,8 +196,9 @@ class GANStep:
                 parts = [x.real] + ([fake.detach()] if fake is not None else []) + ([x.blend] if x.blend is not None else [])
                 loss_D, stats = self._loss_D(parts, x.valid)
             self.scaler_D.scale(loss_D).backward()
+            losses = loss_D.detach()  # what the skip accounting checks (fp16 counts a skip only where one is non-finite)
             if t.d_sam_rho > 0:
-                self._sharpness_aware(parts, x.valid)
+                losses = losses + self._sharpness_aware(parts, x.valid)
             self.scaler_D.step(self.opt_D)
             self.scaler_D.update(self._new_scale)
 
@@ -218,7 +219,7 @@ class GANStep:
         if self._averages:
             with record_function("step/ema"):
                 self._update_ema(step)
-        self._count_skips(loss_D.detach() + loss_G.detach())
+        self._count_skips(losses + loss_G.detach())
         stats.update({"loss/D": loss_D.detach(), "loss/G": loss_G.detach()})
         return stats
 
@@ -231,10 +232,11 @@ class GANStep:
         real_gan = logits[0][:, 1] if self.D_raw.gan_head is not None else None
         return d_loss(logits[0][:, 0], logits_fake, logits_blend, valid, t.gan_weight, t.sbi_weight, real_gan)
 
-    def _sharpness_aware(self, parts: list[torch.Tensor], valid) -> None:
+    def _sharpness_aware(self, parts: list[torch.Tensor], valid) -> torch.Tensor:
         """SAM (Foret et al. 2021), as SBI trains its detector: D's gradients are taken again at the weights moved
         train.d_sam_rho along the first gradient's direction, and the step uses those, which favours flat minima.
-        With model.d_norm batch the second pass updates BatchNorm's running statistics once more."""
+        With model.d_norm batch the second pass updates BatchNorm's running statistics once more. Returns the loss
+        at the moved weights."""
         t = self.cfg.train
         params = [p for p in self.D_raw.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
@@ -242,14 +244,15 @@ class GANStep:
         # A non-finite gradient moves nothing, and the step after skips as usual.
         scale = torch.where(torch.isfinite(norm), t.d_sam_rho / (norm + 1e-12), 0.0)
         with torch.no_grad():
-            moves = [torch.nan_to_num(g * scale, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-            torch._foreach_add_(params, moves)
+            weights = [p.detach().clone() for p in params]  # put back exactly, not by subtracting the move
+            torch._foreach_add_(params, [torch.nan_to_num(g * scale, nan=0.0, posinf=0.0, neginf=0.0) for g in grads])
         self.opt_D.zero_grad(set_to_none=True)
         with self.autocast():
             loss, _ = self._loss_D(parts, valid)
         self.scaler_D.scale(loss).backward()
         with torch.no_grad():
-            torch._foreach_sub_(params, moves)
+            torch._foreach_copy_(params, weights)
+        return loss.detach()
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:

@@ -209,6 +209,8 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
     # train.compile_mode=reduce-overhead gave 1.74x end to end on an H200 (BENCHMARKS.md), but only the step had run
     # under it: its CUDA graphs own their outputs until the next replay, and the trainer's work between steps
     # (validation and calibration, sample grids, checkpoints) and a resume must hold before it can be the default.
+    from torch._dynamo.utils import counters
+
     gpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"))
 
     def run(name, mode, max_steps):
@@ -225,8 +227,10 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
 
     status, steps, start = run("plain", "default", 8)
     assert (status, steps) == ("max_steps", 8)
+    counters.clear()
     assert run("graphs", "reduce-overhead", 4)[:2] == ("max_steps", 4)
     assert run("graphs", "reduce-overhead", 8)[:2] == ("max_steps", 8)  # resumed at step 4
+    assert counters["inductor"]["cudagraph_skips"] == 0  # no part fell back to running without its graph
     plain, graphs = _newest(tmp_path, "plain"), _newest(tmp_path, "graphs")
     assert graphs["calibration"]["step"] == plain["calibration"]["step"] == 8
     assert 0 < graphs["threshold"] < 1
