@@ -434,31 +434,23 @@ def test_steady_state_steps_read_no_device_value_on_the_host(precision):
     self-blends, its skip of non-finite steps or fp16's loss scaling reads a device value on the host."""
     from host_reads import HostReads
 
-    from pipeline.data import Batch
-    from pipeline.sbi import template_batch
-    from pipeline.step import GANStep
-
-    overrides = ["data.batch_size=8", "data.image_size=64", "model.ngf=16", "model.ndf=16", f"train.precision={precision}"]
-    cfg = load_config(REPO / "configs" / "sbi.yaml", overrides)
-    device = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    images, landmarks = template_batch(64, 8, gen)
-    step = GANStep(cfg, resolve(cfg.train, cfg.model, device), device, gen)
+    step, batch = _lone_step("model.ngf=16", f"train.precision={precision}", config="sbi.yaml")
     for i in range(2):
-        step(Batch(images, landmarks=landmarks), i)
+        step(batch, i)
     with HostReads() as reads:
         for i in range(2, 4):
-            stats = step(Batch(images, landmarks=landmarks), i)
+            stats = step(batch, i)
     assert reads.reads == []
     assert torch.isfinite(stats["loss/D"])
 
 
-def _lone_step(*extra):
+def _lone_step(*extra, config="sbi-only.yaml"):
+    """A GANStep on the CPU at 64 px, batch 8, ndf 16, and a batch of template faces."""
     from pipeline.data import Batch
     from pipeline.sbi import template_batch
     from pipeline.step import GANStep
 
-    cfg = load_config(REPO / "configs" / "sbi-only.yaml", ["data.batch_size=8", "data.image_size=64", "model.ndf=16", *extra])
+    cfg = load_config(REPO / "configs" / config, ["data.batch_size=8", "data.image_size=64", "model.ndf=16", *extra])
     device = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     images, landmarks = template_batch(64, 8, gen)
