@@ -5,7 +5,8 @@
 #                  slurm.conf, start the daemons, wait until the node is idle. Idempotent.
 #   stop [--purge] stop them by PID (never by name); --purge also deletes state, logs and slurm.conf.
 # Needs root: it writes /etc/slurm/slurm.conf and /run/munge. Learned on Debian 12 with slurm 22.05:
-# AuthInfo=cred_expire=10, or a requeued job waits about 2.5 minutes before it may start again.
+# AuthInfo=cred_expire=10, or a requeued job waits about 2.5 minutes before it may start again; and a
+# scheduling pass every few seconds, or it then waits for the next one (backfill's default: every 30 s).
 set -euo pipefail
 
 BASE=${SLURM_LOCAL_DIR:-/tmp/slurm-local}          # state, spool, logs, pids
@@ -87,6 +88,7 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
 SlurmctldPort=${SLURM_LOCAL_CTLD_PORT:-6817}
