@@ -48,7 +48,7 @@ def load_discriminator(checkpoint: Path, device: torch.device) -> tuple[Discrimi
         weights = state[key]
         # Checkpoints from before model.d_norm existed hold the paper's BatchNorm D.
         D = Discriminator(cfg["model"]["ndf"], cfg["data"]["image_size"], cfg["model"].get("d_norm", "batch"),
-                          gan_head=has_gan_head(weights))
+                          gan_head=has_gan_head(weights), blocks=cfg["model"].get("d_blocks", 0))
         D.load_state_dict(weights)
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a file from <run>/checkpoints/.") from None

@@ -87,7 +87,7 @@ class GANStep:
         # D's own GAN logit only where it has two tasks: self-blends and G's samples (pipeline/models.py).
         gan_head = m.d_gan_head == "own" and t.sbi_weight > 0 and t.gan_weight > 0
         G, D = build_models(m.nz, m.ngf, m.ndf, cfg.data.image_size, torch.Generator().manual_seed(t.seed), m.d_norm,
-                            gan_head)
+                            gan_head, m.d_blocks)
         self.G_raw = G.to(device, memory_format=fast.layout)
         self.D_raw = D.to(device, memory_format=fast.layout)
         self.G_ema = copy.deepcopy(self.G_raw).eval().requires_grad_(False)

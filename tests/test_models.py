@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import Discriminator, Generator, build_models
+from pipeline.models import Discriminator, Generator, Residual, build_models
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])
@@ -43,6 +43,23 @@ def test_the_dcgan_initialization_and_its_reproducibility():
     assert all(torch.equal(a, b) for a, b in zip(G1.state_dict().values(), G2.state_dict().values()))
     assert sum(p.numel() for p in G1.parameters()) == 3_576_704  # the DCGAN of pytorch/examples at 64 px
     assert sum(p.numel() for p in D1.parameters()) == 2_765_568
+
+
+def test_d_blocks_add_residual_depth_at_each_resolution_and_start_as_the_dcgans_d():
+    _, plain = build_models(100, 16, 16, 64)
+    _, deep = build_models(100, 16, 16, 64, d_blocks=2)
+    blocks = [m for m in deep.main if isinstance(m, Residual)]
+    assert len(blocks) == 2 * 4  # two after each of D's four downsamplings, at 32, 16, 8 and 4 px
+    assert [b.body[0].in_channels for b in blocks] == [16, 16, 32, 32, 64, 64, 128, 128]
+    x = torch.randn(3, 3, 64, 64)
+    assert deep(x).shape == (3,) and deep(x, gan=True).shape == (3, 2)
+    dcgan = nn.Sequential(*(m for m in deep.main if not isinstance(m, Residual)))  # the same D without its blocks
+    assert len(dcgan) == len(plain.main) and torch.equal(deep(x), dcgan(x).flatten())  # blocks start as identities
+    block = blocks[0]
+    features = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        block.gain.fill_(0.5)
+    assert torch.allclose(block(features), features + 0.5 * block.body(features))  # a residual: x + gain f(x)
 
 
 def test_an_unsupported_size_is_refused():

@@ -169,6 +169,25 @@ def test_a_run_resumes_with_or_without_the_average_of_ds_weights_whatever_its_ch
         trainer.close()
 
 
+def test_a_deeper_d_trains_and_its_checkpoint_loads_as_the_detector(celeba_shards, tmp_path):
+    from pipeline.evaluate import load_discriminator
+    from pipeline.models import Residual
+
+    trainer = Trainer(_config(celeba_shards, tmp_path, "deep", "train.max_steps=2", "model.d_blocks=1"), ONE_CPU)
+    try:
+        assert trainer.train() == "max_steps"
+        trained = trainer.step_fn.detector
+    finally:
+        trainer.close()
+    assert sum(isinstance(m, Residual) for m in trained.modules()) == 4  # one after each downsampling, at 64 px
+    assert all(m.gain != 0 for m in trained.modules() if isinstance(m, Residual))  # they learnt: the blocks count
+    path = sorted((tmp_path / "deep" / "checkpoints").glob("step-*.pt"))[-1]
+    D, _ = load_discriminator(path, torch.device("cpu"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(D(x), trained(x))
+
+
 def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_shards, tmp_path):
     assert _train(_config(celeba_shards, tmp_path, "shape", "train.max_steps=1")) == ("max_steps", 1)
     with pytest.raises(UserError, match=r"checkpoint .*shape/checkpoints/step-00000001.pt holds another model .*"
@@ -180,6 +199,7 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_sha
     (["train.eval_every_epochs=1", "train.eval_shards=/nonexistent/celebdf"], r"train.eval_shards: .*/nonexistent/celebdf"),
     (["data.dtype=bfloat16", "train.precision=fp32"], r"data.dtype bfloat16 needs autocast, but train.precision is fp32"),
     (["train.d_ema_beta=1"], r"train.d_ema_beta 1.0 is not in \[0, 1\): give the average's beta \(0.999\), or 0"),
+    (["model.d_blocks=-1"], r"model.d_blocks is -1: give D's residual blocks per resolution \(1\), or 0 for the DCGAN's D."),
     (["train.d_sam_rho=-0.05"], r"train.d_sam_rho -0.05 is negative: give SAM's distance \(SBI's 0.05\), or 0"),
     (["train.d_sam_rho=0.05", "train.compile=true", "train.compile_mode=reduce-overhead"],
      r"train.d_sam_rho calls D twice a step, which has not run under train.compile_mode reduce-overhead's CUDA graphs: "
