@@ -76,8 +76,8 @@ def _check(cfg: Config) -> None:
     if cfg.model.d_norm not in D_NORMS:
         raise UserError(f"model.d_norm {cfg.model.d_norm!r} is not one of {D_NORMS}: choose one of those.")
     if cfg.model.d_blocks < 0:
-        raise UserError(f"model.d_blocks is {cfg.model.d_blocks}: give D's residual blocks per resolution (1), or 0 for "
-                        "the DCGAN's D.")
+        raise UserError(f"model.d_blocks is {cfg.model.d_blocks}: give the number of residual blocks per resolution "
+                        "(e.g. 1), or 0 for the DCGAN's D.")
     if cfg.model.d_gan_head not in D_GAN_HEADS:
         raise UserError(f"model.d_gan_head {cfg.model.d_gan_head!r} is not one of {D_GAN_HEADS}: choose one of those.")
     if not cfg.data.drop_last:

@@ -199,7 +199,7 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_sha
     (["train.eval_every_epochs=1", "train.eval_shards=/nonexistent/celebdf"], r"train.eval_shards: .*/nonexistent/celebdf"),
     (["data.dtype=bfloat16", "train.precision=fp32"], r"data.dtype bfloat16 needs autocast, but train.precision is fp32"),
     (["train.d_ema_beta=1"], r"train.d_ema_beta 1.0 is not in \[0, 1\): give the average's beta \(0.999\), or 0"),
-    (["model.d_blocks=-1"], r"model.d_blocks is -1: give D's residual blocks per resolution \(1\), or 0 for the DCGAN's D."),
+    (["model.d_blocks=-1"], r"model.d_blocks is -1: give the number of residual blocks per resolution \(e.g. 1\), or 0 for the DCGAN's D."),
     (["train.d_sam_rho=-0.05"], r"train.d_sam_rho -0.05 is negative: give SAM's distance \(SBI's 0.05\), or 0"),
     (["train.d_sam_rho=0.05", "train.compile=true", "train.compile_mode=reduce-overhead"],
      r"train.d_sam_rho calls D twice a step, which has not run under train.compile_mode reduce-overhead's CUDA graphs: "

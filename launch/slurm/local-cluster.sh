@@ -6,7 +6,8 @@
 #   stop [--purge] stop them by PID (never by name); --purge also deletes state, logs and slurm.conf.
 # Needs root: it writes /etc/slurm/slurm.conf and /run/munge. Learned on Debian 12 with slurm 22.05:
 # AuthInfo=cred_expire=10, or a requeued job waits about 2.5 minutes before it may start again; and a
-# scheduling pass every few seconds, or it then waits for the next one (backfill's default: every 30 s).
+# scheduling pass every few seconds, or it then waits for the next one (by default backfill runs every 30 s,
+# the main loop every 60 s).
 set -euo pipefail
 
 BASE=${SLURM_LOCAL_DIR:-/tmp/slurm-local}          # state, spool, logs, pids
