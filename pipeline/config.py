@@ -53,7 +53,7 @@ class ModelConfig:
     ngf: int = 64  # generator width: channels of its last hidden layer
     ndf: int = 64  # discriminator width: channels of its first layer
     d_blocks: int = 0  # residual 3x3 blocks in D after each downsampling (models.Residual); 0: the DCGAN's D. 1 reached
-    # about the same AUC in 30% fewer steps, so no better in equal CPU time (2.4x D's multiply-adds; BENCHMARKS.md)
+    # about the same AUC in a third fewer steps, so no better in equal CPU time (2.4x D's multiply-adds; BENCHMARKS.md)
     d_norm: str = "group"  # group: a face's score is the same alone or in any batch, in train and eval mode |
     # batch: the DCGAN paper's BatchNorm (checkpoints written before d_norm existed)
     d_gan_head: str = "own"  # with self-blends and G both (train.sbi_weight and gan_weight > 0): own: G's samples get
