@@ -82,8 +82,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class Residual(nn.Module):
     """x + gain * LeakyReLU(norm(conv3x3(x))): a block of `model.d_blocks`, depth for D at one resolution.
     The gain starts at 0 (ReZero, Bachlechner et al. 2020), so a deeper D starts as the DCGAN's D (as a
-    function: with one seed its other layers draw other initial weights) and its blocks grow in as they help; without it the GroupNorm would undo the small initialization, and each
-    block would start by adding unit-scale noise to the features."""
+    function: with one seed its other layers draw other initial weights) and its blocks grow in as they help;
+    without it the GroupNorm would undo the small initialization, and each block would start by adding
+    unit-scale noise to the features."""
 
     def __init__(self, channels: int, norm: str):
         super().__init__()
