@@ -82,7 +82,7 @@ class TrainConfig:
     # batch 32. auto: on with CUDA.
     compile_inputs: str | bool = False
     fused_adam: bool = True  # one kernel per update, which skips non-finite steps on the device
-    tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it
+    tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have it (G and D; the self-blends stay float32)
     ema_beta: float = 0.999  # G_ema <- beta * G_ema + (1 - beta) * G; beta warms up as (1 + step) / (10 + step)
     # The detector is D_ema, D's weights averaged in the same way (0: D's own weights). Averaged weights scored the
     # swaps of people never seen better than the last step's did, in the same runs (BENCHMARKS.md).

@@ -8,6 +8,7 @@ to, so that a run never dies on it at its first step or an hour in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -99,6 +100,20 @@ def resolve(train, model, device: torch.device) -> FastPaths:
         torch.backends.cudnn.allow_tf32 = tf32
     return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32, graph_inputs,
                      compile_inputs)
+
+
+@contextlib.contextmanager
+def float32_products():
+    """Matrix products in full float32 inside, whatever train.tf32 says (torch's switch is global; it is put back
+    after). For the self-blends: TF32 rounds a product's inputs to 10 bits of mantissa, which the blend mask's
+    erosion threshold, the hull's extreme points and the JPEG quantizer turn into flipped pixels. Rounded so on
+    the CPU, the blurs alone moved a batch's pixels by 3-6e-4 on average and up to 0.16 (BENCHMARKS.md)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def compiler_problem(device: torch.device) -> str | None:

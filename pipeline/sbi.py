@@ -154,22 +154,31 @@ def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
     is that line blurred by a Gaussian of `kernel_px` taps (odd), reflected at the ends (or zero beyond them).
 
     Built by adding each tap's weight where it reads (a scatter of [..., n, K] values: on 2 CPU cores 10 times
-    cheaper than filling the [..., n, n] matrix entry by entry). Near the ends two taps of a row can read one
-    pixel, and CUDA adds those two in either order: the last bit may differ between runs, as it may in cuDNN's
-    kernels."""
+    cheaper than filling the [..., n, n] matrix entry by entry), in three scatters: the taps inside, those
+    reflected at the start, those reflected at the end. Within one, a row's taps read distinct pixels (or add 0,
+    which is exact), so no entry depends on the order CUDA adds in; one scatter of all taps made the last bit of
+    an entry where a direct and a reflected tap meet change between runs, which the blend mask's erosion
+    threshold can turn into a flipped pixel."""
     r = kernel_px // 2
     if r >= n:
         raise ValueError(f"a blur of {kernel_px} taps cannot reflect at the ends of {n} pixels")
     t = torch.arange(-r, r + 1, device=sigma.device)
     k = torch.exp(-t.float().square() / (2 * sigma.float()[..., None].square()))
     k = k / k.sum(-1, keepdim=True)  # [..., K]
-    source = torch.arange(n, device=sigma.device)[:, None] + t  # [n, K]: the pixel each tap of each output reads
+    matrix = torch.zeros(*k.shape[:-1], n, n, device=k.device, dtype=k.dtype)
+    for pixel, where in _blur_reads(n, r, reflect, sigma.device):
+        matrix.scatter_add_(-1, pixel.expand(*k.shape[:-1], n, -1), k[..., None, :] * where)
+    return matrix
+
+
+def _blur_reads(n: int, r: int, reflect: bool, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(pixel, where)] of [n, K] each: the pixel that tap t of output i reads (within 0..n - 1), where it does so
+    directly, then reflected at the start, then at the end."""
+    source = torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)
+    reads = [(source, (source >= 0) & (source < n))]
     if reflect:
-        source = source.abs()
-        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
-    k = k[..., None, :] * ((source >= 0) & (source < n))  # [..., n, K]; reflected taps are always inside
-    index = source.clamp(0, n - 1).expand(k.shape)
-    return torch.zeros(*k.shape[:-1], n, device=k.device, dtype=k.dtype).scatter_add_(-1, index, k)
+        reads += [(-source, source < 0), (2 * (n - 1) - source, source > n - 1)]
+    return [(pixel.clamp(0, n - 1), where) for pixel, where in reads]
 
 
 def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:
@@ -179,10 +188,9 @@ def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
 
     Each axis is one batched matrix product with a banded matrix per image, rather than a convolution with a
     filter per plane: on an H200 such grouped convolutions took the most time of the self-blends (1.5 of 10.9 ms
-    a batch at 128 px, 8.0 of 42.9 at 256), and a product of [S, S] matrices is little work for a GPU. Under
-    TF32 (`train.tf32`) the products round their inputs to 10 bits of mantissa; rounded so on the CPU, the
-    blend masks changed by 1e-4 on average, and 0.1-0.3% of their pixels by over 0.01, where _blend_mask's
-    erosion threshold flips a pixel at the mask's edge (BENCHMARKS.md)."""
+    a batch at 128 px, 8.0 of 42.9 at 256), and a product of [S, S] matrices is little work for a GPU. The step
+    makes its self-blends with TF32 off (`pipeline.fastpaths.float32_products`): cuBLAS chose TF32 for some of
+    these products and full float32 for others, by shape (BENCHMARKS.md)."""
     b, c, h, w = x.shape
     down = _blur_matrices(h, kernel_px, sigma[:, 0], reflect).to(x.dtype)  # [B, H, H]
     across = _blur_matrices(w, kernel_px, sigma[:, 1], reflect).to(x.dtype)  # [B, W, W]

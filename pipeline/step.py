@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from pipeline.config import Config
-from pipeline.fastpaths import FastPaths, adam
+from pipeline.fastpaths import FastPaths, adam, float32_products
 from pipeline.graphs import GraphedFunction
 from pipeline.models import build_models
 from pipeline.sbi import BlendDraws, DegradeDraws, blend_draws, blend_with, degrade_draws, degrade_with, jpeg_constants
@@ -147,10 +147,12 @@ class GANStep:
     # ------------------------------------------------------------------ inputs
     @torch.no_grad()
     def make_inputs(self, batch) -> Inputs:
-        """D's real faces and, with self-blends, their blends (made in float32: data, not model)."""
+        """D's real faces and, with self-blends, their blends (made in float32, TF32 off: data, not model; eager,
+        captured in a CUDA graph or compiled alike)."""
         if not self.sbi:
             return Inputs(batch.images)
-        return Inputs(*self._blends(batch.images, batch.landmarks))
+        with float32_products():
+            return Inputs(*self._blends(batch.images, batch.landmarks))
 
     def _draw_and_blend(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         draws = blend_draws(images, self.noise), degrade_draws(images, self.noise), degrade_draws(images, self.noise)

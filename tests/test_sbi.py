@@ -219,13 +219,29 @@ def test_self_blends_and_degradations_never_read_a_device_value_on_the_host():
 
 
 @pytest.mark.parametrize("reflect, border", [(True, "reflect"), (False, "constant")])
-def test_the_blur_is_kornias(reflect, border):
+@pytest.mark.parametrize("size", [(48, 64), (9, 12)])  # 9 rows: the taps reach both ends, reflected
+def test_the_blur_is_kornias(reflect, border, size):
     from kornia.filters import gaussian_blur2d
 
-    x = torch.rand(4, 3, 48, 64, generator=_gen(5))
+    x = torch.rand(4, 3, *size, generator=_gen(5))
     sigma = torch.rand(4, 2, generator=_gen(6)) * 3 + 0.3
     torch.testing.assert_close(sbi._blur(x, 17, sigma, reflect), gaussian_blur2d(x, 17, sigma, border_type=border),
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n, reflect", [(9, True), (9, False), (64, True)])
+def test_each_scatter_of_the_blur_matrices_lands_a_rows_taps_on_distinct_pixels(n, reflect):
+    # CUDA adds colliding values of one scatter in either order: the last bit of an entry, and through the blend
+    # mask's erosion threshold a pixel, changed between runs where a direct and a reflected tap met.
+    r = 8
+    reads = sbi._blur_reads(n, r, reflect, torch.device("cpu"))
+    for pixel, where in reads:
+        for row in range(n):
+            taps = pixel[row][where[row]]
+            assert len(taps.unique()) == len(taps)
+    # and every tap reads once: directly or reflected once, or outside the image, with zero padding
+    counts = sum(where.long() for _, where in reads)
+    assert counts.max() == 1 and (counts.min() == 1 if reflect else counts.sum() < n * (2 * r + 1))
 
 
 def test_a_blur_longer_than_twice_the_image_is_refused():

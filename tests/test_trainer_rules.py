@@ -240,7 +240,7 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
         trainer = Trainer(cfg, gpu)
         try:
             assert trainer.step_fn.cuda_graphs is (mode == "reduce-overhead")
-            start = {k: v.detach().clone() for k, v in trainer.step_fn.D_raw.state_dict().items()}
+            start = {k: v.detach().to("cpu", copy=True) for k, v in trainer.step_fn.D_raw.state_dict().items()}
             return trainer.train(), trainer.step, start
         finally:
             trainer.close()
