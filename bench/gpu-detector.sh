@@ -13,7 +13,7 @@
 # reached 0.869 with it (an H200, 17,159 steps), against the 0.856 of D itself. Scored on the staged Celeb-DF
 # test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
 # train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends.
-# Then the self-blends alone at 128 and 256 px with their heaviest kernels (bench.blends), the `gpu` tests, and
+# Then the `gpu` tests, the self-blends alone at 128 and 256 px with their heaviest kernels (bench.blends), and
 # last, on the staged CelebA shards, the trainer end to end with G and the self-blend graph, torch.compile's
 # default mode against reduce-overhead (bench.train, 64 px, batch 128), each in the time the call has left.
 # OUT gets detector.log (the card and versions first), gpu-tests.log, blends.log, train.log and the JSON of each part.
@@ -56,14 +56,14 @@ part() {  # name, seconds, log, command...: bounded by its own limit and by the 
     echo "== $name: skipped, $(left) s left"
   fi
 }
-# The self-blends alone at the detector's sizes first, eager and graphed, with the kernels that take their time
-# (bench.blends --profile; a minute), then the `gpu` tests (about 150 s before the trainer's under reduce-overhead
-# joined them), then the trainer end to end with G, torch.compile's default mode against reduce-overhead, in what
-# is left.
-part blends 60 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --compiled 0 --profile 12 \
-  --out "$out"
+# The `gpu` tests first (218 s on an H200 with the trainer's under reduce-overhead; they gate defaults), then the
+# self-blends alone at the detector's sizes, eager and graphed, with the kernels that take their time
+# (bench.blends --profile; a minute), then the trainer end to end with G, torch.compile's default mode against
+# reduce-overhead, in what is left.
 part "gpu tests" 240 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
   tests/test_data.py tests/test_trainer_rules.py
+part blends 60 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --compiled 0 --profile 12 \
+  --out "$out"
 part train 100 train.log $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \
   --precision bf16 --channels-last 1 --compile 1 --compile-mode default reduce-overhead --inputs dali --sbi 1 \
   --graph-inputs 1 --out "$out"
