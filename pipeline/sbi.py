@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from kornia.color import hsv_to_rgb, rgb_to_hsv
 
+from pipeline.fastpaths import float32_products
+
 REF_SIZE_PX = 256  # the size the reference's pixel constants hold at
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's blend_list: full blends are drawn half the time
 LANDMARK_MARGIN = 0.02  # landmarks may leave the crop by this fraction and still count as usable
@@ -165,20 +167,15 @@ def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
     t = torch.arange(-r, r + 1, device=sigma.device)
     k = torch.exp(-t.float().square() / (2 * sigma.float()[..., None].square()))
     k = k / k.sum(-1, keepdim=True)  # [..., K]
-    matrix = torch.zeros(*k.shape[:-1], n, n, device=k.device, dtype=k.dtype)
-    for pixel, where in _blur_reads(n, r, reflect, sigma.device):
-        matrix.scatter_add_(-1, pixel.expand(*k.shape[:-1], n, -1), k[..., None, :] * where)
-    return matrix
-
-
-def _blur_reads(n: int, r: int, reflect: bool, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(pixel, where)] of [n, K] each: the pixel that tap t of output i reads (within 0..n - 1), where it does so
-    directly, then reflected at the start, then at the end."""
-    source = torch.arange(n, device=device)[:, None] + torch.arange(-r, r + 1, device=device)
-    reads = [(source, (source >= 0) & (source < n))]
-    if reflect:
+    source = torch.arange(n, device=sigma.device)[:, None] + t  # [n, K]: the pixel each tap of each output reads
+    reads = [(source, (source >= 0) & (source < n))]  # (pixel, where the tap reads it): directly,
+    if reflect:  # then reflected at the start, then at the end
         reads += [(-source, source < 0), (2 * (n - 1) - source, source > n - 1)]
-    return [(pixel.clamp(0, n - 1), where) for pixel, where in reads]
+    matrix = torch.zeros(*k.shape[:-1], n, n, device=k.device, dtype=k.dtype)
+    for pixel, where in reads:
+        index = pixel.clamp(0, n - 1).expand(*k.shape[:-1], n, -1)
+        matrix.scatter_add_(-1, index, k[..., None, :] * where)
+    return matrix
 
 
 def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:
@@ -188,9 +185,9 @@ def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
 
     Each axis is one batched matrix product with a banded matrix per image, rather than a convolution with a
     filter per plane: on an H200 such grouped convolutions took the most time of the self-blends (1.5 of 10.9 ms
-    a batch at 128 px, 8.0 of 42.9 at 256), and a product of [S, S] matrices is little work for a GPU. The step
-    makes its self-blends with TF32 off (`pipeline.fastpaths.float32_products`): cuBLAS chose TF32 for some of
-    these products and full float32 for others, by shape (BENCHMARKS.md)."""
+    a batch at 128 px, 8.0 of 42.9 at 256), and a product of [S, S] matrices is little work for a GPU. The
+    self-blends are made with TF32 off (`pipeline.fastpaths.float32_products`): rounded to TF32 they depended
+    on which kernels made them, eager or compiled (BENCHMARKS.md)."""
     b, c, h, w = x.shape
     down = _blur_matrices(h, kernel_px, sigma[:, 0], reflect).to(x.dtype)  # [B, H, H]
     across = _blur_matrices(w, kernel_px, sigma[:, 1], reflect).to(x.dtype)  # [B, W, W]
@@ -414,8 +411,10 @@ def degrade_draws(images: torch.Tensor, generator: torch.Generator) -> DegradeDr
 
 
 def self_blend(images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator) -> SelfBlends:
-    """Self-blends of [B, 3, S, S] images in [-1, 1] with their [B, 68, 2] normalized landmarks."""
-    return blend_with(images, landmarks, blend_draws(images, generator))
+    """Self-blends of [B, 3, S, S] images in [-1, 1] with their [B, 68, 2] normalized landmarks (in float32, TF32
+    off: they are data)."""
+    with float32_products():
+        return blend_with(images, landmarks, blend_draws(images, generator))
 
 
 def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws) -> SelfBlends:
@@ -443,8 +442,10 @@ def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws)
 
 
 def degrade(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """Independent random quality losses per image, each with probability p: resize, blur, noise, JPEG."""
-    return degrade_with(images, degrade_draws(images, generator), p)
+    """Independent random quality losses per image, each with probability p: resize, blur, noise, JPEG (in
+    float32, TF32 off)."""
+    with float32_products():
+        return degrade_with(images, degrade_draws(images, generator), p)
 
 
 def degrade_with(images: torch.Tensor, draws: DegradeDraws, p: float = 0.5) -> torch.Tensor:

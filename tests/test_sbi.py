@@ -218,6 +218,29 @@ def test_self_blends_and_degradations_never_read_a_device_value_on_the_host():
     assert reads.reads == []
 
 
+@pytest.mark.parametrize("make, pure", [("self_blend", "blend_with"), ("degrade", "degrade_with")])
+def test_the_eager_self_blends_and_degradations_are_made_with_float32_products(monkeypatch, make, pure):
+    # Validation calibrates on `self_blend`'s blends: with TF32 they would be rounded apart from the step's
+    # (GANStep.make_inputs turns it off for its own; tests/test_step.py).
+    seen = []
+    inner = getattr(sbi, pure)
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return inner(*args)
+
+    monkeypatch.setattr(sbi, pure, spy)
+    images, landmarks = template_batch(32, 2, _gen(0))
+    args = (images, landmarks, _gen(1)) if make == "self_blend" else (images, _gen(1))
+    before = torch.backends.cuda.matmul.allow_tf32  # a global switch, which monkeypatch cannot put back
+    torch.backends.cuda.matmul.allow_tf32 = True  # train.tf32's default on a GPU
+    try:
+        getattr(sbi, make)(*args)
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("reflect, border", [(True, "reflect"), (False, "constant")])
 @pytest.mark.parametrize("size", [(48, 64), (9, 12)])  # 9 rows: the taps reach both ends, reflected
 def test_the_blur_is_kornias(reflect, border, size):
@@ -230,18 +253,31 @@ def test_the_blur_is_kornias(reflect, border, size):
 
 
 @pytest.mark.parametrize("n, reflect", [(9, True), (9, False), (64, True)])
-def test_each_scatter_of_the_blur_matrices_lands_a_rows_taps_on_distinct_pixels(n, reflect):
-    # CUDA adds colliding values of one scatter in either order: the last bit of an entry, and through the blend
-    # mask's erosion threshold a pixel, changed between runs where a direct and a reflected tap met.
-    r = 8
-    reads = sbi._blur_reads(n, r, reflect, torch.device("cpu"))
-    for pixel, where in reads:
-        for row in range(n):
-            taps = pixel[row][where[row]]
-            assert len(taps.unique()) == len(taps)
-    # and every tap reads once: directly or reflected once, or outside the image, with zero padding
-    counts = sum(where.long() for _, where in reads)
-    assert counts.max() == 1 and (counts.min() == 1 if reflect else counts.sum() < n * (2 * r + 1))
+def test_no_scatter_of_the_blur_matrices_adds_two_taps_into_one_entry(n, reflect):
+    # CUDA adds the colliding values of one scatter in either order: where a direct and a reflected tap met, an
+    # entry's last bit changed between runs, and through the blend mask's erosion threshold a pixel.
+    from torch.overrides import TorchFunctionMode
+
+    class Scatters(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.scatter_add_:
+                self.calls.append((args[2].clone(), args[3].clone()))  # index, values
+            return func(*args, **(kwargs or {}))
+
+    sigma = torch.rand(3, generator=_gen(9)) * 3 + 0.3
+    with Scatters() as scatters:
+        matrices = sbi._blur_matrices(n, 17, sigma, reflect)
+    assert len(scatters.calls) == (3 if reflect else 1)
+    for index, values in scatters.calls:
+        for image in range(3):
+            for row in range(n):
+                landing = index[image, row][values[image, row] != 0]
+                assert len(landing.unique()) == len(landing), (image, row, landing)
+    assert matrices.shape == (3, n, n)
 
 
 def test_a_blur_longer_than_twice_the_image_is_refused():
