@@ -156,11 +156,9 @@ def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
     is that line blurred by a Gaussian of `kernel_px` taps (odd), reflected at the ends (or zero beyond them).
 
     Built by adding each tap's weight where it reads (a scatter of [..., n, K] values: on 2 CPU cores 10 times
-    cheaper than filling the [..., n, n] matrix entry by entry), in three scatters: the taps inside, those
-    reflected at the start, those reflected at the end. Within one, a row's taps read distinct pixels (or add 0,
-    which is exact), so no entry depends on the order CUDA adds in; one scatter of all taps made the last bit of
-    an entry where a direct and a reflected tap meet change between runs, which the blend mask's erosion
-    threshold can turn into a flipped pixel."""
+    cheaper than filling the [..., n, n] matrix entry by entry). Near the ends two taps of a row can read one
+    pixel (three only with a kernel of 2n - 1 taps); two addends sum to the same bits in either order,
+    so CUDA's atomic adds make the same matrix every run."""
     r = kernel_px // 2
     if r >= n:
         raise ValueError(f"a blur of {kernel_px} taps cannot reflect at the ends of {n} pixels")
@@ -168,14 +166,12 @@ def _blur_matrices(n: int, kernel_px: int, sigma: torch.Tensor, reflect: bool = 
     k = torch.exp(-t.float().square() / (2 * sigma.float()[..., None].square()))
     k = k / k.sum(-1, keepdim=True)  # [..., K]
     source = torch.arange(n, device=sigma.device)[:, None] + t  # [n, K]: the pixel each tap of each output reads
-    reads = [(source, (source >= 0) & (source < n))]  # (pixel, where the tap reads it): directly,
-    if reflect:  # then reflected at the start, then at the end
-        reads += [(-source, source < 0), (2 * (n - 1) - source, source > n - 1)]
-    matrix = torch.zeros(*k.shape[:-1], n, n, device=k.device, dtype=k.dtype)
-    for pixel, where in reads:
-        index = pixel.clamp(0, n - 1).expand(*k.shape[:-1], n, -1)
-        matrix.scatter_add_(-1, index, k[..., None, :] * where)
-    return matrix
+    if reflect:
+        source = source.abs()
+        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
+    k = k[..., None, :] * ((source >= 0) & (source < n))  # [..., n, K]; reflected taps are always inside
+    index = source.clamp(0, n - 1).expand(k.shape)
+    return torch.zeros(*k.shape[:-1], n, device=k.device, dtype=k.dtype).scatter_add_(-1, index, k)
 
 
 def _blur(x: torch.Tensor, kernel_px: int, sigma: torch.Tensor, reflect: bool = True) -> torch.Tensor:

@@ -252,34 +252,6 @@ def test_the_blur_is_kornias(reflect, border, size):
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("n, reflect", [(9, True), (9, False), (64, True)])
-def test_no_scatter_of_the_blur_matrices_adds_two_taps_into_one_entry(n, reflect):
-    # CUDA adds the colliding values of one scatter in either order: where a direct and a reflected tap met, an
-    # entry's last bit changed between runs, and through the blend mask's erosion threshold a pixel.
-    from torch.overrides import TorchFunctionMode
-
-    class Scatters(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.scatter_add_:
-                self.calls.append((args[2].clone(), args[3].clone()))  # index, values
-            return func(*args, **(kwargs or {}))
-
-    sigma = torch.rand(3, generator=_gen(9)) * 3 + 0.3
-    with Scatters() as scatters:
-        matrices = sbi._blur_matrices(n, 17, sigma, reflect)
-    assert len(scatters.calls) == (3 if reflect else 1)
-    for index, values in scatters.calls:
-        for image in range(3):
-            for row in range(n):
-                landing = index[image, row][values[image, row] != 0]
-                assert len(landing.unique()) == len(landing), (image, row, landing)
-    assert matrices.shape == (3, n, n)
-
-
 def test_a_blur_longer_than_twice_the_image_is_refused():
     with pytest.raises(ValueError, match="a blur of 17 taps cannot reflect at the ends of 8 pixels"):
         sbi._blur(torch.zeros(1, 1, 8, 8), 17, torch.ones(1, 2))
