@@ -48,6 +48,18 @@ def run_shards(*args: str, timeout_s: float = 300) -> subprocess.CompletedProces
     )
 
 
+@pytest.fixture
+def tf32_on():
+    """TF32 products allowed, as train.tf32 leaves them on a GPU; put back after (a global switch, which
+    monkeypatch cannot restore)."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="session")
 def celeba_root(tmp_path_factory) -> Path:
     return write_celeba(tmp_path_factory.mktemp("data") / "celeba", CELEBA_IMAGES, seed=1)

@@ -219,7 +219,7 @@ def test_self_blends_and_degradations_never_read_a_device_value_on_the_host():
 
 
 @pytest.mark.parametrize("make, pure", [("self_blend", "blend_with"), ("degrade", "degrade_with")])
-def test_the_eager_self_blends_and_degradations_are_made_with_float32_products(monkeypatch, make, pure):
+def test_the_eager_self_blends_and_degradations_are_made_with_float32_products(monkeypatch, tf32_on, make, pure):
     # Validation calibrates on `self_blend`'s blends: with TF32 they would be rounded apart from the step's
     # (GANStep.make_inputs turns it off for its own; tests/test_step.py).
     seen = []
@@ -232,13 +232,8 @@ def test_the_eager_self_blends_and_degradations_are_made_with_float32_products(m
     monkeypatch.setattr(sbi, pure, spy)
     images, landmarks = template_batch(32, 2, _gen(0))
     args = (images, landmarks, _gen(1)) if make == "self_blend" else (images, _gen(1))
-    before = torch.backends.cuda.matmul.allow_tf32  # a global switch, which monkeypatch cannot put back
-    torch.backends.cuda.matmul.allow_tf32 = True  # train.tf32's default on a GPU
-    try:
-        getattr(sbi, make)(*args)
-        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    getattr(sbi, make)(*args)
+    assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
 
 
 @pytest.mark.parametrize("reflect, border", [(True, "reflect"), (False, "constant")])

@@ -459,7 +459,7 @@ def _lone_step(*extra, config="sbi-only.yaml"):
     return GANStep(cfg, resolve(cfg.train, cfg.model, device), device, gen), Batch(images, landmarks=landmarks)
 
 
-def test_the_self_blends_are_made_with_float32_products_and_tf32_is_back_after(monkeypatch):
+def test_the_self_blends_are_made_with_float32_products_and_tf32_is_back_after(monkeypatch, tf32_on):
     # TF32 rounds a product's inputs to 10 bits: the blend mask's threshold and the JPEG quantizer turn that into
     # flipped pixels, so the blends would differ from the CPU's and between kernels that round alike in float32.
     from pipeline import step as step_module
@@ -473,13 +473,8 @@ def test_the_self_blends_are_made_with_float32_products_and_tf32_is_back_after(m
     real_blend_with = step_module.blend_with
     monkeypatch.setattr(step_module, "blend_with", blend_with)
     step, batch = _lone_step()
-    before = torch.backends.cuda.matmul.allow_tf32  # a global switch, which monkeypatch cannot put back
-    torch.backends.cuda.matmul.allow_tf32 = True  # train.tf32's default on a GPU
-    try:
-        step.make_inputs(batch)
-        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    step.make_inputs(batch)
+    assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
 
 
 def test_sam_steps_d_by_its_gradient_at_the_weights_moved_along_the_first_one():
