@@ -115,13 +115,14 @@ class Discriminator(nn.Module):
                  blocks: int = 0):
         super().__init__()
         extra = _check_size(image_size)
-        layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # [N, ndf, S/2, S/2]
-        layers += [Residual(ndf, norm) for _ in range(blocks)]
-        ch = ndf
-        for _ in range(3 + extra):  # down to 4 x 4
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), _norm(norm, ch * 2), nn.LeakyReLU(0.2, True)]
-            ch *= 2
-            layers += [Residual(ch, norm) for _ in range(blocks)]
+        layers: list[nn.Module] = []
+        ch = 3
+        for i in range(4 + extra):  # halving the size down to 4 x 4: [N, ndf, S/2, S/2], then twice the channels each
+            out = ndf * 2**i
+            layers += [nn.Conv2d(ch, out, 4, 2, 1, bias=False)]
+            layers += [_norm(norm, out)] if i else []  # as the DCGAN's: nothing normalizes the first layer
+            layers += [nn.LeakyReLU(0.2, True)] + [Residual(out, norm) for _ in range(blocks)]
+            ch = out
         layers += [nn.Conv2d(ch, 1, 4, 1, 0, bias=False)]  # [N, 1, 1, 1]
         self.main = nn.Sequential(*layers)
         self.gan_head = nn.Conv2d(ch, 1, 4, 1, 0, bias=False) if gan_head else None
