@@ -48,6 +48,17 @@ def run_shards(*args: str, timeout_s: float = 300) -> subprocess.CompletedProces
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory) -> Path:
+    """TMPDIR for every process the tests start: a folder of this session's, which pytest deletes with its
+    older sessions. torchrun leaves a torchelastic_* folder of its logs in the temporary directory at every
+    launch, and a `make test` launches some 35."""
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp))
+        yield tmp
+
+
 @pytest.fixture
 def tf32_on():
     """TF32 products allowed, as train.tf32 leaves them on a GPU; put back after (a global switch, which

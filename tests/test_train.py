@@ -481,3 +481,11 @@ def test_dry_run_prints_the_resolved_config_and_bad_keys_exit_2():
     bad = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", "train.lr=1"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key train.lr;" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torchrun_leaves_its_log_folder_in_the_sessions_temp_dir_not_the_machines(subprocess_tmpdir):
+    # Some 35 torchrun launches a `make test`, each leaving a torchelastic_* folder behind (conftest.py).
+    before = set(subprocess_tmpdir.glob("torchelastic_*"))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--no-python",
+                    "true"], check=True, capture_output=True, timeout=120)
+    assert len(set(subprocess_tmpdir.glob("torchelastic_*")) - before) == 1
