@@ -5,6 +5,11 @@
 #                                                          for the detector, e.g. data.image_size=256 model.ndf=32)
 #   DEADLINE_S=N bench/gpu-detector.sh ...                 (the call's own limit less a margin, default 570: pass the
 #                                                          run's timeout_s less 30 when the session has less left)
+#   ALSO="key=value ..." bench/gpu-detector.sh ...          (then a second detector for the same SECONDS, with these
+#                                                          overrides added: a pair on one machine, e.g.
+#                                                          ALSO=model.d_blocks=1; each run takes SECONDS and up to
+#                                                          120 s more to compile and score, so two fit in one call
+#                                                          with SECONDS up to about 160, and leave nothing after)
 # bench.detector's self-blend D without G at 128 px with ndf 64 and batch 128 (configs/sbi-smoke.yaml
 # otherwise): on an H200 it reached video AUC 0.80 after 120 s and 0.84 after 210 s, and 0.856 in a
 # 300 s run with the self-blend graph, on the 937-person synthetic data, where 64 px had stopped near 0.77
@@ -46,6 +51,8 @@ detector() {  # name, overrides...: training, then compiling, calibrating and sc
 # time for a whole second run.
 detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] &&
   detector gpu-eager "$@" train.graph_inputs=false train.compile_inputs=false; }
+# ALSO's words are overrides, split on blanks as the command line's would be.
+[ -z "${ALSO:-}" ] || detector also "$@" ${ALSO}
 part() {  # name, seconds, log, command...: bounded by its own limit and by the deadline
   local name=$1 limit=$2 log=$3; shift 3
   [ "$limit" -lt "$(left)" ] || limit=$(left)
