@@ -274,6 +274,23 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_and_exits_0(celeba_shards, runs,
     assert ckpt.name == f"step-{stopped:08d}.pt" and _state(runs / "sigterm", stopped)["step"] == stopped
 
 
+def test_sigterm_to_torchrun_stops_ranks_whose_loader_has_worker_processes(celeba_shards, runs, tmp_path):
+    # torchrun passes a signal on to each rank's whole process group (os.killpg), as SLURM's scancel and a
+    # preemption reach the ranks (launch/slurm/torchrun.sh): the baseline loader's worker processes and their
+    # forkserver are in it, and died of it, failing the rank's next batch before it could save.
+    overrides = _overrides(celeba_shards.out_dir, runs, "pgroup", "data.loader=baseline", "data.batch_size=2",
+                           "train.epochs=1000", "train.ckpt_every_steps=1000", "log.wandb=offline", "train.log_every_steps=6")
+    # 12 steps an epoch: the next boundary, step 12, is 6 batches on, more than the 2 a worker has ready
+    proc = _start_and_wait_for_step(overrides, tmp_path / "log", 6)
+    os.kill(proc.pid, signal.SIGTERM)  # the agent, which signals each rank's process group
+    proc.wait(timeout=120)  # torchrun exits non-zero whenever it passed a signal on
+    output = (tmp_path / "log").read_text()
+    assert "DataLoader worker" not in output, output[-3000:]
+    stopped = int(re.search(r"stopping at step (\d+) on a signal", output).group(1))
+    (ckpt,) = (runs / "pgroup" / "checkpoints").iterdir()
+    assert ckpt.name == f"step-{stopped:08d}.pt" and _state(runs / "pgroup", stopped)["step"] == stopped
+
+
 def _signal_at(moment, overrides, log_path):
     """Run 2 ranks through tests/inject_pause.py, SIGTERM rank 1 while it pauses at `moment`; the exit code."""
     with open(log_path, "w") as log:

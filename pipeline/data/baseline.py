@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -22,6 +25,7 @@ from torchvision.transforms import v2
 from pipeline.config import DataConfig
 from pipeline.data.common import Batch, ShardLoader, SplitInfo, epoch_rng, finish_images, finish_landmarks
 from pipeline.errors import UserError
+from pipeline.signals import SIGNALS as STOP_SIGNALS
 
 
 class IndexedShards(Dataset):
@@ -65,9 +69,23 @@ def worker_context():
     """Where DataLoader workers start: a forkserver, never a fork of this process. A fork copies the locks that
     this process's other threads (DALI's, torch's pools) hold at that moment, and a worker that needs one waits
     forever: it happened in the test suite, right after a DALI loader. The server imports this module once, so
-    a worker starts without importing torch again."""
+    a worker starts without importing torch again.
+
+    The server and its workers never take the stop signals: torchrun passes one on to each rank's whole process
+    group (os.killpg), and they died of it, failing the rank's next batch before it could save (the trainer
+    records the signal and stops at its next logging boundary). The server starts with them blocked, a mask that
+    it and the workers it forks inherit; this process blocks them only while it starts the server, and receives
+    any that came meanwhile after. (A worker that hangs, which DataLoader would end with SIGTERM, then lasts until
+    this process ends, when the server does and its workers with it: torch gives them PR_SET_PDEATHSIG.)"""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
+    # The server's own helper first: starting it unblocks SIGTERM (SIG_UNBLOCK, not the mask it found).
+    multiprocessing.resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()  # started once; again only if it has died
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return context
 
 
