@@ -152,8 +152,8 @@ class Service:
                 raise HTTPException(503, BUSY, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
             broken = False
             try:
-                deadline = time.monotonic() + self.request_timeout_s
                 detector = detector or self._new_detector()
+                deadline = time.monotonic() + self.request_timeout_s  # the upload's own time: not the slot's first build
                 result, thumbnails = detector.detect(path, self.frames, deadline, **self.limits)
             except UserError as e:
                 raise HTTPException(_status(e), str(e).replace(str(path), "the upload")) from None
@@ -187,9 +187,14 @@ class BodyLimit:
     """ASGI middleware: request bodies over `max_bytes` get 413 before they are read (Content-Length) or as
     soon as they pass the limit (chunked), so an upload can never fill the disk the form parser spools to;
     a body still arriving `timeout_s` after its headers gets 408, so a stalled or trickling sender holds
-    none of `Admission`'s places for longer (uvicorn has no such limit)."""
+    none of `Admission`'s places for longer (uvicorn has no such limit). An answer that the client has not
+    taken `timeout_s` after it was ready is dropped for the same reason: uvicorn waits for a client to read
+    what it sends, and a result page with its face crops fills the socket's buffers."""
 
     class Refused(Exception):
+        pass
+
+    class Unread(Exception):
         pass
 
     def __init__(self, app, max_bytes: int, timeout_s: float):
@@ -225,12 +230,19 @@ class BodyLimit:
             return message
 
         async def answer(message):
-            if not refused:
-                await send(message)
+            if refused:
+                return
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    await send(message)
+            except TimeoutError:
+                # Left unfinished, the answer makes uvicorn close the connection (its log says so too).
+                log.warning("a client took no answer for %g s: it is dropped, and its place freed", self.timeout_s)
+                raise BodyLimit.Unread from None
 
         try:
             await self.app(scope, counted, answer)
-        except BodyLimit.Refused:
+        except (BodyLimit.Refused, BodyLimit.Unread):
             pass
 
     async def _refuse(self, scope, send):
@@ -423,6 +435,18 @@ def build_app(service: Service) -> FastAPI:
     return app
 
 
+def _seconds(parse):
+    """`parse`, refusing more seconds than Python's locks and queues can wait for (inf among them): a longer
+    --queue-timeout-s made every wait for a slot fail with OverflowError."""
+    def seconds(text: str) -> float:
+        value = parse(text)
+        if not value <= threading.TIMEOUT_MAX:
+            raise argparse.ArgumentTypeError(f"{text} is more seconds than Python can wait for (at most "
+                                             f"{threading.TIMEOUT_MAX:.0f})")
+        return value
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -434,11 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=positive_int, default=2, help="detections running at once (default: %(default)s)")
     parser.add_argument("--max-waiting", type=non_negative_int, default=8,
                         help="uploads waiting for a slot; one more gets 503 at once (default: %(default)s)")
-    parser.add_argument("--upload-timeout-s", type=positive_float, default=300.0,
+    parser.add_argument("--upload-timeout-s", type=_seconds(positive_float), default=300.0,
                         help="longest time an upload may take to arrive, then 408 (default: %(default)s)")
-    parser.add_argument("--queue-timeout-s", type=non_negative_float, default=30.0,
-                        help="longest wait for a free slot, then 503 (0: none)")
-    parser.add_argument("--request-timeout-s", type=positive_float, default=120.0, help="longest detection, then 413")
+    parser.add_argument("--queue-timeout-s", type=_seconds(non_negative_float), default=30.0,
+                        help="longest wait for a free slot, then 503 (0: no wait)")
+    parser.add_argument("--request-timeout-s", type=_seconds(positive_float), default=120.0,
+                        help="longest detection, then 413")
     parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help="per image or video frame")
     parser.add_argument("--max-video-frames", type=positive_int, default=MAX_VIDEO_FRAMES, help="frames decoded at most")
     args = parser.parse_args(argv)

@@ -44,7 +44,11 @@ class NoFaceError(UserError):
 
 
 class MediaTooLargeError(UserError):
-    """An image or video beyond the pixel or frame limits, refused before it is decoded."""
+    """An image or video beyond the pixel or frame limits, refused before it is decoded; `option` is the limit's."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 class TooSlowError(UserError):
@@ -85,8 +89,12 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
     from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
 
     check_media_path(path)
-    with open(path, "rb") as f:
-        kind = media_kind(f.read(12))
+    try:
+        with open(path, "rb") as f:
+            kind = media_kind(f.read(12))
+    except OSError as e:  # not readable by this user, or a device's error
+        raise UserError(f"{path} cannot be read ({e.strerror or e}): check its permissions, or copy it somewhere "
+                        "readable.") from None
     not_media = NotMediaError(f"{path} is neither an image nor a video that can be decoded: pass a JPEG/PNG image or an "
                               "MP4/MOV, AVI or WebM/MKV video.")
     if kind is None:
@@ -108,14 +116,16 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
         claimed, _, width, height = probe(str(path))
         _check_pixels(path, width, height, max_pixels)
         if claimed > max_video_frames:
-            raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a shorter video.")
+            raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a "
+                                     "shorter video.", "--max-video-frames")
         sampled = sample_frames(str(path), frames, max_video_frames, deadline).frames
         if not sampled:  # frames decoded, and OpenCV converted none of them: no picture to look at
             raise not_media
         return "video", sampled
     except VideoError as e:
         if e.reason.startswith("more than"):
-            raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.") from None
+            raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.",
+                                     "--max-video-frames") from None
         if e.reason == PAST_DEADLINE:
             raise TooSlowError(f"{path} took too long to decode: send a shorter or smaller video.") from None
         raise not_media from None
@@ -124,7 +134,7 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
 def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise MediaTooLargeError(f"{path} has more pixels than the limit of {max_pixels / 1e6:g} megapixels a frame "
-                                 f"(at least {width}x{height}): send a smaller one.")
+                                 f"(at least {width}x{height}): send a smaller one.", "--max-pixels")
 
 
 class Detector:
@@ -137,6 +147,9 @@ class Detector:
             raise UserError(f"--device {device} is not a device ({e}): pass cpu or cuda.") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {device}: this machine has no CUDA device that torch can use: pass --device cpu.")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}: pass one of them.")
         self.D, meta = load_discriminator(Path(checkpoint), self.device)
         self.image_size = meta["config"]["data"]["image_size"]
         self.step = meta["step"]
@@ -221,12 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled from a video (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                        help="per image or video frame, refused above (default: %(default)s)")
+    parser.add_argument("--max-video-frames", type=positive_int, default=MAX_VIDEO_FRAMES,
+                        help="frames decoded at most, refused above (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         check_media_path(args.path)  # before the checkpoint loads: a mistyped path costs no wait
-        result, _ = Detector(args.checkpoint, args.device).detect(args.path, args.frames)
+        result, _ = Detector(args.checkpoint, args.device).detect(args.path, args.frames, max_pixels=args.max_pixels,
+                                                                  max_video_frames=args.max_video_frames)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Here the limits are the user's own: say which one to raise.
+        more = f" To check it all the same, raise {e.option}." if isinstance(e, MediaTooLargeError) else ""
+        print(f"error: {e}{more}", file=sys.stderr)
         return e.exit_code
     print(json.dumps(result, indent=2) if args.json else report_text(result))
     return 0

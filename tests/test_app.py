@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import cv2
 import httpx
 import numpy as np
@@ -304,6 +305,44 @@ def test_the_upload_timeout_bounds_the_arrival_not_the_detection(smoke_checkpoin
     assert answer.status_code == 200 and answer.json()["frames_with_face"] == 1, answer.text
 
 
+def test_a_client_that_never_reads_its_answer_gives_its_place_back(smoke_checkpoint):
+    # The app as uvicorn calls it: a POST whose answer the client never reads, so that uvicorn's send() waits for its
+    # socket to drain, for good (a result page with 32 face crops outgrows the kernel's buffers). Its place among the
+    # uploads admitted must come back after --upload-timeout-s, or a few such clients would make every upload 503.
+    from pipeline.app import Service, build_app
+
+    service = Service(smoke_checkpoint, upload_timeout_s=1, max_concurrent=1, max_waiting=0)
+    app = build_app(service)
+    photo = photo_paths()[0].read_bytes()
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="f.jpg"\r\n\r\n' + photo + b"\r\n--b--\r\n")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/detect", "raw_path": b"/detect", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"x"), (b"content-type", b"multipart/form-data; boundary=b"),
+                         (b"content-length", str(len(body)).encode())], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+    sent, started = [], []
+
+    async def receive():
+        if not sent:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()  # the client says nothing more, nor goes away
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            started.append(message["status"])
+            return
+        await anyio.sleep_forever()  # the body never drains: the client reads nothing
+
+    async def call():
+        with anyio.fail_after(60):
+            await app(scope, receive, send)
+        return service.uploads_inside
+
+    t0 = time.monotonic()
+    assert anyio.run(call) == 0
+    assert started == [200] and time.monotonic() - t0 < 30
+
+
 def test_health_pages_and_error_answers_come_while_uploads_hold_every_thread(smoke_checkpoint, monkeypatch):
     # Synchronous routes share one pool of threads (40 in AnyIO; 1 here): uploads waiting for a detection slot
     # can hold them all, and /health, which a load balancer reads, the page and the error answers must come regardless.
@@ -487,6 +526,17 @@ def test_a_detection_past_its_deadline_is_413_not_a_retry_after_busy(smoke_check
     assert refused.value.status_code == 413 and "took too long" in refused.value.detail
 
 
+def test_building_a_slots_detector_is_not_counted_against_the_upload(smoke_checkpoint, monkeypatch):
+    # The slot's first upload waits for its detector to be built (dlib, DALI; slower on a loaded machine): that
+    # time is the server's, and a 413 would tell the person the file itself is too slow to check.
+    from pipeline.app import Service
+
+    service = Service(smoke_checkpoint, request_timeout_s=1)
+    build = Service._new_detector
+    monkeypatch.setattr(Service, "_new_detector", lambda self: (time.sleep(1.5), build(self))[1])
+    assert service.run(_upload(sorted(photo_paths())[0]))[0]["frames_with_face"] == 1
+
+
 @pytest.mark.parametrize("option, value, why", [("--frames", "0", "0 is not a positive integer"),
                                                ("--max-concurrent", "0", "0 is not a positive integer"),
                                                ("--max-waiting", "-1", "-1 is below zero"),
@@ -495,7 +545,11 @@ def test_a_detection_past_its_deadline_is_413_not_a_retry_after_busy(smoke_check
                                                ("--max-video-frames", "-3", "-3 is not a positive integer"),
                                                ("--upload-timeout-s", "0", "0 is not a positive number"),
                                                ("--request-timeout-s", "nan", "nan is not a positive number"),
-                                               ("--queue-timeout-s", "-1", "-1 is below zero")])
+                                               ("--queue-timeout-s", "-1", "-1 is below zero"),
+                                               ("--queue-timeout-s", "inf", "inf is more seconds than Python can wait"),
+                                               ("--queue-timeout-s", "1e10", "1e10 is more seconds than Python can wait"),
+                                               ("--upload-timeout-s", "1e10", "1e10 is more seconds than Python can wait"),
+                                               ("--request-timeout-s", "inf", "inf is more seconds than Python can wait")])
 def test_numbers_out_of_range_are_refused(option, value, why, tmp_path, capsys):
     from pipeline.app import main
 

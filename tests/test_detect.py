@@ -169,6 +169,39 @@ def test_a_device_that_is_not_here_is_refused(smoke_checkpoint, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_file_that_cannot_be_read_is_one_sentence(smoke_checkpoint):
+    # A file there but not readable (tests run as root here, which reads past any mode: /proc/self/mem is a file
+    # whose first bytes fail to read, EIO).
+    result = detect("/proc/self/mem", smoke_checkpoint)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "/proc/self/mem cannot be read (Input/output error): check its permissions" in result.stderr
+
+
+def test_the_size_limits_are_options_and_the_refusal_names_the_one_to_raise(smoke_checkpoint, tmp_path, celebdf_root):
+    image = tmp_path / "wide.jpg"
+    cv2.imwrite(str(image), np.full((300, 400, 3), 127, np.uint8))
+    video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
+    for path, option, value, message in ((image, "--max-pixels", "100000", "the limit of 0.1 megapixels a frame (at least 400x300)"),
+                                         (video, "--max-video-frames", "3", "frames, more than the limit of 3: send a shorter")):
+        result = detect(path, smoke_checkpoint, option, value)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert f"To check it all the same, raise {option}." in result.stderr
+    assert detect(image, smoke_checkpoint, "--max-pixels", "120000").returncode == 2  # no face: past the limit's check
+    assert "no face was found" in detect(image, smoke_checkpoint, "--max-pixels", "120000").stderr
+
+
+@pytest.mark.gpu
+def test_a_cuda_device_this_machine_lacks_is_refused(smoke_checkpoint, tmp_path):
+    import torch
+
+    image = tmp_path / "any.jpg"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
+    count = torch.cuda.device_count()
+    result = detect(image, smoke_checkpoint, "--device", f"cuda:{count}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--device cuda:{count}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" in result.stderr
+
+
 @pytest.mark.parametrize("frames", ["0", "-1"])
 def test_a_frame_count_below_one_is_refused(smoke_checkpoint, tmp_path, frames):
     result = detect(tmp_path / "any.mp4", smoke_checkpoint, "--frames", frames)
