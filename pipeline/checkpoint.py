@@ -30,6 +30,7 @@ class CheckpointManager:
     def __init__(self, folder: Path, keep_last: int):
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.continues = False  # set by start(): the run goes on from its own newest checkpoint, history and all
 
     def path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"
@@ -72,18 +73,20 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
         return path
 
-    def _set_aside_newer(self, step: int, why: str) -> None:
+    def _set_aside_newer(self, step: int, why: str) -> list[Path]:
         """A run resumed from an older checkpoint (train.resume=<file>) branches off: the newer checkpoints of the
-        branch it left move to superseded/, so that pruning keeps the new branch and `auto` resumes it."""
+        branch it left move to superseded/, so that pruning keeps the new branch and `auto` resumes it. Returns
+        what moved."""
         newer = [p for p in self.existing() if int(NAME.match(p.name).group(1)) > step]
         if not newer:
-            return
+            return []
         # One folder per branch left behind, so that none overwrites another's files.
         aside = self.folder / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-before-step-{max(step, 0):08d}"
         aside.mkdir(parents=True, exist_ok=True)
         for p in newer:
             p.replace(aside / p.name)
         log.warning("%s: moved %s to %s; delete them when no longer wanted", why, ", ".join(p.name for p in newer), aside)
+        return newer
 
     def start(self, resume: str, restarted: str | None) -> Path | None:
         """The checkpoint a run starts from.
@@ -93,21 +96,34 @@ class CheckpointManager:
         file, at every restart, and a job that always meets its time limit would never end. It goes on from its own
         newest checkpoint instead. So that the checkpoints in the run folder are its own, a new start that does not
         resume `auto` first moves the folder's checkpoints past the one it starts from to superseded/.
+
+        `continues` says whether the run goes on from its own newest checkpoint: only then does it keep its
+        history's W&B run, which another run's checkpoint, or a branch of its own, would overwrite.
         """
-        if resume == "auto":
-            return self.find("auto")
-        if restarted:
+        self.continues = False
+        if resume == "auto" or restarted:
             newest = self.find("auto")
             if newest is not None:
-                log.warning("%s: going on from %s, this run's newest checkpoint, not train.resume=%s", restarted, newest, resume)
+                if resume != "auto":
+                    log.warning("%s: going on from %s, this run's newest checkpoint, not train.resume=%s", restarted,
+                                newest, resume)
+                self.continues = True
                 return newest
+            if resume == "auto":
+                return None
             return self.find(resume)
         path = self.find(resume)
-        ours = path is not None and path.resolve().parent == self.folder.resolve()
-        self._set_aside_newer(int(NAME.match(path.name).group(1)) if ours else -1,
-                              f"train.resume={resume} starts this run afresh" if path is None else
-                              f"train.resume={resume} starts this run from that checkpoint")
+        step = self._step_in(path) if path is not None and path.resolve().parent == self.folder.resolve() else None
+        moved = self._set_aside_newer(-1 if step is None else step,
+                                      f"train.resume={resume} starts this run afresh" if path is None else
+                                      f"train.resume={resume} starts this run from that checkpoint")
+        self.continues = step is not None and not moved
         return path
+
+    def _step_in(self, path: Path) -> int:
+        """A checkpoint's step: in its name, step-NNNNNNNN.pt, or for a copy under another name (best.pt) in it."""
+        match = NAME.match(path.name)
+        return int(match.group(1)) if match else int(self.load(path)["step"])
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `never`, `auto` (newest that loads) or a path."""

@@ -315,11 +315,13 @@ class GANStep:
         self.G_ema.load_state_dict(state["G_ema"])
         if self.D_ema is not None:  # a checkpoint from before D_ema, or of a run without it: the average starts at D
             self.D_ema.load_state_dict(state.get("D_ema", state["D"]))
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        # The config, not the checkpoint, says the optimizers' settings (learning rate, betas, fused or foreach): the
+        # saved groups' would come back with their moments (a resume with train.betas or train.fused_adam changed kept
+        # the old ones while config.yaml showed the new). Put in before loading, so that the step counters land where
+        # the new settings keep them (on the device for fused Adam, on the CPU for foreach). `defaults` are what this
+        # run built each optimizer with.
+        for opt, saved in ((self.opt_G, state["opt_G"]), (self.opt_D, state["opt_D"])):
+            opt.load_state_dict({**saved, "param_groups": [{**group, **opt.defaults} for group in saved["param_groups"]]})
         for name in ("scaler_G", "scaler_D"):
             if state[name]:  # empty: saved by a disabled scaler (fp32/bf16 before every optimizer had one)
                 getattr(self, name).load_state_dict(state[name])
-        for opt, lr in ((self.opt_G, self.cfg.train.lr_G), (self.opt_D, self.cfg.train.lr_D)):
-            for group in opt.param_groups:
-                group["lr"] = lr  # the config, not the checkpoint, says the learning rate

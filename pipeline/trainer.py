@@ -152,8 +152,9 @@ class Trainer:
         self.logger: RunLogger | None = None
         self.init_data()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.ckpt_keep_last)
+        self.resumed_from: Path | None = None  # the checkpoint this run went on from (load_checkpoint)
         run_id = self.load_checkpoint()
-        self.init_logging(run_id)
+        self.init_logging(run_id, resumed=self.resumed_from is not None)
 
     def _ddp(self, module: torch.nn.Module) -> DDP:
         ids = [self.info.local_rank] if self.device.type == "cuda" else None
@@ -184,15 +185,15 @@ class Trainer:
         fixed = torch.Generator().manual_seed(t.seed)  # the same grid noise on every rank and every run
         self.fixed_noise = torch.randn(SAMPLE_GRID, self.cfg.model.nz, 1, 1, generator=fixed).to(self.device)
 
-    def init_logging(self, run_id: str | None) -> None:
-        resumed = run_id is not None
+    def init_logging(self, run_id: str | None, resumed: bool) -> None:
+        """`run_id`: the W&B run to go on with (this run's own, from its newest checkpoint), or None for a new one."""
 
         def start() -> str:  # on rank 0; a failure (wandb.init, a full disk) stops every rank, not rank 0 alone
             import yaml
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())
-            self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id or new_run_id(), resumed,
+            self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id or new_run_id(), run_id is not None,
                                     purge_step=self.step + 1 if resumed else None)  # what the checkpoint's step logged stays
             return self.logger.run_id
 
@@ -231,12 +232,18 @@ class Trainer:
         rank, same_world = self.info.rank, state["world_size"] == self.info.world_size
         loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # one, before format 2
         self.loader.load_state_dict(loaders[rank] if same_world and len(loaders) > rank else loaders[0])
-        if same_world:
+        # The step's noise generator lives on the training device, and its state differs by kind (the CPU's 5,056
+        # bytes, CUDA's 16): a run resumed on another kind of device takes fresh streams, as one with other ranks does.
+        same_device = len(state["rng"][rank if same_world else 0]["noise"]) == len(self.noise.get_state())
+        if same_world and same_device:
             _set_rng_state(state["rng"][rank], self.noise, self.device)
-            if "buffers" in state:  # else (older checkpoints) every rank starts from rank 0's statistics
-                self._load_buffers(state["buffers"][rank])
-        else:  # other ranks than were saved: fresh, reproducible streams
+        else:  # other ranks than were saved, or another kind of device: fresh, reproducible streams
+            if not same_device and self.info.is_main:
+                log.warning("the checkpoint was saved on another kind of device than %s: its random streams start afresh "
+                            "(the weights, optimizers and data position are resumed as saved)", self.device.type)
             self.noise.manual_seed(self.cfg.train.seed * 1000 + rank + 7919 * self.step)
+        if same_world and "buffers" in state:  # else (older checkpoints) every rank starts from rank 0's statistics
+            self._load_buffers(state["buffers"][rank])
         # The periodic work of the resumed step ran (or was due) before it was saved.
         self._last_done = {job: self.step for job in self.clocks}
 
@@ -256,10 +263,15 @@ class Trainer:
 
     def load_checkpoint(self) -> str | None:
         """Resume as train.resume says (after a restart: from this run's newest checkpoint); rank 0 chooses the
-        file so that all ranks load the same one."""
-        path = dist.on_main(lambda: self.ckpt.start(self.cfg.train.resume, dist.restarted()), self.info.is_main)
+        file so that all ranks load the same one. Returns the W&B run id to go on with: the checkpoint's where it
+        is this run's newest, else None (a new W&B run: another run's checkpoint would have written into that
+        run, and a branch from an older one of its own would have its steps dropped, W&B keeping only steps past
+        the last it logged)."""
+        path, continues = dist.on_main(lambda: (self.ckpt.start(self.cfg.train.resume, dist.restarted()),
+                                                self.ckpt.continues), self.info.is_main)
         if path is None:
             return None
+        self.resumed_from = path
         state = CheckpointManager.load(path)
         try:
             self.load_state_dict(state)
@@ -277,9 +289,10 @@ class Trainer:
                             f"{saved.get('data', {}).get('image_size')}; {str(e).splitlines()[0]}): give this run a new "
                             "train.name, or set train.resume=never to start it afresh.") from None
         if self.info.is_main:
-            log.info("resumed from %s: step %d, epoch %d, batch %d (saved by %d ranks, now %d)", path, self.step,
-                     self.loader.epoch, self.loader.batch, state["world_size"], self.info.world_size)
-        return state["wandb_run_id"]
+            log.info("resumed from %s: step %d, epoch %d, batch %d (saved by %d ranks, now %d)%s", path, self.step,
+                     self.loader.epoch, self.loader.batch, state["world_size"], self.info.world_size,
+                     "" if continues else "; a new W&B run, not the checkpoint's")
+        return state["wandb_run_id"] if continues else None
 
     def save(self) -> None:
         in_row = dist.all_reduce_(self.step_fn.in_row.clone(), op=torch.distributed.ReduceOp.MAX)
@@ -352,7 +365,10 @@ class Trainer:
         if save:
             self._run("ckpt", self.save)
         if self.info.is_main:
-            log.info("stopping at step %d on a signal%s; resume with the same command", self.step, when)
+            resume = self.cfg.train.resume
+            # train.resume never or a file would start afresh, or from that file, again: only a restart goes on.
+            how = "the same command" if resume == "auto" else f"train.resume=auto in place of train.resume={resume}"
+            log.info("stopping at step %d on a signal%s; resume with %s", self.step, when, how)
         marker = self.cfg.train.stop_marker
         if marker and self.info.is_main:
             # The checkpoint a requeued job will resume from: this step's, or an older one where the save was skipped

@@ -67,6 +67,36 @@ def test_a_job_started_again_goes_on_from_its_own_newest_checkpoint_whatever_tra
     assert ckpt.start("auto", "SLURM's restart 3") == start  # auto is auto
 
 
+def test_only_a_run_going_on_from_its_own_newest_checkpoint_continues_its_history(tmp_path):
+    # `continues` decides whether the run keeps its W&B run: another run's checkpoint would write into that run, and a
+    # branch from an older one of its own would have W&B drop every step up to the last it logged.
+    folder = tmp_path / "run"
+    ckpt = CheckpointManager(folder, keep_last=5)
+    assert ckpt.start("auto", None) is None and not ckpt.continues  # nothing yet
+    for step in (10, 20, 30):
+        ckpt.save({"step": step}, step)
+    assert ckpt.start("auto", None) == ckpt.path(30) and ckpt.continues
+    assert ckpt.start(str(ckpt.path(30)), None) == ckpt.path(30) and ckpt.continues  # its newest, by name
+    other = tmp_path / "other.pt"
+    shutil.copy(ckpt.path(20), other)
+    assert ckpt.start(str(ckpt.path(20)), None) == ckpt.path(20) and not ckpt.continues  # a branch: 30 moved aside
+    assert ckpt.start("never", "SLURM's restart 1") == ckpt.path(20) and ckpt.continues  # a restart goes on
+    assert ckpt.start(str(other), None) == other and not ckpt.continues  # another run's
+    assert ckpt.start("never", None) is None and not ckpt.continues
+
+
+def test_a_copy_under_another_name_in_the_run_folder_resumes_by_the_step_it_holds(tmp_path):
+    # `cp step-N.pt best.pt` beside the others, then train.resume=.../best.pt (evaluation wants a checkpoint inside
+    # the run's checkpoints/ folder): resumed, with the checkpoints past its step moved aside, not an AttributeError.
+    ckpt = CheckpointManager(tmp_path, keep_last=5)
+    for step in (10, 20, 30):
+        ckpt.save({"step": step}, step)
+    best = tmp_path / "best.pt"
+    shutil.copy(ckpt.path(20), best)
+    assert ckpt.start(str(best), None) == best and not ckpt.continues
+    assert [p.name for p in ckpt.existing()] == ["step-00000020.pt", "step-00000010.pt"] and _aside(tmp_path) == ["step-00000030.pt"]
+
+
 @pytest.mark.parametrize("listable", [True, False])
 def test_a_checkpoint_folder_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch, listable):
     (tmp_path / "checkpoints").write_text("a file where the folder should be")

@@ -141,6 +141,60 @@ def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_sha
     assert state["finished"] and state["calibration"]["step"] == 2
 
 
+def test_a_signal_says_how_to_resume_a_run_that_train_resume_would_start_over(celeba_shards, tmp_path, caplog):
+    # "resume with the same command" is true for train.resume=auto only: never (or a file) would start afresh again.
+    from pipeline import signals
+
+    for resume, how in (("auto", "resume with the same command"),
+                        ("never", "resume with train.resume=auto in place of train.resume=never")):
+        trainer = Trainer(_config(celeba_shards, tmp_path, f"signal-{resume}", "train.max_steps=3", "train.log_every_steps=1",
+                                  f"train.resume={resume}"), ONE_CPU)
+        signals.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            with caplog.at_level("INFO", logger="pipeline.trainer"):
+                assert trainer.train() == "signal"
+        finally:
+            trainer.close()
+            signals.uninstall()
+            signals._received = 0
+        assert any(how in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_run_keeps_its_wandb_run_only_going_on_from_its_own_newest_checkpoint(celeba_shards, tmp_path):
+    def run(name, *extra):
+        trainer = Trainer(_config(celeba_shards, tmp_path, name, "train.ckpt_every_steps=1", "train.ckpt_keep_last=10",
+                                  *extra), ONE_CPU)
+        try:
+            trainer.train()
+            return trainer.run_id, trainer.step
+        finally:
+            trainer.close()
+
+    first, _ = run("a", "train.max_steps=2")
+    assert run("a", "train.max_steps=3") == (first, 3)  # auto: its own newest, the same W&B run
+    older = tmp_path / "a" / "checkpoints" / "step-00000001.pt"
+    other, steps = run("b", f"train.resume={older}", "train.max_steps=2")
+    assert steps == 2 and other != first  # another run's checkpoint: its W&B run is not this run's
+    branch, steps = run("a", f"train.resume={older}", "train.max_steps=2")
+    assert steps == 2 and branch not in (first, other)  # a branch of its own, whose steps W&B would drop
+
+
+def test_a_resume_takes_the_optimizers_settings_from_the_config_not_the_checkpoint(celeba_shards, tmp_path):
+    assert _train(_config(celeba_shards, tmp_path, "adam", "train.max_steps=1", "train.fused_adam=true")) == ("max_steps", 1)
+    trainer = Trainer(_config(celeba_shards, tmp_path, "adam", "train.max_steps=2", "train.fused_adam=false",
+                              "train.betas=[0.0,0.99]", "train.lr_D=3e-4"), ONE_CPU)
+    try:
+        assert trainer.step == 1
+        for opt, lr in ((trainer.step_fn.opt_D, 3e-4), (trainer.step_fn.opt_G, trainer.cfg.train.lr_G)):
+            group = opt.param_groups[0]
+            assert (group["betas"], group["lr"], group["fused"], group["foreach"]) == ((0.0, 0.99), lr, None, True)
+            assert opt.state[group["params"][0]]["step"].item() == 1  # the moments came back with their step
+        assert trainer.train() == "max_steps" and trainer.step == 2
+    finally:
+        trainer.close()
+
+
 def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path):
     cfg = _config(celeba_shards, tmp_path, "finished", "train.max_steps=2")
     assert _train(cfg) == ("max_steps", 2)
@@ -193,6 +247,21 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_fix(celeba_sha
     with pytest.raises(UserError, match=r"checkpoint .*shape/checkpoints/step-00000001.pt holds another model .*"
                                         r"give this run a new train.name, or set train.resume=never"):
         Trainer(_config(celeba_shards, tmp_path, "shape", "train.max_steps=2", "model.ndf=32"), ONE_CPU)
+
+
+def test_a_checkpoint_saved_on_another_kind_of_device_resumes_with_fresh_random_streams(celeba_shards, tmp_path, caplog):
+    # A GPU run resumed on the CPU, or the reverse: the step's noise generator has another state there (CUDA's is 16
+    # bytes: its seed and offset), which set_state refused, and the trainer called it "another model".
+    assert _train(_config(celeba_shards, tmp_path, "moved", "train.max_steps=1")) == ("max_steps", 1)
+    path = tmp_path / "moved" / "checkpoints" / "step-00000001.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for rank_state in state["rng"]:
+        rank_state["noise"] = torch.arange(16, dtype=torch.uint8)  # as a CUDA generator's get_state() gives
+    torch.save(state, path)
+    with caplog.at_level("WARNING", logger="pipeline.trainer"):
+        assert _train(_config(celeba_shards, tmp_path, "moved", "train.max_steps=2")) == ("max_steps", 2)
+    assert any("saved on another kind of device than cpu: its random streams start afresh" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("extra, message", [

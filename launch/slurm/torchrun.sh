@@ -93,7 +93,7 @@ while :; do  # `wait` returns early whenever the trap runs; wait again until sru
 done
 if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
-       "(submit the same job again to resume from it)"
+       "(submit the job again to resume from it: train.resume auto, the default, finds it)"
   rm -f "$marker"
   exit 143  # 128 + SIGTERM: stopped, not finished
 elif [ "$preempted" = 1 ] && [ -f "$marker" ]; then
