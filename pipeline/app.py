@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import hashlib
 import html
 import io
@@ -46,10 +45,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from pipeline import __version__
-from pipeline.data.preprocess import FacePreprocessor
 from pipeline.detect import MAX_PIXELS, MAX_VIDEO_FRAMES, Detector, MediaTooLargeError, NoFaceError, NotMediaError, TooSlowError
 from pipeline.errors import UserError
-from pipeline.faces import FaceDetector
 from shards.cli import non_negative_float, non_negative_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
@@ -107,7 +104,7 @@ class Service:
                  max_concurrent: int = 2, queue_timeout_s: float = 30.0, request_timeout_s: float = 120.0,
                  max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES, max_waiting: int = 8,
                  upload_timeout_s: float = 300.0):
-        self.template = Detector(checkpoint, device)
+        self.template = Detector(checkpoint, device, tools=False)  # the model: each slot builds its own tools
         note = self.template.threshold_note
         if note:  # notes reach the users: where the server keeps its files is not theirs to know
             self.template.threshold_note = note.replace(f"checkpoint {checkpoint}", "the server's checkpoint")
@@ -126,9 +123,7 @@ class Service:
         self.limits = {"max_pixels": max_pixels, "max_video_frames": max_video_frames}
 
     def _new_detector(self) -> Detector:
-        mine = copy.copy(self.template)  # shares D, which only runs inference
-        mine.faces = FaceDetector(upsample=self.template.faces.upsample, landmarks=False)
-        mine.preprocess = FacePreprocessor(self.template.image_size, self.template.device)
+        mine = self.template.with_tools()
         with self._count_lock:
             self.detectors_built += 1
         return mine

@@ -15,6 +15,7 @@ with the threshold calibrated at training time (saved in the checkpoint).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -138,9 +139,11 @@ def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
 
 
 class Detector:
-    """The model and the face detector, loaded once; not thread-safe (dlib), so one per thread or a lock."""
+    """The model and the face detector, loaded once; not thread-safe (dlib), so one per thread or a lock.
 
-    def __init__(self, checkpoint: Path, device: str = "cpu"):
+    With `tools=False` it holds the model alone, and `with_tools()` makes detectors that share it (the app's slots)."""
+
+    def __init__(self, checkpoint: Path, device: str = "cpu", tools: bool = True):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
@@ -158,10 +161,20 @@ class Detector:
             log.warning(self.threshold_note)
         # Faces are found and cropped as the training shards' were (checkpoints from before that record: the
         # sharding tool's defaults).
-        geometry = meta["faces"] or DEFAULT_GEOMETRY
-        self.face_size, self.face_scale = geometry["face_size"], geometry["face_scale"]
-        self.faces = FaceDetector(upsample=geometry["upsample"], landmarks=False)
-        self.preprocess = FacePreprocessor(self.image_size, self.device)
+        self.geometry = meta["faces"] or DEFAULT_GEOMETRY
+        self.face_size, self.face_scale = self.geometry["face_size"], self.geometry["face_scale"]
+        self.faces, self.preprocess = (self._tools() if tools else (None, None))
+
+    def _tools(self) -> tuple[FaceDetector, FacePreprocessor]:
+        """dlib's face detector and a DALI preprocessing pipeline (on the GPU with a CUDA device): neither is thread-safe."""
+        return (FaceDetector(upsample=self.geometry["upsample"], landmarks=False),
+                FacePreprocessor(self.image_size, self.device))
+
+    def with_tools(self) -> Detector:
+        """A detector of its own tools that shares this one's model, which only runs inference."""
+        mine = copy.copy(self)
+        mine.faces, mine.preprocess = self._tools()
+        return mine
 
     @torch.no_grad()
     def score_faces(self, crops: list[np.ndarray]) -> list[float]:

@@ -492,6 +492,7 @@ def test_a_failure_inside_detection_is_one_sentence_and_its_detector_is_rebuilt(
     from pipeline.detect import Detector
 
     service = Service(smoke_checkpoint, max_concurrent=1)
+    assert service.template.faces is None and service.template.preprocess is None  # the model alone: slots build tools
     photo = photo_paths()[0]
     assert service.run(_upload(photo))[0]["frames_with_face"] == 1 and service.detectors_built == 1
     monkeypatch.setattr(Detector, "detect", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
