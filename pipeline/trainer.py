@@ -358,7 +358,20 @@ class Trainer:
         if self.logger is not None and (self.step > start or finishing):  # a rerun of a finished run logs nothing again
             last = meter.last or {}
             self.logger.hparams(flat_dict(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in last.items()})
+        # A signal after the last logging boundary, which no later boundary (nor, with validation off, the final work)
+        # saw: training is complete, and the job script must read a clean stop, not ranks that failed on it.
+        if self.stop_agreed():
+            if self.info.is_main:
+                log.info("a stop signal came after the last logging boundary: training is complete at step %d", self.step)
+            self._leave_stop_marker()
         return why
+
+    def _leave_stop_marker(self) -> None:
+        """train.stop_marker for the job script (rank 0): the checkpoint a requeued job would resume from, this step's,
+        or an older one where the save was skipped (steps being skipped) or there is none."""
+        marker = self.cfg.train.stop_marker
+        if marker and self.info.is_main:
+            write_bytes_atomic(Path(marker), f"{self.ckpt.newest() or 'no checkpoint: the start'}\n".encode())
 
     def _stop_on_signal(self, when: str = "", save: bool = True) -> str:
         """Save (once at this step), say so, and leave train.stop_marker for the job script: a clean stop."""
@@ -369,11 +382,7 @@ class Trainer:
             # train.resume never or a file would start afresh, or from that file, again: only a restart goes on.
             how = "the same command" if resume == "auto" else f"train.resume=auto in place of train.resume={resume}"
             log.info("stopping at step %d on a signal%s; resume with %s", self.step, when, how)
-        marker = self.cfg.train.stop_marker
-        if marker and self.info.is_main:
-            # The checkpoint a requeued job will resume from: this step's, or an older one where the save was skipped
-            # (steps being skipped) or there is none.
-            write_bytes_atomic(Path(marker), f"{self.ckpt.newest() or 'no checkpoint: the start'}\n".encode())
+        self._leave_stop_marker()
         return "signal"
 
     def run_periodic(self, due, final: bool) -> None:

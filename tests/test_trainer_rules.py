@@ -161,6 +161,33 @@ def test_a_signal_says_how_to_resume_a_run_that_train_resume_would_start_over(ce
         assert any(how in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+def test_a_signal_after_the_last_logging_boundary_still_leaves_the_stop_marker(celeba_shards, tmp_path):
+    # With validation off, nothing after the last boundary asks for the signal: the run finished and exited 0 with no
+    # marker, and the SLURM script, seeing torchrun's non-zero exit after the signal it passed on, called it failed.
+    from pipeline import signals
+
+    marker = tmp_path / "stopped"
+    trainer = Trainer(_config(celeba_shards, tmp_path, "late", "train.max_steps=2", "train.log_every_steps=5",
+                              "train.val_every_steps=0", "train.val_every_epochs=0", f"train.stop_marker={marker}"), ONE_CPU)
+    step = trainer.train_step
+
+    def step_then_sigterm(batch):
+        stats = step(batch)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    trainer.train_step = step_then_sigterm
+    signals.install()
+    try:
+        assert trainer.train() == "max_steps" and trainer.step == 2
+    finally:
+        trainer.close()
+        signals.uninstall()
+        signals._received = 0
+    assert marker.read_text().strip().endswith("step-00000002.pt")
+
+
 def test_a_run_keeps_its_wandb_run_only_going_on_from_its_own_newest_checkpoint(celeba_shards, tmp_path):
     def run(name, *extra):
         trainer = Trainer(_config(celeba_shards, tmp_path, name, "train.ckpt_every_steps=1", "train.ckpt_keep_last=10",
