@@ -1,6 +1,7 @@
 """The trainer's clocks and guards, in one process on the CPU: what the final checkpoint holds, what a rerun
 does, and settings refused before the first step rather than an epoch into the run."""
 
+import contextlib
 import os
 import signal
 
@@ -113,27 +114,37 @@ def test_calibration_keeps_confident_scores_apart(celeba_shards, tmp_path):
         trainer.close()
 
 
-def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_shards, tmp_path):
+@contextlib.contextmanager
+def _sigterm_after_step(trainer, step: int):
+    """SIGTERM to this process once `trainer` has taken `step` steps (0: at once), received by the handler that
+    launch/train.py installs; then the trainer closed and the handler put back."""
     from pipeline import signals
 
-    cfg = _config(celeba_shards, tmp_path, "signal", "train.max_steps=2", "train.log_every_steps=1")
-    trainer = Trainer(cfg, ONE_CPU)
-    step = trainer.train_step
+    train_step = trainer.train_step
 
-    def step_then_sigterm(batch):  # the signal arrives with the last step: the final validation stops at once
-        stats = step(batch)
-        if trainer.step == 2:
+    def step_then_sigterm(batch):
+        stats = train_step(batch)
+        if trainer.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return stats
 
     trainer.train_step = step_then_sigterm
     signals.install()
     try:
-        assert trainer.train() == "signal"
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield
     finally:
         trainer.close()
         signals.uninstall()
         signals._received = 0
+
+
+def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_shards, tmp_path):
+    cfg = _config(celeba_shards, tmp_path, "signal", "train.max_steps=2", "train.log_every_steps=1")
+    trainer = Trainer(cfg, ONE_CPU)
+    with _sigterm_after_step(trainer, 2):  # with the last step: the final validation stops at once
+        assert trainer.train() == "signal"
     state = _newest(tmp_path, "signal")
     assert state["step"] == 2 and not state["finished"] and state["threshold"] is None
     assert _train(cfg) == ("max_steps", 2)  # the same command again: the final work, and not one step more
@@ -143,48 +154,23 @@ def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_sha
 
 def test_a_signal_says_how_to_resume_a_run_that_train_resume_would_start_over(celeba_shards, tmp_path, caplog):
     # "resume with the same command" is true for train.resume=auto only: never (or a file) would start afresh again.
-    from pipeline import signals
-
     for resume, how in (("auto", "resume with the same command"),
                         ("never", "resume with train.resume=auto in place of train.resume=never")):
         trainer = Trainer(_config(celeba_shards, tmp_path, f"signal-{resume}", "train.max_steps=3", "train.log_every_steps=1",
                                   f"train.resume={resume}"), ONE_CPU)
-        signals.install()
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            with caplog.at_level("INFO", logger="pipeline.trainer"):
-                assert trainer.train() == "signal"
-        finally:
-            trainer.close()
-            signals.uninstall()
-            signals._received = 0
+        with _sigterm_after_step(trainer, 0), caplog.at_level("INFO", logger="pipeline.trainer"):
+            assert trainer.train() == "signal"
         assert any(how in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_a_signal_after_the_last_logging_boundary_still_leaves_the_stop_marker(celeba_shards, tmp_path):
     # With validation off, nothing after the last boundary asks for the signal: the run finished and exited 0 with no
     # marker, and the SLURM script, seeing torchrun's non-zero exit after the signal it passed on, called it failed.
-    from pipeline import signals
-
     marker = tmp_path / "stopped"
     trainer = Trainer(_config(celeba_shards, tmp_path, "late", "train.max_steps=2", "train.log_every_steps=5",
                               "train.val_every_steps=0", "train.val_every_epochs=0", f"train.stop_marker={marker}"), ONE_CPU)
-    step = trainer.train_step
-
-    def step_then_sigterm(batch):
-        stats = step(batch)
-        if trainer.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return stats
-
-    trainer.train_step = step_then_sigterm
-    signals.install()
-    try:
+    with _sigterm_after_step(trainer, 1):
         assert trainer.train() == "max_steps" and trainer.step == 2
-    finally:
-        trainer.close()
-        signals.uninstall()
-        signals._received = 0
     assert marker.read_text().strip().endswith("step-00000002.pt")
 
 
