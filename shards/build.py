@@ -22,6 +22,7 @@ from typing import Any, Iterator, Protocol
 from tqdm import tqdm
 
 import shards
+from pipeline.errors import UserError
 from pipeline.faces import DEFAULT_GEOMETRY
 from pipeline.fsutil import remove_stale_tmp, write_json_atomic
 from shards.manifest import FORMAT_VERSION, GEOMETRY, SYNTHETIC_MARK, manifest_path, read_previous, shard_is_intact
@@ -38,6 +39,19 @@ class ItemResult:
     samples: list[Sample] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"file", "reason", ...}
     notes: list[dict[str, Any]] = field(default_factory=list)  # {"file", "note"}: kept, but made differently
+
+
+def read_list_text(path: Path) -> str:
+    """A dataset's list file as text (UTF-8, with or without a byte-order mark): one that is not, re-saved as UTF-16
+    by an editor, or unreadable, is one sentence naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (an editor may have saved it as UTF-16): save it as plain text, "
+                        "or restore it from the dataset.") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e}): check its permissions, or restore it from the "
+                        "dataset.") from None
 
 
 class Source(Protocol):

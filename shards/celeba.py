@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
-from shards.build import ItemResult
+from shards.build import ItemResult, read_list_text
 from shards.tarwriter import Sample, key_of
 
 SPLIT_OF_PARTITION = {0: "train", 1: "val", 2: "test"}
@@ -91,7 +91,7 @@ def find_layout(root: Path) -> Layout:
 
 def _rows(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-empty line; CSV or runs of whitespace, CRLF tolerated."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_list_text(path)
     if path.suffix == ".csv":
         rows = csv.reader(io.StringIO(text))
         return [(n, [f.strip() for f in r]) for n, r in enumerate(rows, 1) if r and any(f.strip() for f in r)]

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
-from shards.build import ItemResult
+from shards.build import ItemResult, read_list_text
 from shards.tarwriter import Sample, key_of
 from shards.video import VideoError, sample_frames
 
@@ -29,8 +29,10 @@ from shards.video import VideoError, sample_frames
 FOLDERS = {"Celeb-real": 0, "YouTube-real": 0, "Celeb-synthesis": 1}
 TEST_LIST = "List_of_testing_videos.txt"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
-CELEB_REAL = re.compile(r"^(id\d+)_\d+$")
-CELEB_FAKE = re.compile(r"^(id\d+)_(id\d+)_\d+$")
+# Unanchored at the end: a copy (`id0_0000 (1).mp4`, a second download) is still that celebrity's, never a new person
+# whom the identity split could put on the other side of its original.
+CELEB_REAL = re.compile(r"^(id\d+)_\d+")
+CELEB_FAKE = re.compile(r"^(id\d+)_(id\d+)_\d+")
 # Celeb-DF v2's videos per folder, and those its test list names (DATASETS.md): a copy with v2's folders
 # and a list that names other counts has a damaged list, which would move test videos into training.
 V2_VIDEOS = {"Celeb-real": 590, "YouTube-real": 300, "Celeb-synthesis": 5639}
@@ -96,7 +98,7 @@ def find_videos(root: Path) -> tuple[dict[str, Path], str]:
 def read_test_list(path: Path, videos: dict[tuple[str, str], Video]) -> set[str]:
     """The `rel` of every listed video, after checking each exists and agrees with its folder."""
     listed = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(read_list_text(path).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue

@@ -57,7 +57,7 @@ def _people_split(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default_workers = min(8, os.cpu_count() or 1)
+    default_workers = min(8, len(os.sched_getaffinity(0)))  # the CPUs this process may use (a SLURM job's), not the host's
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -1,12 +1,14 @@
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
 import cv2
 import numpy as np
 import pytest
-from conftest import CELEBA_IMAGES, run_shards, shard_bytes
+from conftest import CELEBA_IMAGES, REPO, run_shards, shard_bytes
 
 from shards.build import build
 from shards.celeba import FALLBACK_NOTE, CelebASource, read_partition
@@ -210,6 +212,25 @@ def test_list_files_without_rows_and_images_no_list_names_stop_before_writing(tm
         build(CelebASource(root), tmp_path / "out", progress=False)
     assert str(root / path) in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_list_file_that_is_not_utf8_stops_before_writing_naming_it(tmp_path, celeba_root):
+    from pipeline.errors import UserError
+
+    root = tmp_path / "utf16"
+    shutil.copytree(celeba_root, root)
+    path = root / "list_eval_partition.txt"
+    path.write_bytes(path.read_text().encode("utf-16"))
+    with pytest.raises(UserError, match="is not UTF-8 text .*: save it as plain text") as error:
+        build(CelebASource(root), tmp_path / "out", progress=False)
+    assert str(path) in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_the_default_workers_are_the_cpus_this_process_may_use():
+    # A SLURM job given 2 cores of a 64-core node: 8 dlib processes would share them.
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "shards", "celeba", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "processes (default: 1)" in " ".join(result.stdout.split()), result.stdout
 
 
 def test_the_google_drive_layout_finds_the_images_in_img(tmp_path, celeba_root, celeba_shards):

@@ -72,6 +72,19 @@ def test_key_names_and_identities_follow_the_file_names():
     assert identities_of("Celeb-synthesis", "id0_id16_0000") == ("id0", "id16")
     assert identities_of("Celeb-real", "id3_0007") == ("id3",)
     assert identities_of("YouTube-real", "00170") == ("youtube-real/00170",)
+    # A copy (a second download) is its celebrity's, never a new person the split could set beside its original.
+    assert identities_of("Celeb-real", "id3_0007 (1)") == ("id3",)
+    assert identities_of("Celeb-synthesis", "id0_id16_0000 (2)") == ("id0", "id16")
+
+
+def test_a_test_list_that_is_not_utf8_exits_2_naming_it(tmp_path, celebdf_root):
+    root = _copy(celebdf_root, tmp_path)
+    path = root / "List_of_testing_videos.txt"
+    path.write_bytes(path.read_text().encode("utf-16"))  # Notepad's "Unicode"
+    result = run_shards("celebdf", "--root", root, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{path} is not UTF-8 text (an editor may have saved it as UTF-16): save it as plain text" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_videos_subfolders_and_other_folder_case_are_accepted(tmp_path, celebdf_shards):
