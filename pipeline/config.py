@@ -44,7 +44,8 @@ class DataConfig:
     with_meta: bool = False  # also return labels and sample keys (evaluation needs them)
     drop_last: bool = True  # training: equal batch counts on all ranks. False (evaluation): every sample of
     # the rank's part once; DALI pads the last batch with copies of its last sample, which carry its key
-    hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder on GPUs (DALI)
+    hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder on GPUs (DALI); training only:
+    # scoring decodes all on the CUDA decoder (pipeline.data.dali.SCORING_HW_DECODER_LOAD)
 
 
 @dataclass

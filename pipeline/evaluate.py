@@ -24,6 +24,7 @@ import torch
 from pipeline import dist, metrics
 from pipeline.config import DataConfig, config_from_dict
 from pipeline.data import build_loader
+from pipeline.data.dali import SCORING_HW_DECODER_LOAD
 from pipeline.errors import UserError
 from pipeline.fsutil import write_bytes_atomic, write_json_atomic
 from pipeline.models import Discriminator, fake_score, has_gan_head
@@ -82,6 +83,7 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
     from tqdm import tqdm
 
     cfg = DataConfig(shards=str(shards), split=split, loader=loader, batch_size=batch_size, image_size=image_size,
+                     hw_decoder_load=SCORING_HW_DECODER_LOAD,
                      crop="face", flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:

@@ -36,6 +36,7 @@ from pipeline import dist, periodic, signals
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, DataConfig, flat_dict, to_dict
 from pipeline.data import build_loader
+from pipeline.data.dali import SCORING_HW_DECODER_LOAD
 from pipeline.data.common import load_split, shard_folders
 from pipeline.dist import DistInfo
 from pipeline.evaluate import tag_prefix
@@ -149,6 +150,7 @@ class Trainer:
                        "eval": Every(0, t.eval_every_epochs),
                        "ckpt": Every(t.ckpt_every_steps, t.ckpt_every_epochs)}
         self._last_done: dict[str, int] = {}  # job -> the step it last ran at, so that no job runs twice at a step
+        self._completed: dict[str, int] = {}  # job -> the step it last ran to its end at (not stopped by a signal)
         self.logger: RunLogger | None = None
         self.init_data()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.ckpt_keep_last)
@@ -175,7 +177,8 @@ class Trainer:
                 raise UserError(f"train.eval_shards: {e}") from None
         if self.clocks["val"].on:
             # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`).
-            val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates)
+            val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates,
+                          hw_decoder_load=SCORING_HW_DECODER_LOAD)
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
         self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
@@ -221,6 +224,9 @@ class Trainer:
             "nonfinite_total": int(self.step_fn.skipped()), "config": to_dict(self.cfg),
             "threshold": self.calibration.threshold, "calibration": self.calibration.info, "faces": self.face_geometry,
             "wandb_run_id": self.run_id, "world_size": self.info.world_size,
+            # The periodic work done at this step: a signal stops validation and evaluation and skips the samples,
+            # which the resumed run then does at this step. The checkpoint itself is being written.
+            "jobs_done": sorted({job for job, step in self._completed.items() if step == self.step} | {"ckpt"}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,8 +250,9 @@ class Trainer:
             self.noise.manual_seed(self.cfg.train.seed * 1000 + rank + 7919 * self.step)
         if same_world and "buffers" in state:  # else (older checkpoints) every rank starts from rank 0's statistics
             self._load_buffers(state["buffers"][rank])
-        # The periodic work of the resumed step ran (or was due) before it was saved.
-        self._last_done = {job: self.step for job in self.clocks}
+        # The periodic work of the resumed step that ran before it was saved (older checkpoints: all of it).
+        self._last_done = {job: self.step for job in state.get("jobs_done", self.clocks)}
+        self._completed = dict(self._last_done)
 
     def _buffers(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {k: v.detach().cpu() for k, v in getattr(self.step_fn, name).named_buffers()}
@@ -328,21 +335,33 @@ class Trainer:
             if self.info.is_main:
                 log.info("%s is at step %d, train.max_steps %d: nothing left to train", self.run_dir, self.step, t.max_steps)
             return self._finish(meter, "max_steps", start)
+        # The saved step's work that a signal stopped (validation, samples); at the last epoch's end, _finish does it.
+        if self.resumed_from is not None and self._epoch_ended() != t.epochs:
+            self.run_periodic(self._due, final=False)
+            if self._interrupted:
+                return self._stop_on_signal()
         while self.loader.epoch < t.epochs:
             for batch in self.loader:
                 meter.add(self.train_step(batch))
                 stop = self._log(meter) if self.step % t.log_every_steps == 0 else False
-                # The loader counts a batch before yielding it: this step ended the epoch if none is left.
-                # One call for both clocks: validation then runs before any checkpoint of the same step.
-                ended = self.loader.epoch + 1 if self.loader.batch == len(self.loader) else None
                 max_steps = t.max_steps is not None and self.step >= t.max_steps
-                self.run_periodic(lambda clock: clock.at_step(self.step) or (ended is not None and clock.at_epoch_end(ended)),
-                                  final=max_steps or ended == t.epochs)
+                # One call for both clocks: validation then runs before any checkpoint of the same step.
+                self.run_periodic(self._due, final=max_steps or self._epoch_ended() == t.epochs)
                 if stop or self._interrupted:
                     return self._stop_on_signal()
                 if max_steps:
                     return self._finish(meter, "max_steps", start)
         return self._finish(meter, "done", start)
+
+    def _epoch_ended(self) -> int | None:
+        """The epoch (counted from 1) that this step ended, if it ended one: the loader counts a batch before
+        yielding it, so none is left."""
+        return self.loader.epoch + 1 if self.loader.batch == len(self.loader) else None
+
+    def _due(self, clock: Every) -> bool:
+        """Whether `clock`'s work falls due at this step: by its steps, or at the end of an epoch."""
+        ended = self._epoch_ended()
+        return clock.at_step(self.step) or (ended is not None and clock.at_epoch_end(ended))
 
     def _finish(self, meter: Meter, why: str, start: int) -> str:
         """The end of training (not a stop on a signal): the hyperparameters with the last statistics.
@@ -406,6 +425,8 @@ class Trainer:
         if self._last_done.get(job) != self.step:
             self._last_done[job] = self.step
             work()
+            if not self._interrupted:
+                self._completed[job] = self.step
 
     def validate(self) -> dict[str, float] | None:
         """The validation metrics, or None if a signal stopped it (the calibration then stays as it was)."""

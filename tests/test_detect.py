@@ -191,6 +191,19 @@ def test_the_size_limits_are_options_and_the_refusal_names_the_one_to_raise(smok
 
 
 @pytest.mark.gpu
+def test_a_face_gets_the_same_tensor_wherever_it_sits_in_a_gpu_batch():
+    # The hardware JPEG decoder takes the first hw_decoder_load of a batch on an A100/H100, and its pixels differ from
+    # the CUDA decoder's: detection decodes every face on the one (pipeline.data.dali.SCORING_HW_DECODER_LOAD).
+    import torch
+
+    from pipeline.data.preprocess import FacePreprocessor
+
+    crop = cv2.resize(cv2.cvtColor(cv2.imread(str(sorted(photo_paths())[0])), cv2.COLOR_BGR2RGB), (256, 256))
+    out = FacePreprocessor(128, "cuda")([crop] * 64)
+    assert torch.equal(out, out[:1].expand_as(out))
+
+
+@pytest.mark.gpu
 def test_a_cuda_device_this_machine_lacks_is_refused(smoke_checkpoint, tmp_path):
     import torch
 

@@ -65,6 +65,17 @@ def test_confident_fakes_keep_their_order(smoke_checkpoint, celebdf_shards):
 
 
 
+@pytest.mark.gpu
+def test_a_frames_score_does_not_depend_on_the_batch_it_is_decoded_in_on_a_gpu(smoke_checkpoint, celebdf_shards):
+    # DALI gives the first hw_decoder_load of a GPU batch to the A100/H100 hardware JPEG decoder, whose pixels differ
+    # from the CUDA decoder's: a frame's score would follow its place in the batch, so the batch size and the ranks.
+    D, meta = load_discriminator(smoke_checkpoint, torch.device("cuda"))
+    scores = [score_split(D, celebdf_shards.out_dir, "test", meta["config"]["data"]["image_size"], torch.device("cuda"),
+                          batch_size=batch, threads=1) for batch in (1, 32)]
+    assert scores[0].keys == scores[1].keys
+    np.testing.assert_array_equal(scores[0].scores, scores[1].scores)
+
+
 def test_the_detector_loaded_is_the_average_of_ds_weights_where_the_run_kept_one(smoke_checkpoint, tmp_path):
     state = torch.load(smoke_checkpoint, weights_only=True)
     D, _ = load_discriminator(smoke_checkpoint, torch.device("cpu"))

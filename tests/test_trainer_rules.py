@@ -48,6 +48,17 @@ def test_the_checkpoint_at_an_epochs_last_step_carries_that_epochs_calibration(c
         assert state["threshold"] is not None and state["calibration"]["step"] == step and state["epoch"] == epochs
 
 
+def test_training_shares_jpegs_with_the_hardware_decoder_and_calibration_does_not(celeba_shards, tmp_path):
+    # On an A100/H100 the hardware decoder's pixels differ from the CUDA decoder's, and it takes the first share of a
+    # batch: calibration, like evaluation and detection, decodes every face on the one (the gpu tests check the pixels).
+    trainer = Trainer(_config(celeba_shards, tmp_path, "decoders", "train.max_steps=1"), ONE_CPU)
+    try:
+        assert trainer.loader.cfg.hw_decoder_load == trainer.cfg.data.hw_decoder_load > 0
+        assert trainer.val_loader.cfg.hw_decoder_load == 0
+    finally:
+        trainer.close()
+
+
 def test_the_threshold_is_calibrated_on_float32_scores_in_any_precision(celeba_shards, tmp_path):
     # Evaluation and detection score faces in float32: a threshold from bf16 scores would be off by their rounding.
     import contextlib
@@ -150,6 +161,27 @@ def test_a_signal_during_the_final_work_leaves_that_work_to_the_rerun(celeba_sha
     assert _train(cfg) == ("max_steps", 2)  # the same command again: the final work, and not one step more
     state = _newest(tmp_path, "signal")
     assert state["finished"] and state["calibration"]["step"] == 2
+
+
+def test_the_work_a_signal_stopped_at_its_step_is_done_when_the_run_resumes(celeba_shards, tmp_path, caplog):
+    # Validation and the sample grid fall due at step 2, where the signal is seen: validation stops at once and the
+    # samples are skipped, straight to the checkpoint. The resumed run does them at step 2, before step 3.
+    cfg = _config(celeba_shards, tmp_path, "due", "train.max_steps=4", "train.log_every_steps=2", "train.val_every_steps=2",
+                  "train.sample_every_steps=2", "train.ckpt_every_steps=2")
+    trainer = Trainer(cfg, ONE_CPU)
+    with _sigterm_after_step(trainer, 2):
+        assert trainer.train() == "signal"
+    samples = tmp_path / "due" / "samples"
+    assert _newest(tmp_path, "due")["jobs_done"] == ["ckpt"] and not (samples / "step-00000002.png").exists()
+    with caplog.at_level("INFO", logger="pipeline.trainer"):
+        assert _train(cfg) == ("max_steps", 4)
+    assert (samples / "step-00000002.png").exists()
+    assert any(r.getMessage().startswith("step 2, 0 epochs done: val/") for r in caplog.records)
+    rerun = Trainer(cfg, ONE_CPU)  # done at step 4, with its work: nothing is redone
+    try:
+        assert rerun._completed == {job: 4 for job in ("val", "samples", "ckpt")}
+    finally:
+        rerun.close()
 
 
 def test_a_signal_says_how_to_resume_a_run_that_train_resume_would_start_over(celeba_shards, tmp_path, caplog):

@@ -58,6 +58,12 @@ def image_ops(jpg, image_size: int, decoder: dict, center_crop: bool, dtype, lay
                                     mirror=mirror)  # [0, 255] -> [-1, 1]
 
 
+# Where faces are scored (validation's calibration, evaluation, detection), every JPEG goes to the CUDA decoder:
+# DALI hands the first hw_decoder_load of a batch to the A100/H100 hardware decoder, whose pixels differ slightly, so a
+# face's score would depend on its place in the batch, and so on the batch size and the number of ranks.
+SCORING_HW_DECODER_LOAD = 0.0
+
+
 def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id, seed, center_crop, image_ext,
                     checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
