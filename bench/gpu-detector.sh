@@ -68,7 +68,7 @@ part() {  # name, seconds, log, command...: bounded by its own limit and by the 
 # (bench.blends --profile; a minute), then the trainer end to end with G, torch.compile's default mode against
 # reduce-overhead, in what is left.
 part "gpu tests" 240 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
-  tests/test_data.py tests/test_trainer_rules.py
+  tests/test_data.py tests/test_trainer_rules.py tests/test_detect.py tests/test_evaluate.py
 part blends 60 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --compiled 0 --profile 12 \
   --out "$out"
 part train 100 train.log $py -m bench.train --device cuda --shards "$data/celeba" --batch 128 --steps 100 --warmup 10 \

@@ -198,19 +198,19 @@ def test_a_face_gets_the_same_tensor_wherever_it_sits_in_a_gpu_batch():
 
     from pipeline.data.preprocess import FacePreprocessor
 
-    crop = cv2.resize(cv2.cvtColor(cv2.imread(str(sorted(photo_paths())[0])), cv2.COLOR_BGR2RGB), (256, 256))
+    crop = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # any JPEG shows it
     out = FacePreprocessor(128, "cuda")([crop] * 64)
     assert torch.equal(out, out[:1].expand_as(out))
 
 
 @pytest.mark.gpu
-def test_a_cuda_device_this_machine_lacks_is_refused(smoke_checkpoint, tmp_path):
+def test_a_cuda_device_this_machine_lacks_is_refused(tmp_path):
     import torch
 
     image = tmp_path / "any.jpg"
     cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
     count = torch.cuda.device_count()
-    result = detect(image, smoke_checkpoint, "--device", f"cuda:{count}")
+    result = detect(image, tmp_path / "never-read.pt", "--device", f"cuda:{count}")  # the device is checked first
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"--device cuda:{count}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" in result.stderr
 

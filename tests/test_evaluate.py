@@ -66,14 +66,22 @@ def test_confident_fakes_keep_their_order(smoke_checkpoint, celebdf_shards):
 
 
 @pytest.mark.gpu
-def test_a_frames_score_does_not_depend_on_the_batch_it_is_decoded_in_on_a_gpu(smoke_checkpoint, celebdf_shards):
+def test_a_faces_pixels_do_not_depend_on_the_batch_it_is_decoded_in_on_a_gpu(celeba_shards):
     # DALI gives the first hw_decoder_load of a GPU batch to the A100/H100 hardware JPEG decoder, whose pixels differ
-    # from the CUDA decoder's: a frame's score would follow its place in the batch, so the batch size and the ranks.
-    D, meta = load_discriminator(smoke_checkpoint, torch.device("cuda"))
-    scores = [score_split(D, celebdf_shards.out_dir, "test", meta["config"]["data"]["image_size"], torch.device("cuda"),
-                          batch_size=batch, threads=1) for batch in (1, 32)]
-    assert scores[0].keys == scores[1].keys
-    np.testing.assert_array_equal(scores[0].scores, scores[1].scores)
+    # from the CUDA decoder's: a face's score would follow its place in the batch, so the batch size and the ranks.
+    # What D is given is compared (its arithmetic may round apart between batch sizes by itself); any D and faces show
+    # it (the GPU machine has no wandb for the smoke checkpoint, no scikit-image for the synthetic Celeb-DF's photos).
+    from pipeline.models import build_models
+
+    D = build_models(100, 16, 16, 64, torch.Generator().manual_seed(0))[1].to("cuda").eval()
+    seen = []
+    D.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].cpu()))
+    inputs = []
+    for batch in (1, 32):
+        seen.clear()
+        scores = score_split(D, celeba_shards.out_dir, "test", 64, torch.device("cuda"), batch_size=batch, threads=1)
+        inputs.append(torch.cat(seen)[:len(scores.keys)])  # in the reader's order; the last batch's padding dropped
+    assert torch.equal(inputs[0], inputs[1])
 
 
 def test_the_detector_loaded_is_the_average_of_ds_weights_where_the_run_kept_one(smoke_checkpoint, tmp_path):
