@@ -14,8 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "shards", "shards.*"]),
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        "torch>=2.9",  # torchrun's --signals-to-handle (launch/slurm/torchrun.sh) passes SIGUSR1 on from 2.9
+        "torchvision>=0.24",
         "nvidia-dali-cuda130>=2.0",
         "webdataset>=1.0",
         "tensorboard>=2.16",

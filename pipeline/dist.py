@@ -40,6 +40,10 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():  # else set_device's "invalid device ordinal", on ranks 1..n-1
+            raise UserError(f"local rank {local_rank} has no GPU: this process sees {torch.cuda.device_count()}, and "
+                            f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes a node; start one a "
+                            "GPU (--nproc_per_node; with SLURM, --gpus-per-node rather than --gpus-per-task).")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

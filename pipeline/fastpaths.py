@@ -62,7 +62,7 @@ def resolve(train, model, device: torch.device) -> FastPaths:
     precision = train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):  # T4: emulated only
             log.warning("train.precision auto: this GPU has no bfloat16, falling back to fp16 with a loss scaler")
             precision = "fp16"
     if precision not in PRECISIONS:

@@ -75,7 +75,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(32, channels // 4), channels)  # at least 4 channels a group, even at small ndf
+        # 32 groups (or fewer, of at least 4 channels each, at small ndf), and a count that divides the channels:
+        # ndf 72 has 144 channels after its first downsampling, which 32 groups would not divide.
+        return nn.GroupNorm(max(g for g in range(1, min(32, max(1, channels // 4)) + 1) if channels % g == 0), channels)
     raise ValueError(f"d_norm {kind!r} is not one of {D_NORMS}")
 
 

@@ -304,7 +304,8 @@ class GANStep:
     def state_dict(self) -> dict:
         state = {"G": self.G_raw.state_dict(), "D": self.D_raw.state_dict(), "G_ema": self.G_ema.state_dict(),
                  "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-                 "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+                 "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict(),
+                 "precision": self.fast.precision}
         if self.D_ema is not None:  # the detector that evaluation, `detect` and the app load (pipeline/evaluate.py)
             state["D_ema"] = self.D_ema.state_dict()
         return state
@@ -322,6 +323,9 @@ class GANStep:
         # run built each optimizer with.
         for opt, saved in ((self.opt_G, state["opt_G"]), (self.opt_D, state["opt_D"])):
             opt.load_state_dict({**saved, "param_groups": [{**group, **opt.defaults} for group in saved["param_groups"]]})
-        for name in ("scaler_G", "scaler_D"):
-            if state[name]:  # empty: saved by a disabled scaler (fp32/bf16 before every optimizer had one)
-                getattr(self, name).load_state_dict(state[name])
+        # The loss scalers only from a run of the same precision: fp32's and bf16's are fixed at 1, from which fp16's
+        # would take some 32,000 steps to double back to its 2^16, its small gradients underflowing meanwhile.
+        if state.get("precision", self.fast.precision) == self.fast.precision:
+            for name in ("scaler_G", "scaler_D"):
+                if state[name]:  # empty: saved by a disabled scaler (fp32/bf16 before every optimizer had one)
+                    getattr(self, name).load_state_dict(state[name])

@@ -105,3 +105,13 @@ def test_the_noise_projection_is_the_transposed_convolution_it_replaces():
     torch.testing.assert_close(projection(z), conv(z))
     projection.to(memory_format=torch.channels_last)
     torch.testing.assert_close(projection(z.contiguous(memory_format=torch.channels_last)), conv(z))
+
+
+@pytest.mark.parametrize("ndf", [72, 100])
+def test_d_widths_that_32_groups_do_not_divide_still_build_with_groupnorm(ndf):
+    # ndf 72 has 144 channels after its first downsampling: GroupNorm(32, 144) refused to be built.
+    D = Discriminator(ndf, 64)
+    norms = [m for m in D.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 4 for m in norms)
+    assert [m.num_groups for m in Discriminator(64, 64).modules() if isinstance(m, nn.GroupNorm)] == [32, 32, 32]
+    assert D(torch.zeros(2, 3, 64, 64)).shape == (2,)

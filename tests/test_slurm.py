@@ -44,10 +44,11 @@ def wait_until_gone(job, timeout_s=300):
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
 
 
-def srun_args(step: str) -> list[str]:
-    """The command line of the srun that started a step (`scontrol show step` names its host and pid: this one)."""
+def srun_args(step: str, what: str = "cmdline") -> list[str]:
+    """The command line (or `what`: environ) of the srun that started a step (`scontrol show step` names its host and
+    pid: this one)."""
     pid = re.search(r"SrunHost:Pid=\S+:(\d+)", step).group(1)
-    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    return Path(f"/proc/{pid}/{what}").read_text().split("\0")
 
 
 def preempt_at_step_3(env, logs, signal="USR1", *sbatch_args):
@@ -150,6 +151,8 @@ def test_a_job_asking_for_a_task_per_gpu_still_runs_one_torchrun_a_node(cluster,
     assert re.search(r"\bCPUs=2\b", step) and re.search(r"\bTasks=1\b", step), step  # the job's CPUs, one task
     # Slurm 22.05.8 here gives the step every CPU of the job either way; later versions may give only what srun asks.
     assert "--cpus-per-task=2" in srun_args(step)  # the job's 2 CPUs on the node, not SLURM_CPUS_PER_TASK's 1
+    # torchrun's grace before SIGKILL, passed in the environment (a torchrun without --shutdown-timeout keeps going).
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150" in srun_args(step, "environ")
     info = wait_until_gone(job)
     log = (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
     assert "JobState=COMPLETED" in info and log.count("[rank 0] step 2/2") == 1, log[-3000:]

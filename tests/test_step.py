@@ -64,6 +64,16 @@ def test_a_compile_mode_torch_does_not_know_is_one_sentence_and_the_graphing_mod
     assert not FastPaths("bf16", True, True, False, "reduce-overhead", True).cuda_graphs  # not compiled: no graphs
 
 
+def test_a_gpu_whose_bfloat16_is_only_emulated_gets_fp16_under_precision_auto(caplog, monkeypatch):
+    # torch.cuda.is_bf16_supported() says yes on a T4 (sm75), whose bf16 it only emulates: the fallback never fired.
+    # No such GPU is lent; its answers are put in its place (the rest of resolve's CUDA checks fall back on this CPU).
+    cfg = load_config(REPO / "configs" / "base.yaml", ["train.compile=false"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with caplog.at_level(logging.WARNING, logger="pipeline.fastpaths"):
+        assert resolve(cfg.train, cfg.model, torch.device("cuda")).precision == "fp16"
+    assert any("this GPU has no bfloat16, falling back to fp16" in r.message for r in caplog.records)
+
+
 def test_graph_inputs_on_a_cpu_falls_back_with_one_warning(caplog):
     cfg = load_config(REPO / "configs" / "base.yaml", ["train.graph_inputs=true"])
     with caplog.at_level(logging.WARNING, logger="pipeline.fastpaths"):

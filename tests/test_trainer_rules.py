@@ -240,6 +240,18 @@ def test_a_resume_takes_the_optimizers_settings_from_the_config_not_the_checkpoi
         trainer.close()
 
 
+def test_a_resume_in_fp16_from_a_fixed_scale_run_starts_its_loss_scale_afresh(celeba_shards, tmp_path):
+    # A run in fp32 (or bf16) saves loss scalers fixed at 1; fp16 resumed from them would double back to 2^16 only
+    # every 2,000 clean steps.
+    assert _train(_config(celeba_shards, tmp_path, "scale", "train.max_steps=1", "train.precision=fp32")) == ("max_steps", 1)
+    trainer = Trainer(_config(celeba_shards, tmp_path, "scale", "train.max_steps=2", "train.precision=fp16"), ONE_CPU)
+    try:
+        assert trainer.step == 1
+        assert trainer.step_fn.scaler_D.get_scale() == trainer.step_fn.scaler_G.get_scale() == 2.0**16
+    finally:
+        trainer.close()
+
+
 def test_rerunning_a_finished_run_trains_no_further_step(celeba_shards, tmp_path):
     cfg = _config(celeba_shards, tmp_path, "finished", "train.max_steps=2")
     assert _train(cfg) == ("max_steps", 2)
@@ -336,6 +348,20 @@ def test_a_log_interval_is_timed_by_the_steps_it_holds(monkeypatch):
     for _ in range(3):
         meter.add({"loss/D": torch.tensor(1.0)})
     assert meter.flush() == ({"loss/D": 1.0}, 2.0)  # 3 steps in 6 s
+
+
+@pytest.mark.gpu
+def test_a_local_rank_beyond_the_gpus_it_sees_is_one_sentence(monkeypatch):
+    # sbatch --gpus-per-task=1 gives srun's one task a node one GPU while torchrun starts one worker per GPU of the
+    # node: ranks 1..n-1 failed in torch.cuda.set_device with "invalid device ordinal".
+    from pipeline.dist import init_distributed
+
+    n = torch.cuda.device_count()
+    for key, value in {"RANK": n, "WORLD_SIZE": n + 1, "LOCAL_RANK": n, "LOCAL_WORLD_SIZE": n + 1}.items():
+        monkeypatch.setenv(key, str(value))
+    with pytest.raises(UserError, match=f"local rank {n} has no GPU: this process sees {n}, and torchrun started {n + 1} "
+                                        "processes a node"):
+        init_distributed()
 
 
 @pytest.mark.gpu

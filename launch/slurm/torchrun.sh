@@ -78,12 +78,15 @@ cpus_per_node=$(tr ',' '\n' <<<"${SLURM_JOB_CPUS_PER_NODE:-}" | sed 's/(.*//' | 
 # OVERRIDES is a list of key=value words: split on spaces, never expanded as file names (train.betas=[0.5,0.99]
 # is a glob that a file named train.betas=5 would match).
 set -f
+# The workers' grace between the signal torchrun passes on and its SIGKILL, 30 s by default: the variable, which torchrun
+# before its --shutdown-timeout flag (early 2026) ignores, where the flag would stop it with "unrecognized arguments".
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150
 # shellcheck disable=SC2086
 srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 ${cpus_per_node:+--cpus-per-task=$cpus_per_node} \
   --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
-  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 150 \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" &
 srun_pid=$!
 while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
