@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -271,3 +272,20 @@ def test_synth_celeba_from_the_command_line_holds_the_train_people_of_the_same_s
     demo = subprocess.run([sys.executable, "launch/demo.py", "--out", str(tmp_path / "demo"), "--people", "3"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert demo.returncode == 2 and "--people 3 is too few" in demo.stderr and not (tmp_path / "demo").exists()
+
+
+def test_datasets_made_with_other_settings_are_refused_not_reused(tmp_path):
+    # `make demo`, then `python launch/demo.py --people 200`: the 937-person datasets came back without a word. Folders
+    # there stand for written datasets (nothing is generated on either path tested here).
+    from shards.synth.datasets import write_photo_datasets
+
+    data = tmp_path / "data"
+    (data / "celeba").mkdir(parents=True)
+    (data / "celebdf").mkdir()
+    assert write_photo_datasets(data, people=200) == (data / "celeba", data / "celebdf")  # made before the record: reused
+    (data / "settings.json").write_text(json.dumps({"images_per_person": 4, "seed": 0, "test_fraction": 0.3,
+                                                    "people": None, "frames_per_video": 24}))
+    assert write_photo_datasets(data) == (data / "celeba", data / "celebdf")  # the same settings
+    with pytest.raises(UserError, match=rf"{data} holds synthetic datasets made with people None \(now 200\): remove that "
+                                        "folder to make them again, or give another output folder"):
+        write_photo_datasets(data, people=200)
