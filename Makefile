@@ -6,8 +6,12 @@ DEMO_DIR ?= demo
 
 .PHONY: install test demo bench bench-gpu bench-gpu-detector clean
 
-$(INSTALLED): setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
+# A venv without pip (python3 -m venv fails at ensurepip on a Debian without python3-venv, leaving bin/python behind)
+# is made again, whole, once python3-venv is there.
+$(VENV)/bin/pip:
+	python3 -m venv --clear $(VENV)
+
+$(INSTALLED): setup.py | $(VENV)/bin/pip
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
