@@ -17,7 +17,8 @@
 # 3.3 times as long. Since 2026-11-27 the detector scored is D_ema (train.d_ema_beta): the default, `OUT 300`,
 # reached 0.869 with it (an H200, 17,159 steps), against the 0.856 of D itself. Scored on the staged Celeb-DF
 # test split. The self-blends come from a CUDA graph (train.graph_inputs: auto; add
-# train.compile_inputs=true to fuse them too); if that run fails, it runs again with eager self-blends.
+# train.compile_inputs=true to fuse them too), D's passes from reduce-overhead's (train.compile_mode: auto, since
+# 2026-11-27 evening); if that run fails, it runs again without either.
 # Then the `gpu` tests, the self-blends alone at 128 and 256 px with their heaviest kernels (bench.blends), and
 # last, on the staged CelebA shards, the trainer end to end with G and the self-blend graph, torch.compile's
 # default mode against reduce-overhead (bench.train, 64 px, batch 128), each in the time the call has left.
@@ -47,10 +48,10 @@ detector() {  # name, overrides...: training, then compiling, calibrating and sc
     data.batch_size=128 data.image_size=128 model.ndf=64 "$@" >> "$out/detector.log" 2>&1
   local rc=$?; echo "== $name: exit $rc" | tee -a "$out/detector.log"; return $rc
 }
-# Without the graph only if the first run failed by itself (one that ran out of time would again) and there is
-# time for a whole second run.
+# Without CUDA graphs (the self-blends' and reduce-overhead's) only if the first run failed by itself (one that ran
+# out of time would again) and there is time for a whole second run.
 detector gpu "$@" || { [ $? -ne 124 ] && [ "$(left)" -gt $((seconds + 120)) ] &&
-  detector gpu-eager "$@" train.graph_inputs=false train.compile_inputs=false; }
+  detector gpu-eager "$@" train.graph_inputs=false train.compile_inputs=false train.compile_mode=default; }
 # ALSO's words are overrides, split on blanks as the command line's would be.
 [ -z "${ALSO:-}" ] || detector also "$@" ${ALSO}
 part() {  # name, seconds, log, command...: bounded by its own limit and by the deadline

@@ -76,7 +76,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16 (with a dynamic loss scale)
     channels_last: str | bool = "auto"  # models and batches in NHWC memory layout
     compile: str | bool = "auto"  # torch.compile G and D
-    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs (one GPU, no DDP)
+    # torch.compile's mode: auto is reduce-overhead (CUDA graphs of G's and D's passes) on one GPU, and the default
+    # mode under DDP, on CPUs and with d_sam_rho, where those graphs have never run.
+    compile_mode: str = "auto"
     graph_inputs: str | bool = "auto"  # the self-blends replayed from one CUDA graph (pipeline/graphs.py)
     # torch.compile the self-blends and degradations into fused kernels. Off: on an H200 at 128 px it gained 1.08x
     # over graph_inputs' CUDA graph, after 76 s of compiling (BENCHMARKS.md); on 2 CPU cores it was 0.88x eager at

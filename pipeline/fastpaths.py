@@ -57,8 +57,18 @@ def _switch(value: str | bool, key: str, device: torch.device) -> bool:
     raise UserError(f"train.{key} is {value!r}: write auto, true or false.")
 
 
-def resolve(train, model, device: torch.device) -> FastPaths:
-    """The fast paths for this device, from the config's switches, with fallbacks where one cannot work."""
+def compile_mode(train, device: torch.device, distributed: bool) -> str:
+    """torch.compile's mode: train.compile_mode, or for auto, reduce-overhead (G's and D's passes replayed as CUDA
+    graphs: 1.7x end to end on an H200, BENCHMARKS.md) on one GPU, where it has run, and the default mode elsewhere:
+    the graphs have never run under DDP, nor with SAM's second pass of D (train.d_sam_rho)."""
+    if train.compile_mode != "auto":
+        return train.compile_mode
+    return "reduce-overhead" if device.type == "cuda" and not distributed and not train.d_sam_rho > 0 else "default"
+
+
+def resolve(train, model, device: torch.device, distributed: bool = False) -> FastPaths:
+    """The fast paths for this device, from the config's switches, with fallbacks where one cannot work.
+    `distributed`: whether this process is one of several ranks (DDP)."""
     precision = train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -79,8 +89,8 @@ def resolve(train, model, device: torch.device) -> FastPaths:
     from torch._inductor import list_mode_options
 
     modes = list_mode_options()
-    if train.compile_mode not in modes:
-        raise UserError(f"train.compile_mode is {train.compile_mode!r}: write one of torch.compile's modes, "
+    if train.compile_mode != "auto" and train.compile_mode not in modes:
+        raise UserError(f"train.compile_mode is {train.compile_mode!r}: write auto or one of torch.compile's modes, "
                         f"{', '.join(modes)}.")
     compile_inputs = _switch(train.compile_inputs, "compile_inputs", device)
     asked = " and ".join(f"train.{k}" for k, on in (("compile", compile_), ("compile_inputs", compile_inputs)) if on)
@@ -98,8 +108,8 @@ def resolve(train, model, device: torch.device) -> FastPaths:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32  # DCGAN's convolutions lose nothing at TF32's 10-bit mantissa
         torch.backends.cudnn.allow_tf32 = tf32
-    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, train.compile_mode, tf32, graph_inputs,
-                     compile_inputs)
+    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, compile_mode(train, device, distributed),
+                     tf32, graph_inputs, compile_inputs)
 
 
 @contextlib.contextmanager

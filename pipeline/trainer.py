@@ -131,7 +131,7 @@ class Trainer:
         self.step = self.nimg = 0
         self._interrupted = False  # a periodic job stopped early on a signal
         self.finished = False  # the end-of-training work (validation, evaluation, samples, checkpoint) is done
-        self.fast = resolve(t, cfg.model, self.device)
+        self.fast = resolve(t, cfg.model, self.device, info.distributed)
         if self.fast.cuda_graphs and info.distributed:
             raise UserError(f"train.compile_mode {t.compile_mode} replays CUDA graphs, which have run on one GPU only, "
                             "never under DDP: set train.compile_mode=default to train on several ranks.")

@@ -13,7 +13,7 @@ from conftest import REPO
 from pipeline.config import load_config
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
-from pipeline.fastpaths import FastPaths, _switch, adam, resolve
+from pipeline.fastpaths import FastPaths, _switch, adam, compile_mode, resolve
 from pipeline.step import PAIRS_COMPILE
 
 
@@ -55,13 +55,30 @@ def test_channels_last_with_channel_counts_it_cannot_use_falls_back_with_one_war
 
 def test_a_compile_mode_torch_does_not_know_is_one_sentence_and_the_graphing_modes_are_told_apart():
     cfg = load_config(REPO / "configs" / "base.yaml", ["train.compile_mode=reduce_overhead"])
-    with pytest.raises(UserError, match=r"train.compile_mode is 'reduce_overhead': write one of torch.compile's modes, "
+    with pytest.raises(UserError, match=r"train.compile_mode is 'reduce_overhead': write auto or one of torch.compile's modes, "
                                         r"default, .*reduce-overhead"):
         resolve(cfg.train, cfg.model, torch.device("cpu"))
     graphs = {mode: FastPaths("bf16", True, True, True, mode, True).cuda_graphs
               for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
     assert graphs == {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
     assert not FastPaths("bf16", True, True, False, "reduce-overhead", True).cuda_graphs  # not compiled: no graphs
+
+
+def test_compile_mode_auto_makes_cuda_graphs_on_one_gpu_only():
+    # reduce-overhead's graphs have run on one GPU (1.7x end to end on an H200), never under DDP or with SAM's second
+    # pass of D: auto must not put a run of several ranks, or with train.d_sam_rho, under them.
+    def mode(device, distributed=False, *overrides):
+        return compile_mode(load_config(REPO / "configs" / "sbi.yaml", list(overrides)).train, torch.device(device),
+                            distributed)
+
+    assert mode("cuda") == "reduce-overhead"
+    assert mode("cuda", True) == "default"
+    assert mode("cuda", False, "train.d_sam_rho=0.05") == "default"
+    assert mode("cpu") == "default"
+    assert mode("cuda", False, "train.compile_mode=max-autotune") == "max-autotune"  # what is asked for stays
+    assert mode("cuda", True, "train.compile_mode=reduce-overhead") == "reduce-overhead"  # the trainer refuses it
+    cfg = load_config(REPO / "configs" / "sbi.yaml", ["train.compile=true"])
+    assert cfg.train.compile_mode == "auto" and resolve(cfg.train, cfg.model, torch.device("cpu")).compile_mode == "default"
 
 
 def test_a_gpu_whose_bfloat16_is_only_emulated_gets_fp16_under_precision_auto(caplog, monkeypatch):
@@ -141,10 +158,16 @@ def _inputs_both_ways(cfg, device: torch.device, calls: int, backend: str | None
 
 def _assert_nearly_equal(pairs) -> None:
     """Fused kernels round differently: equal to float precision, but for the rare pixel where a rounding flips the
-    mask's erosion or a JPEG coefficient."""
+    mask's erosion or a JPEG coefficient. One chroma coefficient rounded the other way moves a 16x16 patch and its
+    bilinear rim in all three channels: about 0.25% of a batch of 32 at 64 px. On an H200 the compiled and graphed
+    self-blends moved 0.44% of values by over 1e-3 (at most 0.02) and 3.2e-5 on average, every product in float32;
+    on two CPU cores inductor's kernels equal eager ones to 1.3e-6. TF32 products moved 2-7% and 3-6e-4 on average,
+    and a wrong draw moves a whole image."""
     for name, (got, want) in zip(("real", "blend"), pairs[:2]):
         diff = (got.float() - want.float()).abs()
-        assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, (name, diff.mean(), diff.max())
+        worst_image = diff.flatten(1).mean(1).max()
+        assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-2 and worst_image < 1e-3, \
+            (name, diff.mean(), (diff > 1e-3).float().mean(), worst_image, diff.max())
     assert torch.equal(*pairs[2])
 
 
@@ -410,6 +433,28 @@ def test_a_cuda_graph_mode_under_ddp_is_refused_in_one_sentence(shards, tmp_path
     with pytest.raises(UserError, match="train.compile_mode reduce-overhead replays CUDA graphs, which have run on one "
                                         "GPU only, never under DDP: set train.compile_mode=default"):
         Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu")))
+
+
+def test_the_trainer_of_one_of_several_ranks_gets_the_fast_paths_of_ddp(monkeypatch):
+    # train.compile_mode auto gives reduce-overhead to a GPU run of one process only: the trainer must say it is not.
+    import inspect
+
+    from pipeline import trainer as trainer_module
+
+    class Seen(Exception):
+        pass
+
+    def resolve_and_stop(*args, **kwargs):
+        bound = inspect.signature(resolve).bind(*args, **kwargs)
+        bound.apply_defaults()
+        raise Seen(bound.arguments["distributed"])
+
+    monkeypatch.setattr(trainer_module, "resolve", resolve_and_stop)
+    cfg = load_config(REPO / "configs" / "sbi-smoke.yaml", ["train.compile=false"])
+    for world_size in (1, 2):
+        with pytest.raises(Seen) as seen:
+            trainer_module.Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu")))
+        assert seen.value.args[0] is (world_size > 1)
 
 
 @pytest.mark.gpu
