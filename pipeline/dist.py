@@ -9,12 +9,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there wherever the NVIDIA kernel driver is loaded
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,33 @@ class DistInfo:
         return self.world_size > 1
 
 
+def cuda_available() -> bool:
+    """Whether to train on CUDA. On a machine with an NVIDIA driver whose GPUs torch cannot use (a driver older than
+    torch's CUDA, a CPU-only torch, a CUDA_VISIBLE_DEVICES naming no GPU) torch.cuda.is_available() is False, with at
+    most one warning line, and a run would train on the CPU at a hundredth of the speed: that is an error instead,
+    unless CUDA_VISIBLE_DEVICES is empty, which asks for the CPU."""
+    if torch.cuda.is_available():
+        return True
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if (visible is not None and visible.strip() in ("", "-1")) or not NVIDIA_DRIVER.exists():
+        return False
+    driver = NVIDIA_DRIVER.read_text(errors="replace").strip().splitlines()[:1] or ["unreadable"]
+    why = ("was built without CUDA" if torch.version.cuda is None else
+           f"sees no GPU with CUDA_VISIBLE_DEVICES={visible}" if visible is not None else
+           f"was built for CUDA {torch.version.cuda}, which this driver may be too old for")
+    raise UserError(f"{NVIDIA_DRIVER} says this machine has an NVIDIA driver ({' '.join(driver[0].split())}), but "
+                    f"torch {torch.__version__} {why}, so this run would train on the CPU: install a torch built for "
+                    "this driver or a newer driver (python -c 'import torch; torch.cuda.init()' says what is wrong), "
+                    "or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU on purpose.")
+
+
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     if "RANK" not in os.environ:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cuda", 0) if cuda_available() else torch.device("cpu")
         return DistInfo(0, 0, 1, device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if cuda_available():
         if local_rank >= torch.cuda.device_count():  # else set_device's "invalid device ordinal", on ranks 1..n-1
             raise UserError(f"local rank {local_rank} has no GPU: this process sees {torch.cuda.device_count()}, and "
                             f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes a node; start one a "

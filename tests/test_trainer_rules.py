@@ -350,6 +350,34 @@ def test_a_log_interval_is_timed_by_the_steps_it_holds(monkeypatch):
     assert meter.flush() == ({"loss/D": 1.0}, 2.0)  # 3 steps in 6 s
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+@pytest.mark.parametrize("ranks", [False, True])
+def test_a_driver_whose_gpus_torch_cannot_use_is_one_sentence_not_training_on_the_cpu(monkeypatch, tmp_path, ranks):
+    # On a GPU machine with a driver older than torch's CUDA, torch.cuda.is_available() is False with one warning
+    # line, and the run trained on the CPU at a hundredth of the speed. Here torch cannot use CUDA for real; the
+    # driver's file is put where the kernel module would write it.
+    from pipeline import dist
+
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.82.01  Tue Oct 26 2021\nGCC version: 10\n")
+    monkeypatch.setattr(dist, "NVIDIA_DRIVER", driver)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if ranks:  # under torchrun: refused before any process group
+        for key, value in {"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": 0}.items():
+            monkeypatch.setenv(key, str(value))
+    with pytest.raises(UserError, match=rf"^{driver} says this machine has an NVIDIA driver \(NVRM version: NVIDIA UNIX "
+                                        r"x86_64 Kernel Module 470.82.01 Tue Oct 26 2021\), but torch .* so this run "
+                                        r"would train on the CPU: .*set CUDA_VISIBLE_DEVICES= \(empty\) to train on the "
+                                        r"CPU on purpose.$"):
+        dist.init_distributed()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU on purpose
+    monkeypatch.delenv("RANK", raising=False)
+    assert dist.init_distributed().device == torch.device("cpu")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(dist, "NVIDIA_DRIVER", tmp_path / "none")  # no driver: the CPU, silently
+    assert dist.init_distributed().device == torch.device("cpu")
+
+
 @pytest.mark.gpu
 def test_a_local_rank_beyond_the_gpus_it_sees_is_one_sentence(monkeypatch):
     # sbatch --gpus-per-task=1 gives srun's one task a node one GPU while torchrun starts one worker per GPU of the
