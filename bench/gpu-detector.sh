@@ -64,11 +64,11 @@ part() {  # name, seconds, log, command...: bounded by its own limit and by the 
     echo "== $name: skipped, $(left) s left"
   fi
 }
-# The `gpu` tests first (218 s on an H200 with the trainer's under reduce-overhead; they gate defaults), then the
+# The `gpu` tests first (206 s for 14 on an H200, 2026-11-27 evening, one more since; they gate defaults), then the
 # self-blends alone at the detector's sizes, eager and graphed, with the kernels that take their time
 # (bench.blends --profile; a minute), then the trainer end to end with G, torch.compile's default mode against
 # reduce-overhead, in what is left.
-part "gpu tests" 240 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
+part "gpu tests" 270 gpu-tests.log $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py \
   tests/test_data.py tests/test_trainer_rules.py tests/test_detect.py tests/test_evaluate.py
 part blends 60 blends.log $py -m bench.blends --device cuda --size 128 256 --batch 128 --compiled 0 --profile 12 \
   --out "$out"

@@ -37,7 +37,7 @@ run shards 75 bash -c "$py -m shards synth celeba --out $data/celeba --faces car
   $py -m shards celeba --root $data/celeba --out $data/shards --workers $(nproc) --maxcount 500 --no-progress"
 run step 170 $py -m bench.step --device cuda --size 64 128 --batch 128 256 --warmup 10 --steps 50 --out "$out"
 run blends 60 $py -m bench.blends --device cuda --size 64 128 --batch 128 --compiled 0 --profile 12 --out "$out"
-run gpu-tests 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py \
+run gpu-tests 270 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_sbi.py tests/test_data.py \
   tests/test_trainer_rules.py tests/test_detect.py tests/test_evaluate.py
 run loader 45 $py -m bench.loader --device cuda --shards "$data/shards/celeba" --threads 8 --batch 256 --out "$out"
 run train 100 $py -m bench.train --device cuda --shards "$data/shards/celeba" --batch 128 --steps 100 --warmup 10 \

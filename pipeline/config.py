@@ -77,7 +77,7 @@ class TrainConfig:
     channels_last: str | bool = "auto"  # models and batches in NHWC memory layout
     compile: str | bool = "auto"  # torch.compile G and D
     # torch.compile's mode: auto is reduce-overhead (CUDA graphs of G's and D's passes) on one GPU, and the default
-    # mode under DDP, on CPUs and with d_sam_rho, where those graphs have never run.
+    # mode under DDP, on CPUs, in fp16 and with d_sam_rho, where those graphs have never run.
     compile_mode: str = "auto"
     graph_inputs: str | bool = "auto"  # the self-blends replayed from one CUDA graph (pipeline/graphs.py)
     # torch.compile the self-blends and degradations into fused kernels. Off: on an H200 at 128 px it gained 1.08x

@@ -9,15 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
-
-NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there wherever the NVIDIA kernel driver is loaded
 
 
 @dataclass(frozen=True)
@@ -37,23 +34,23 @@ class DistInfo:
 
 
 def cuda_available() -> bool:
-    """Whether to train on CUDA. On a machine with an NVIDIA driver whose GPUs torch cannot use (a driver older than
-    torch's CUDA, a CPU-only torch, a CUDA_VISIBLE_DEVICES naming no GPU) torch.cuda.is_available() is False, with at
-    most one warning line, and a run would train on the CPU at a hundredth of the speed: that is an error instead,
-    unless CUDA_VISIBLE_DEVICES is empty, which asks for the CPU."""
+    """Whether to run on CUDA. Where the NVIDIA driver is older than torch's CUDA, torch.cuda.is_available() is
+    False after one warning line, and a run trained on the CPU at a hundredth of the speed: that is an error here.
+    A machine with no GPU or no driver (a CPU container on a GPU host too), or CUDA_VISIBLE_DEVICES empty or -1,
+    runs on the CPU."""
     if torch.cuda.is_available():
         return True
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if (visible is not None and visible.strip() in ("", "-1")) or not NVIDIA_DRIVER.exists():
+    if torch.version.cuda is None or os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return False
-    driver = NVIDIA_DRIVER.read_text(errors="replace").strip().splitlines()[:1] or ["unreadable"]
-    why = ("was built without CUDA" if torch.version.cuda is None else
-           f"sees no GPU with CUDA_VISIBLE_DEVICES={visible}" if visible is not None else
-           f"was built for CUDA {torch.version.cuda}, which this driver may be too old for")
-    raise UserError(f"{NVIDIA_DRIVER} says this machine has an NVIDIA driver ({' '.join(driver[0].split())}), but "
-                    f"torch {torch.__version__} {why}, so this run would train on the CPU: install a torch built for "
-                    "this driver or a newer driver (python -c 'import torch; torch.cuda.init()' says what is wrong), "
-                    "or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU on purpose.")
+    try:
+        torch.cuda.init()  # raises torch's own sentence for why CUDA cannot start
+    except Exception as e:
+        why = str(e).split(". ")[0].strip()
+        if "too old" in why or "insufficient" in why:
+            raise UserError(f"torch {torch.__version__} cannot use this machine's GPUs ({why}), so this run would "
+                            "train on the CPU: update the NVIDIA driver or install a torch built for it, or set "
+                            "CUDA_VISIBLE_DEVICES= (empty) to train on the CPU on purpose.") from None
+    return False
 
 
 def init_distributed(timeout_s: int = 600) -> DistInfo:

@@ -57,13 +57,15 @@ def _switch(value: str | bool, key: str, device: torch.device) -> bool:
     raise UserError(f"train.{key} is {value!r}: write auto, true or false.")
 
 
-def compile_mode(train, device: torch.device, distributed: bool) -> str:
+def compile_mode(train, device: torch.device, distributed: bool, precision: str) -> str:
     """torch.compile's mode: train.compile_mode, or for auto, reduce-overhead (G's and D's passes replayed as CUDA
-    graphs: 1.7x end to end on an H200, BENCHMARKS.md) on one GPU, where it has run, and the default mode elsewhere:
-    the graphs have never run under DDP, nor with SAM's second pass of D (train.d_sam_rho)."""
+    graphs: 1.7x end to end on an H200, BENCHMARKS.md) on one GPU in bf16 or fp32, where it has run, and the default
+    mode elsewhere: the graphs have never run under DDP, with fp16's loss scaling, nor with SAM's second pass of D
+    (train.d_sam_rho)."""
     if train.compile_mode != "auto":
         return train.compile_mode
-    return "reduce-overhead" if device.type == "cuda" and not distributed and not train.d_sam_rho > 0 else "default"
+    tried = device.type == "cuda" and not distributed and precision != "fp16" and not train.d_sam_rho > 0
+    return "reduce-overhead" if tried else "default"
 
 
 def resolve(train, model, device: torch.device, distributed: bool = False) -> FastPaths:
@@ -108,8 +110,8 @@ def resolve(train, model, device: torch.device, distributed: bool = False) -> Fa
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32  # DCGAN's convolutions lose nothing at TF32's 10-bit mantissa
         torch.backends.cudnn.allow_tf32 = tf32
-    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_, compile_mode(train, device, distributed),
-                     tf32, graph_inputs, compile_inputs)
+    return FastPaths(precision, channels_last, bool(train.fused_adam), compile_,
+                     compile_mode(train, device, distributed, precision), tf32, graph_inputs, compile_inputs)
 
 
 @contextlib.contextmanager

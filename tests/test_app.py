@@ -477,6 +477,36 @@ def test_a_file_over_the_limit_is_refused_in_the_browser_before_it_is_sent(serve
     assert not [e for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
 
 
+def test_a_person_uploading_to_a_full_server_sees_the_busy_page(full_server, chromium, tmp_path):
+    # The 503 comes before the body is read, and the connection closes with the body unread: a browser still sending
+    # a file larger than the kernel's buffers must show the page, not a reset connection (on localhost it does).
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = full_server
+    large = tmp_path / "large.mp4"
+    large.write_bytes(bytes(16 << 20))
+    chromium.get(url + "/")
+    host, port = url.removeprefix("http://").split(":")
+    head = (b"POST /api/detect HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1048576\r\n\r\n")
+    fill = [socket.create_connection((host, int(port)), timeout=60) for _ in range(2)]
+    try:
+        for sock in fill:
+            sock.sendall(head)
+        _inside(url, 2)
+        chromium.find_element(By.ID, "file").send_keys(str(large))
+        chromium.find_element(By.ID, "submit").click()
+        error = WebDriverWait(chromium, UPLOAD_TIMEOUT_S - 2).until(
+            expected_conditions.presence_of_element_located((By.ID, "error")))
+        assert "busy with other uploads" in error.text
+    finally:
+        for sock in fill:
+            sock.close()
+    _inside(url, 0)
+
+
 def _upload(path: Path):
     from fastapi import UploadFile
 
