@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -80,14 +81,18 @@ def check_media_path(path: Path) -> None:
 
 
 def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video_frames: int = MAX_VIDEO_FRAMES,
-                deadline: float | None = None) -> tuple[str, list[tuple[int, np.ndarray]]]:
+                deadline: float | None = None,
+                keep: Callable[[np.ndarray], object] | None = None) -> tuple[str, list[tuple[int, object]]]:
     """("image" or "video", [(frame index, RGB)]); the kind is told by the content, never the name, and the
     size is checked from the headers before anything is decoded. A video still decoding at `deadline`
     (time.monotonic()) is a TooSlowError. Frames come shrunk to a long side of 1920 px at most (shards.video.shrink:
-    memory and dlib's time), as the shards' video frames do."""
+    memory and dlib's time), as the shards' video frames do. With `keep`, each frame is `keep(RGB)`, made as the
+    frame decodes, so that only one whole frame is held at a time however many are asked for."""
     from PIL import Image
 
     from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
+
+    keep = keep or (lambda rgb: rgb)
 
     check_media_path(path)
     try:
@@ -112,14 +117,17 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
         image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise not_media
-        return "image", [(0, cv2.cvtColor(shrink(image), cv2.COLOR_BGR2RGB))]
+        kept = keep(cv2.cvtColor(shrink(image), cv2.COLOR_BGR2RGB))
+        if deadline is not None and time.monotonic() > deadline:
+            raise TooSlowError(f"{path} took too long to check: send a smaller image.")
+        return "image", [(0, kept)]
     try:
         claimed, _, width, height = probe(str(path))
         _check_pixels(path, width, height, max_pixels)
         if claimed > max_video_frames:
             raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a "
                                      "shorter video.", "--max-video-frames")
-        sampled = sample_frames(str(path), frames, max_video_frames, deadline).frames
+        sampled = sample_frames(str(path), frames, max_video_frames, deadline, keep).frames
         if not sampled:  # frames decoded, and OpenCV converted none of them: no picture to look at
             raise not_media
         return "video", sampled
@@ -128,7 +136,7 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
             raise MediaTooLargeError(f"{path} has {e.reason}, the limit: send a shorter video.",
                                      "--max-video-frames") from None
         if e.reason == PAST_DEADLINE:
-            raise TooSlowError(f"{path} took too long to decode: send a shorter or smaller video.") from None
+            raise TooSlowError(f"{path} took too long to check: send a shorter or smaller video.") from None
         raise not_media from None
 
 
@@ -185,30 +193,32 @@ class Detector:
         """A face of an RGB frame cropped as the training shards' faces were."""
         return crop_face(rgb, face, self.face_size, self.face_scale)
 
+    def _look(self, rgb: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        """One frame's row of the report (without its index) and the crop of the face that counts, if it has one."""
+        faces = self.faces.detect(rgb)
+        if not faces:
+            return {"faces": 0, "score": None}, None
+        crops = [self.crop(rgb, f) for f in faces]
+        scores = self.score_faces([c.image for c in crops])
+        # The largest face counts (faces come largest first), as the shards keep it: evaluation measured, and the
+        # threshold was calibrated on, one such face a frame; the most suspicious of several would only ever raise a
+        # real video's score.
+        row = {"faces": len(faces), "score": scores[0], "box": list(faces[0].box)}
+        if len(faces) > 1:
+            row["other_faces_max_score"] = max(scores[1:])
+        return row, crops[0].image
+
     def detect(self, path: Path, frames: int = 32, deadline: float | None = None, **limits) -> tuple[dict, list[np.ndarray]]:
         """The report (JSON-ready) and the scored face crops, one per frame with a face.
 
-        `deadline` (time.monotonic()) stops the decoding, and the work between frames; `limits` go to `read_frames`."""
-        kind, sampled = read_frames(Path(path), frames, deadline=deadline, **limits)
+        `deadline` (time.monotonic()) stops the decoding, and the work between frames; `limits` go to `read_frames`.
+        Each frame is looked at as it decodes, and only its face crop is kept."""
+        kind, looked = read_frames(Path(path), frames, deadline=deadline, keep=self._look, **limits)
         results, crops_kept = [], []
-        for index, rgb in sampled:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TooSlowError(f"{path} took too long to check ({len(results)} of {len(sampled)} frames done): "
-                                   "send a shorter or smaller video.")
-            faces = self.faces.detect(rgb)
-            if not faces:
-                results.append({"frame": index, "faces": 0, "score": None})
-                continue
-            crops = [self.crop(rgb, f) for f in faces]
-            scores = self.score_faces([c.image for c in crops])
-            # The largest face counts (faces come largest first), as the shards keep it: evaluation measured, and
-            # the threshold was calibrated on, one such face a frame; the most suspicious of several would only
-            # ever raise a real video's score.
-            row = {"frame": index, "faces": len(faces), "score": scores[0], "box": list(faces[0].box)}
-            if len(faces) > 1:
-                row["other_faces_max_score"] = max(scores[1:])
-            results.append(row)
-            crops_kept.append(crops[0].image)
+        for index, (row, crop) in looked:
+            results.append({"frame": index, **row})
+            if crop is not None:
+                crops_kept.append(crop)
         scored = [r["score"] for r in results if r["score"] is not None]
         if not scored:
             raise NoFaceError(f"no face was found in {path} ({len(results)} frames looked at): the detector needs a visible frontal face.")

@@ -70,7 +70,8 @@ class Source(Protocol):
         """Items per split in their final order, and the skips found while listing."""
 
     def item_id(self, item: Any) -> str:
-        """A stable text naming the item and its input (path and size), for the plan checksum."""
+        """A stable text naming the item and its input (path, size and modification time, as rsync's quick check
+        and make tell a changed file), for the plan checksum: a replaced input redoes its shard."""
 
     def process(self, item: Any) -> ItemResult: ...
 

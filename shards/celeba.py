@@ -234,12 +234,13 @@ class CelebASource:
                 meta["attributes"] = attributes[f]
             if f in landmarks:
                 meta["celeba_landmarks"] = landmarks[f]
-            items[split].append((str(present[f]), present[f].stat().st_size, meta))
+            stat = present[f].stat()
+            items[split].append((str(present[f]), (stat.st_size, stat.st_mtime_ns), meta))
         return items, skipped
 
     def item_id(self, item: Any) -> str:
-        path, size, meta = item
-        return f"{meta['file']} {size} {json.dumps(meta, sort_keys=True)}"
+        path, (size, mtime_ns), meta = item
+        return f"{meta['file']} {size} {mtime_ns} {json.dumps(meta, sort_keys=True)}"
 
     def process(self, item: Any) -> ItemResult:
         path, _, meta = item

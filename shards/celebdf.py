@@ -47,6 +47,7 @@ class Video:
     name: str  # file name, e.g. "00170.mp4"
     path: str
     size: int
+    mtime_ns: int  # with the size, what tells a replaced file (a repaired download) from the one sharded before
     label: int  # 1 = fake
     identities: tuple[str, ...]  # (person,) for real, (target, donor) for fakes
 
@@ -195,7 +196,9 @@ class CelebDFSource:
                     skipped.append({"file": f"{canonical}/{p.name}", "reason": "not a video file"})
                     continue
                 stem = p.name.rsplit(".", 1)[0]
-                v = Video(canonical, p.name, str(p), p.stat().st_size, FOLDERS[canonical], identities_of(canonical, stem))
+                stat = p.stat()
+                v = Video(canonical, p.name, str(p), stat.st_size, stat.st_mtime_ns, FOLDERS[canonical],
+                          identities_of(canonical, stem))
                 videos[(canonical.lower(), p.name)] = v
         return videos, skipped
 
@@ -235,7 +238,7 @@ class CelebDFSource:
 
     def item_id(self, item: Any) -> str:
         video, split = item
-        return f"{video.rel} {video.size} {split}"
+        return f"{video.rel} {video.size} {video.mtime_ns} {split}"
 
     def process(self, item: Any) -> ItemResult:
         video, split = item

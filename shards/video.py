@@ -8,6 +8,7 @@ for the indices the real count gives. The field's spacing is `np.linspace(0, n -
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -31,7 +32,8 @@ class VideoError(Exception):
 
 @dataclass
 class SampledFrames:
-    frames: list[tuple[int, np.ndarray]]  # (frame index, [H, W, 3] uint8 RGB, long side <= MAX_SIDE_PX), in order
+    # (frame index, [H, W, 3] uint8 RGB, long side <= MAX_SIDE_PX), in order; or what `keep` made of that frame
+    frames: list[tuple[int, object]]
     decoded: int  # frames that actually decoded
     container_count: int  # what the container claimed
     fps: float
@@ -56,10 +58,10 @@ def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
-def _decode(path: str, wanted: set[int], max_frames: int | None = None,
-            deadline: float | None = None) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (RGB, long side at most MAX_SIDE_PX) and the number of frames decoded, reading to the end
-    (or past `max_frames`, or `deadline` on time.monotonic(): VideoError)."""
+def _decode(path: str, wanted: set[int], max_frames: int | None = None, deadline: float | None = None,
+            keep: Callable[[np.ndarray], object] | None = None) -> tuple[dict[int, object], int]:
+    """The wanted frames (RGB, long side at most MAX_SIDE_PX; or `keep` of each, made as it decodes) and the number of
+    frames decoded, reading to the end (or past `max_frames`, or `deadline` on time.monotonic(): VideoError)."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError("unreadable video")
@@ -73,7 +75,10 @@ def _decode(path: str, wanted: set[int], max_frames: int | None = None,
             if n in wanted:
                 ok, frame = cap.retrieve()
                 if ok:  # converted now: one copy of each kept frame, not a BGR and an RGB one
-                    frames[n] = cv2.cvtColor(shrink(frame), cv2.COLOR_BGR2RGB)
+                    rgb = cv2.cvtColor(shrink(frame), cv2.COLOR_BGR2RGB)
+                    frames[n] = rgb if keep is None else keep(rgb)
+                    if keep is not None and deadline is not None and time.monotonic() > deadline:  # keep's own time
+                        raise VideoError(PAST_DEADLINE)
             n += 1
     finally:
         cap.release()
@@ -93,17 +98,23 @@ def probe(path: str) -> tuple[int, float, int, int]:
         cap.release()
 
 
-def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: float | None = None) -> SampledFrames:
+def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: float | None = None,
+                  keep: Callable[[np.ndarray], object] | None = None) -> SampledFrames:
     """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError; so is
-    decoding still going at `deadline` (time.monotonic(); reason PAST_DEADLINE)."""
+    decoding still going at `deadline` (time.monotonic(); reason PAST_DEADLINE).
+
+    `keep` turns each sampled frame into what is kept of it as soon as it decodes, so that however many frames are
+    asked for, one whole frame at a time is held (`pipeline.detect` keeps the face crops and scores); it may run for
+    frames a wrong container count planned that are then dropped."""
     claimed, fps, width, height = probe(path)
-    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames, deadline)
+    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames, deadline, keep)
     if decoded == 0:
         raise VideoError("no frame decoded")
     wanted = even_indices(decoded, k)
     if set(wanted) != set(frames):
-        frames, decoded_again = _decode(path, set(wanted), deadline=deadline)
+        missing, decoded_again = _decode(path, set(wanted) - set(frames), deadline=deadline, keep=keep)
         if decoded_again != decoded:
             raise VideoError("frame count differs between two decodes")
+        frames |= missing  # frames of the first plan that are not wanted now are left out below
     return SampledFrames([(i, frames[i]) for i in wanted if i in frames], decoded, claimed, fps, width, height,
                          [i for i in wanted if i not in frames])

@@ -260,18 +260,45 @@ def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(sbi
 def test_a_detection_past_its_deadline_stops_with_a_clear_error(smoke_checkpoint, celebdf_root, monkeypatch):
     import time
 
-    import pipeline.detect
     from pipeline.detect import Detector, TooSlowError
 
     video = sorted((celebdf_root / "Celeb-real").glob("*.mp4"))[0]
     detector = Detector(smoke_checkpoint)
     # Past it already: the decoding itself stops (a long video would otherwise decode to its end first).
-    with pytest.raises(TooSlowError, match=r"took too long to decode: send a shorter or smaller video"):
+    with pytest.raises(TooSlowError, match=r"took too long to check: send a shorter or smaller video"):
         detector.detect(video, 4, deadline=time.monotonic() - 1)
-    # Past it once the frames are read: the face detection stops between frames.
-    read_frames = pipeline.detect.read_frames
-    monkeypatch.setattr(pipeline.detect, "read_frames", lambda *a, deadline=None, **k: read_frames(*a, **k))
-    with pytest.raises(TooSlowError, match=r"took too long to check \(0 of 4 frames done\)"):
-        detector.detect(video, 4, deadline=time.monotonic() - 1)
+    # Past it while the faces are looked at (a second a frame, on a slow machine): the work stops at the first frame
+    # that ends past it, the second, not at the decoder's next look at the clock (every 16 frames: after the third).
+    from shards.video import DEADLINE_EVERY_FRAMES
+    assert even_indices(int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)), 8)[2] < DEADLINE_EVERY_FRAMES
+    look, looked = Detector._look, []
+    monkeypatch.setattr(Detector, "_look", lambda self, rgb: (looked.append(1), time.sleep(1), look(self, rgb))[2])
+    with pytest.raises(TooSlowError, match=r"took too long to check: send a shorter or smaller video"):
+        detector.detect(video, 8, deadline=time.monotonic() + 1.5)
+    assert 1 <= len(looked) <= 2
     monkeypatch.undo()
     assert detector.detect(video, 4, deadline=time.monotonic() + 600)[0]["frames_looked_at"] == 4
+
+
+def test_a_long_video_is_looked_at_one_frame_at_a_time(smoke_checkpoint, tmp_path):
+    # `--frames` as high as a video is long must not hold every sampled frame at once (60 frames of 4K video
+    # shrunk to 1920 px would be 370 MB): each frame is looked at as it decodes, and only its face crop is kept.
+    import tracemalloc
+
+    from pipeline.detect import Detector
+
+    person = portrait(0, 0)
+    frames = camera_frames(person.image, person.box, seed=1, n_frames=60, size=(960, 540))
+    write_video(tmp_path / "long.mp4", frames)
+    frame_bytes = frames[0].nbytes  # 1.6 MB
+    del frames
+    detector = Detector(smoke_checkpoint)
+    tracemalloc.start()
+    try:
+        result, crops = detector.detect(tmp_path / "long.mp4", 60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["frames_looked_at"] == 60 and result["frames_with_face"] > 30 and len(crops) == result["frames_with_face"]
+    # A frame decoded, its conversion and shrink, dlib's copy, and the 256 px crops kept (12 MB): far from 60 frames.
+    assert peak < 20 * frame_bytes, f"{peak / 2**20:.0f} MB held at once for {60 * frame_bytes / 2**20:.0f} MB of frames"

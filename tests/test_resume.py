@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import CELEBDF_ARGS, REPO, shard_bytes
 
@@ -38,6 +40,36 @@ def test_a_rerun_keeps_intact_shards_and_redoes_damaged_ones(tmp_path, celeba_ro
     assert (second.shards_written, second.shards_reused) == (2, len(first.manifest["shards"]) - 2)
     assert (out / "train-000000.tar").stat().st_mtime_ns == untouched_mtime
     assert shard_bytes(out) == shard_bytes(celeba_shards.out_dir)
+
+
+def test_an_input_replaced_at_the_same_size_redoes_its_shard_alone(tmp_path, celeba_root):
+    # A repaired download can have the very size of the broken file: its modification time tells it apart.
+    root = tmp_path / "celeba"
+    shutil.copytree(celeba_root, root)  # copy2: the same modification times
+    first = build(CelebASource(root, maxcount=16), tmp_path / "shards", progress=False)
+    train = CelebASource(root, maxcount=16).plan()[0]["train"]
+    image, other = Path(train[16][0]), Path(train[0][0]).read_bytes()  # train-000001's first image, train-000000's
+    size, mtime_ns = image.stat().st_size, image.stat().st_mtime_ns
+    image.write_bytes((other + bytes(size))[:size])  # another picture at the same size (cut, or padded past its end)
+    os.utime(image, ns=(mtime_ns + 10**9, mtime_ns + 10**9))
+
+    second = build(CelebASource(root, maxcount=16), tmp_path / "shards", progress=False)
+    assert (second.shards_written, second.shards_reused) == (1, len(first.manifest["shards"]) - 1)
+    redone = [e["file"] for e in second.manifest["shards"] if e not in first.manifest["shards"]]
+    assert redone == ["train-000001.tar"]
+
+
+def test_celebdf_inputs_are_known_by_size_and_modification_time(tmp_path, celebdf_root):
+    root = tmp_path / "celebdf"
+    shutil.copytree(celebdf_root, root)
+    source = CelebDFSource(root, **CELEBDF_ARGS)
+    before = [source.item_id(i) for items in source.plan()[0].values() for i in items]
+    video = sorted((root / "Celeb-real").glob("*.mp4"))[0]
+    mtime_ns = video.stat().st_mtime_ns
+    os.utime(video, ns=(mtime_ns + 10**9, mtime_ns + 10**9))
+    after = [source.item_id(i) for items in source.plan()[0].values() for i in items]
+    assert [a for a, b in zip(before, after) if a != b] == [i for i in before if f"Celeb-real/{video.name} " in i]
+    assert len(before) == len(after) and sum(a != b for a, b in zip(before, after)) == 1
 
 
 def test_changed_arguments_rewrite_every_shard_and_drop_stale_ones(tmp_path, celeba_root):

@@ -64,6 +64,11 @@ def image_ops(jpg, image_size: int, decoder: dict, center_crop: bool, dtype, lay
 SCORING_HW_DECODER_LOAD = 0.0
 
 
+def decoder_args(on_gpu: bool, hw_decoder_load: float) -> dict:
+    """fn.decoders.image's placement: the GPU ("mixed") with this share for the hardware decoder, else the CPU."""
+    return {"device": "mixed", "hw_decoder_load": hw_decoder_load} if on_gpu else {"device": "cpu"}
+
+
 def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id, seed, center_crop, image_ext,
                     checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
@@ -79,7 +84,7 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
             random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer, shard_id=rank, num_shards=world_size,
             stick_to_shard=not cfg.shuffle, pad_last_batch=True, name="reader",
         )
-        decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if on_gpu else {"device": "cpu"}
+        decoder = decoder_args(on_gpu, cfg.hw_decoder_load)
         mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else fn.constant(idata=0, dtype=types.INT32)
         images = image_ops(jpg, cfg.image_size, decoder, center_crop,
                            types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,

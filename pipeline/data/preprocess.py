@@ -20,12 +20,12 @@ class FacePreprocessor:
     def __init__(self, image_size: int, device: torch.device | str = "cpu", max_batch: int = 64, threads: int = 1):
         from nvidia.dali import fn, pipeline_def, types
 
-        from pipeline.data.dali import SCORING_HW_DECODER_LOAD, image_ops
+        from pipeline.data.dali import SCORING_HW_DECODER_LOAD, decoder_args, image_ops
 
         self.device = torch.device(device)
         self.max_batch = max_batch
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        decoder = {"device": "mixed", "hw_decoder_load": SCORING_HW_DECODER_LOAD} if device_id is not None else {"device": "cpu"}
+        decoder = decoder_args(device_id is not None, SCORING_HW_DECODER_LOAD)
 
         @pipeline_def(batch_size=max_batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=1)
         def pipeline():
