@@ -17,8 +17,8 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import UserError
-from pipeline.evaluate import (check_shards, load_discriminator, log_to_run, missing_videos, per_video, plots, report_folder,
-                               score_split, summarize, verdict_threshold, write_report)
+from pipeline.evaluate import (check_shards, listed_video_block, load_discriminator, log_to_run, missing_videos, per_video,
+                               plots, report_folder, score_split, summarize, verdict_threshold, write_report)
 from shards.manifest import synthetic
 
 
@@ -60,9 +60,11 @@ def main() -> int:
             expected = manifest["source"].get("test_videos") if args.split == "test" else None
             if expected and (missing := missing_videos(videos, expected)):
                 summary["counts"]["missing_videos"] = missing
+                summary["video_all_listed"] = listed_video_block(videos, missing, threshold)
                 print(f"warning: {sum(missing.values())} of {sum(expected.values())} test videos have no scored frame "
                       f"({', '.join(f'{n} of {f}' for f, n in missing.items())}; the manifest's `skipped` says why): "
-                      "the video metrics are over the others", file=sys.stderr)
+                      "the video metrics are over the others; `video_all_listed` scores those at 0.5, as SBI does "
+                      f"(video AUC {summary['video_all_listed']['auc']:.4f})", file=sys.stderr)
             out = args.out or report_folder(run_dir, meta["step"], args.split)
             images = plots(frames, videos)
             write_report(out, summary, videos, images)

@@ -165,6 +165,7 @@ class Detector:
         self.image_size = meta["config"]["data"]["image_size"]
         self.step = meta["step"]
         self.threshold, self.threshold_note = verdict_threshold(meta, checkpoint)
+        self.threshold_calibrated = meta["threshold"] is not None
         if self.threshold_note:
             log.warning(self.threshold_note)
         # Faces are found and cropped as the training shards' were (checkpoints from before that record: the
@@ -234,7 +235,7 @@ class Detector:
             "file": str(path), "kind": kind, "checkpoint_step": self.step, "frames_looked_at": len(results),
             "frames_with_face": len(scored), "frames_without_face": len(results) - len(scored),
             "frames": results, "score": score, "score_min": float(scores_arr.min()), "score_max": float(scores_arr.max()),
-            "threshold": self.threshold, "threshold_calibrated": self.threshold_note is None,
+            "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
             "verdict": "fake" if score > self.threshold else "real", "notes": notes,
         }, crops_kept
 

@@ -70,7 +70,10 @@ def eer_threshold(labels, scores) -> float:
     fpr, tpr, thresholds = roc_curve(labels, scores)
     i = int(np.flatnonzero(fpr >= 1 - tpr - 1e-12)[0])  # >= 1: fpr starts at 0, fnr at 1; 1 - 2/3 > 1/3 in floats
     lower = thresholds[i + 1] if i + 1 < len(thresholds) else thresholds[i] - 1e-6
-    return float((thresholds[i] + lower) / 2)
+    middle = (thresholds[i] + lower) / 2
+    # Between two adjacent doubles (a saturated D's scores near 1) the midpoint rounds onto the upper one, and
+    # `> threshold` would then call none of its scores fake; no score lies between the two, so the lower one calls alike.
+    return float(middle if middle < thresholds[i] else lower)
 
 
 def average_precision(labels, scores) -> float:

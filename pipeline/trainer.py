@@ -37,7 +37,7 @@ from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, DataConfig, flat_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.data.dali import SCORING_HW_DECODER_LOAD
-from pipeline.data.common import load_split, shard_folders
+from pipeline.data.common import fake_samples, load_split, shard_folders
 from pipeline.dist import DistInfo
 from pipeline.evaluate import tag_prefix
 from pipeline.errors import UserError
@@ -168,6 +168,11 @@ class Trainer:
         t, info = self.cfg.train, self.info
         # The loader hands over batches in the layout the models use.
         d = replace(self.cfg.data, with_landmarks=self.step_fn.sbi, channels_last=self.fast.channels_last)
+        if not d.real_only:  # D would learn fake faces as real ones, and the detector be calibrated on them as such
+            for split in [d.split] + ([t.val_split] if self.clocks["val"].on else []):
+                if found := fake_samples(replace(d, split=split)):
+                    raise UserError(f"{found[0]} holds {found[1]} fake samples (label 1) in split {split!r}, which training "
+                                    "would take as real faces: set data.real_only=true to keep only its real ones.")
         self.loader = build_loader(d, info.rank, info.world_size, self.device)
         self.val_loader = None
         if self.clocks["eval"].on:  # checked now, not an epoch into the run

@@ -233,6 +233,24 @@ def test_the_calibrated_threshold_of_the_checkpoint_decides_the_verdict(sbi_chec
     assert out["verdict"] == ("fake" if out["score"] > threshold else "real")
 
 
+def test_a_threshold_calibrated_at_an_earlier_step_is_used_with_a_note(sbi_checkpoint, tmp_path):
+    # A checkpoint saved where validation did not run (a stop on a signal, another clock) carries the last one's.
+    import torch
+
+    from pipeline.detect import Detector
+
+    state = torch.load(sbi_checkpoint, weights_only=True)
+    assert state["calibration"]["step"] == state["step"]  # the run's last checkpoint: its own
+    state["calibration"]["step"] = state["step"] - 1
+    torch.save(state, tmp_path / "stale.pt")
+    out, _ = Detector(tmp_path / "stale.pt").detect(photo_paths()[0])
+    assert out["threshold"] == pytest.approx(state["threshold"]) and out["threshold_calibrated"] is True
+    assert [n for n in out["notes"] if "threshold" in n] == [
+        f"checkpoint {tmp_path / 'stale.pt'} is of step {state['step']}, but its threshold was calibrated on the weights of "
+        f"step {state['step'] - 1}: verdicts near it may be wrong; the run's last checkpoint, or one saved at a validation "
+        "step (train.val_every_steps), carries its own"]
+
+
 def test_a_frame_gives_the_same_tensor_through_the_shards_and_through_detect(sbi_checkpoint, celebdf_root, celebdf_shards):
     """detect's input is the training input: the same crop, JPEG round trip, decode and resize, also where the
     shards were made at another crop size than the tool's default (the checkpoint records theirs)."""

@@ -171,6 +171,12 @@ def test_the_eer_threshold_sits_at_the_equal_error_point():
     assert metrics.accuracy(labels, scores, 0.55) == pytest.approx(4 / 6)  # one real called fake, one fake missed
     assert metrics.eer_threshold([0, 1], [0.2, 0.8]) == pytest.approx(0.5)
     assert metrics.eer_threshold([0, 0], [0.2, 0.8]) == 0.5  # one class: nothing to calibrate on
+    # A saturated D: the equal-error score and the next lower one are adjacent doubles, whose midpoint rounds up.
+    lo = 0.9999999999999
+    hi = float(np.nextafter(lo, 2))
+    labels, scores = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.2, lo, hi, hi, hi])
+    threshold = metrics.eer_threshold(labels, scores)
+    assert list(scores > threshold) == [False, False, False, True, True, True]
 
 
 def test_evaluation_uses_the_checkpoints_calibrated_threshold(sbi_checkpoint, celebdf_shards, tmp_path):
@@ -248,15 +254,34 @@ def test_test_videos_without_a_scored_frame_and_other_crops_are_reported(sbi_che
     shards = tmp_path / "celebdf"
     shutil.copytree(celebdf_shards.out_dir, shards)
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["source"]["test_videos"]["Celeb-real"] += 2  # as if sharding found no face in two listed videos
+    manifest["source"]["test_videos"]["Celeb-real"] += 2  # as if sharding found no face in three listed videos
+    manifest["source"]["test_videos"]["Celeb-synthesis"] += 1
     manifest["faces"]["face_scale"] = 1.5  # cropped unlike the training shards
     (shards / "manifest.json").write_text(json.dumps(manifest))
     result = evaluate(1, "--checkpoint", sbi_checkpoint, "--shards", shards, "--out", tmp_path / "out", "--batch", 8)
     assert result.returncode == 0, result.stderr[-2000:]
     total = sum(manifest["source"]["test_videos"].values())
-    assert f"warning: 2 of {total} test videos have no scored frame (2 of Celeb-real;" in result.stderr
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["counts"]["missing_videos"] == {"Celeb-real": 2}
+    assert f"warning: 3 of {total} test videos have no scored frame (2 of Celeb-real, 1 of Celeb-synthesis;" in result.stderr
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert summary["counts"]["missing_videos"] == {"Celeb-real": 2, "Celeb-synthesis": 1}
+    # Over every listed video, the three at 0.5 as SBI scores a video without a face: the set its 0.93 is over.
+    rows = list(csv.DictReader((tmp_path / "out" / "videos.csv").open()))
+    labels = [int(r["label"]) for r in rows] + [0, 0, 1]
+    scores = [float(r["score"]) for r in rows] + [0.5, 0.5, 0.5]
+    assert summary["video_all_listed"]["auc"] == pytest.approx(metrics.auc(labels, scores))
+    assert f"`video_all_listed` scores those at 0.5, as SBI does (video AUC {summary['video_all_listed']['auc']:.4f})" in result.stderr
     assert "do not measure what pipeline.detect does" in result.stderr and "'face_scale': 1.5" in result.stderr
+
+
+def test_videos_without_a_scored_frame_count_at_one_half_over_the_whole_test_list():
+    from pipeline.evaluate import listed_video_block
+
+    videos = [{"label": 0, "score": 0.3}, {"label": 0, "score": 0.45}, {"label": 1, "score": 0.7}, {"label": 1, "score": 0.55}]
+    block = listed_video_block(videos, {"Celeb-real": 1, "Celeb-synthesis": 2, "YouTube-real": 1}, threshold=0.4)
+    labels, scores = [0, 0, 1, 1, 0, 1, 1, 0], [0.3, 0.45, 0.7, 0.55, 0.5, 0.5, 0.5, 0.5]
+    assert metrics.auc(labels, scores) == pytest.approx(14 / 16)
+    assert block["auc"] == pytest.approx(metrics.auc(labels, scores))
+    assert block["accuracy"] == pytest.approx(metrics.accuracy(labels, scores, 0.4))
 
 
 def test_an_undefined_metric_is_null_in_the_report(tmp_path):

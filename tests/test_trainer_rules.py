@@ -2,7 +2,9 @@
 does, and settings refused before the first step rather than an epoch into the run."""
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -334,6 +336,24 @@ def test_a_checkpoint_saved_on_another_kind_of_device_resumes_with_fresh_random_
 def test_settings_that_would_fail_later_are_refused_at_start_up(celeba_shards, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         Trainer(_config(celeba_shards, tmp_path, "refused", *extra), ONE_CPU)
+
+
+def test_shards_with_fakes_are_refused_unless_real_only_keeps_their_real_faces(celeba_shards, celebdf_shards, tmp_path):
+    # Celeb-DF's fakes read as real faces would teach D the opposite of detection, and calibrate it on them.
+    both = f"data.shards=[{celeba_shards.out_dir},{celebdf_shards.out_dir}]"
+    fakes = celebdf_shards.manifest["splits"]["train"]["labels"]["1"]
+    with pytest.raises(UserError, match=rf"^{celebdf_shards.out_dir} holds {fakes} fake samples \(label 1\) in split 'train', "
+                                        r"which training would take as real faces: set data.real_only=true"):
+        Trainer(_config(celeba_shards, tmp_path, "fakes", both, "data.real_only=false"), ONE_CPU)
+    # The validation split too, whose reals calibrate the detector: a copy whose training split is all real.
+    copy = tmp_path / "celebdf"
+    shutil.copytree(celebdf_shards.out_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["labels"] = {"0": manifest["splits"]["train"]["labels"]["0"]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"^{copy} holds \d+ fake samples \(label 1\) in split 'val'"):
+        Trainer(_config(celeba_shards, tmp_path, "fakes", f"data.shards={copy}", "data.real_only=false"), ONE_CPU)
+    Trainer(_config(celeba_shards, tmp_path, "reals", both), ONE_CPU).close()  # sbi-smoke's real_only
 
 
 def test_a_log_interval_is_timed_by_the_steps_it_holds(monkeypatch):

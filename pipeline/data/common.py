@@ -122,6 +122,16 @@ def shard_folders(cfg: DataConfig) -> list[str]:
     return [cfg.shards] if isinstance(cfg.shards, str) else list(cfg.shards)
 
 
+def fake_samples(cfg: DataConfig) -> tuple[str, int] | None:
+    """The first folder of `data.shards` whose split holds samples labelled fake (cls 1), with their count (from its
+    manifest); None where there are none."""
+    for folder in shard_folders(cfg):
+        fakes = load_manifest(folder)["splits"].get(cfg.split, {}).get("labels", {}).get("1", 0)
+        if fakes:
+            return folder, fakes
+    return None
+
+
 def required_members(cfg: DataConfig) -> tuple[str, ...]:
     return (image_member(cfg), "cls") + (("lmk",) if cfg.with_landmarks else ())
 
