@@ -18,7 +18,8 @@ The model loads once. What a person can send is bounded before it costs anything
   frames per video are checked from the headers before decoding (pipeline/detect.py).
 Uploads go to a private temporary folder under a fixed name (nothing a user sends becomes a path, a
 log line or a command) and are deleted after use. Pages carry a content security policy they pass
-(no scripts, no framing, styles and images only from the page itself) and `nosniff`.
+(no scripts, no framing, styles and images only from the page itself) and `nosniff`. After a CUDA error, which
+leaves the process's GPU unusable, `/health` and every upload answer 503 until the server is restarted.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import anyio
 import cv2
+import torch
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -55,6 +57,7 @@ CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 64 << 10  # the form's boundaries and part headers around the file, in bytes
 RETRY_AFTER_S = 10
 BUSY = f"the server is busy with other uploads: try again in {RETRY_AFTER_S} seconds."
+DEVICE_FAILED = "the server's GPU failed and the server must be restarted: try again once it has been."
 UPLOAD_PATHS = ("/detect", "/api/detect")
 
 
@@ -92,7 +95,7 @@ ERRORS = {400: "the request has no file, or the upload is empty or unreadable",
           413: "the upload, its pixels or its frames are beyond the limits, or checking it took too long",
           415: "the upload is neither an image nor a video", 422: "no face was found",
           500: "the detection failed on the server (its log has the details)",
-          503: "the server is busy: try again after Retry-After seconds"}
+          503: "the server is busy (try again after Retry-After seconds), or its GPU failed and it needs a restart"}
 
 
 class Service:
@@ -118,6 +121,9 @@ class Service:
         self.admitted = max_concurrent + max_waiting  # uploads inside the app at once at most (Admission)
         self.uploads_inside = 0  # reported by /health
         self.detectors_built = 0  # reported by /health
+        # A CUDA error (an illegal address, a device-side assert) leaves the process's CUDA context unusable for good:
+        # every later detection would fail too. Set, /health answers 503 so that a supervisor restarts the server.
+        self.device_failure: str | None = None
         self._count_lock = threading.Lock()
         self.queue_timeout_s, self.request_timeout_s = queue_timeout_s, request_timeout_s
         self.limits = {"max_pixels": max_pixels, "max_video_frames": max_video_frames}
@@ -129,6 +135,8 @@ class Service:
         return mine
 
     def run(self, upload: UploadFile) -> tuple[dict, list]:
+        if self.device_failure:
+            raise HTTPException(503, DEVICE_FAILED)
         folder = Path(tempfile.mkdtemp(prefix="deepfake-upload-"))
         try:
             path = folder / "upload"
@@ -155,6 +163,8 @@ class Service:
             except Exception as e:  # a bug, or the machine (memory, CUDA): one sentence here, the traceback in the log
                 broken = True
                 log.exception("detection failed")
+                if isinstance(e, torch.AcceleratorError):  # not an out-of-memory error, after which the GPU still works
+                    self.device_failure = f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0]
                 raise HTTPException(500, f"checking the upload failed on the server ({type(e).__name__}): try again; "
                                          "if it fails again, the server's log says why.") from None
             finally:
@@ -420,9 +430,12 @@ def build_app(service: Service) -> FastAPI:
         return result
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "checkpoint_step": service.template.step, "detectors_built": service.detectors_built,
-                "uploads_inside": service.uploads_inside, "uploads_admitted": service.admitted}
+    async def health() -> JSONResponse:
+        state = {"checkpoint_step": service.template.step, "detectors_built": service.detectors_built,
+                 "uploads_inside": service.uploads_inside, "uploads_admitted": service.admitted}
+        if service.device_failure:
+            return JSONResponse({"status": "failed", "detail": service.device_failure, **state}, status_code=503)
+        return JSONResponse({"status": "ok", **state})
 
     app.add_middleware(Admission, service=service)
     app.add_middleware(BodyLimit, max_bytes=service.max_bytes + MULTIPART_OVERHEAD,  # outermost: before any parsing

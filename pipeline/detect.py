@@ -60,6 +60,7 @@ class TooSlowError(UserError):
 # The containers a person may upload, told by their first bytes (never by the name). MP4 and MOV put
 # "ftyp" (or, in old QuickTime files, another atom) at byte 4; AVI is a RIFF file of form "AVI ".
 QUICKTIME_ATOMS = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+MATROSKA = b"\x1a\x45\xdf\xa3"  # WebM and MKV, whose frame count FFmpeg estimates from the duration (if any)
 MAX_PIXELS = 40_000_000  # per image or video frame: an 8K frame is 33 megapixels
 MAX_VIDEO_FRAMES = 100_000  # frames decoded at most: about 55 minutes at 30 fps
 
@@ -68,7 +69,7 @@ def media_kind(head: bytes) -> str | None:
     """"image" or "video" from a file's first 12 bytes, if they are a JPEG, PNG, MP4/MOV, AVI or WebM/MKV."""
     if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image"
-    if head[4:8] in QUICKTIME_ATOMS or (head.startswith(b"RIFF") and head[8:12] == b"AVI ") or head.startswith(b"\x1a\x45\xdf\xa3"):
+    if head[4:8] in QUICKTIME_ATOMS or (head.startswith(b"RIFF") and head[8:12] == b"AVI ") or head.startswith(MATROSKA):
         return "video"
     return None
 
@@ -97,7 +98,8 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
     check_media_path(path)
     try:
         with open(path, "rb") as f:
-            kind = media_kind(f.read(12))
+            head = f.read(12)
+        kind = media_kind(head)
     except OSError as e:  # not readable by this user, or a device's error
         raise UserError(f"{path} cannot be read ({e.strerror or e}): check its permissions, or copy it somewhere "
                         "readable.") from None
@@ -127,7 +129,10 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
         if claimed > max_video_frames:
             raise MediaTooLargeError(f"{path} claims {claimed} frames, more than the limit of {max_video_frames}: send a "
                                      "shorter video.", "--max-video-frames")
-        sampled = sample_frames(str(path), frames, max_video_frames, deadline, keep).frames
+        # A frame count estimated wrong would have the faces of up to twice the frames looked at (those the estimate
+        # planned, then those the real count gives): such files are counted first, by a decode that converts nothing.
+        sampled = sample_frames(str(path), frames, max_video_frames, deadline, keep,
+                                count_first=head.startswith(MATROSKA)).frames
         if not sampled:  # frames decoded, and OpenCV converted none of them: no picture to look at
             raise not_media
         return "video", sampled

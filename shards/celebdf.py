@@ -174,10 +174,11 @@ class CelebDFSource:
         self.upsample = upsample
         self.exclude_test_people = exclude_test_people
         self.placement = ""
+        self.test_list = self.root / TEST_LIST  # the file plan() read, in its own spelling
         self.test_videos: dict[str, int] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {"root": str(self.root), "layout": f"Celeb-DF, {self.placement}", "test_list": str(self.root / TEST_LIST),
+        return {"root": str(self.root), "layout": f"Celeb-DF, {self.placement}", "test_list": str(self.test_list),
                 "test_videos": self.test_videos}
 
     def content_args(self) -> dict[str, Any]:
@@ -211,6 +212,7 @@ class CelebDFSource:
         test = read_test_list(test_list, videos)
         listed = [v for v in videos.values() if v.rel in test]
         self.test_videos = check_test_list(test_list, list(videos.values()), listed)
+        self.test_list = test_list
 
         pool = [v for v in videos.values() if v.rel not in test]
         if self.exclude_test_people:

@@ -99,15 +99,17 @@ def probe(path: str) -> tuple[int, float, int, int]:
 
 
 def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: float | None = None,
-                  keep: Callable[[np.ndarray], object] | None = None) -> SampledFrames:
+                  keep: Callable[[np.ndarray], object] | None = None, count_first: bool = False) -> SampledFrames:
     """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError; so is
     decoding still going at `deadline` (time.monotonic(); reason PAST_DEADLINE).
 
     `keep` turns each sampled frame into what is kept of it as soon as it decodes, so that however many frames are
-    asked for, one whole frame at a time is held (`pipeline.detect` keeps the face crops and scores); it may run for
-    frames a wrong container count planned that are then dropped."""
+    asked for, one whole frame at a time is held (`pipeline.detect` keeps the face crops and scores). Where the
+    container's count is wrong, it also runs for the frames that count planned, and the real count's are decoded
+    again; `count_first` plans from the real count instead, found by a first decode that converts no frame."""
     claimed, fps, width, height = probe(path)
-    frames, decoded = _decode(path, set(even_indices(claimed, k)), max_frames, deadline, keep)
+    plan = _decode(path, set(), max_frames, deadline)[1] if count_first else claimed
+    frames, decoded = _decode(path, set(even_indices(plan, k)), max_frames, deadline, keep)
     if decoded == 0:
         raise VideoError("no frame decoded")
     wanted = even_indices(decoded, k)

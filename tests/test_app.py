@@ -343,6 +343,48 @@ def test_a_client_that_never_reads_its_answer_gives_its_place_back(smoke_checkpo
     assert started == [200] and time.monotonic() - t0 < 30
 
 
+def test_a_cuda_error_marks_the_server_failed_until_it_is_restarted(smoke_checkpoint, monkeypatch):
+    # A CUDA error leaves the process's CUDA context unusable: /health must say so, for a supervisor to restart the
+    # server. No GPU here: torch's own AcceleratorError, which CUDA errors raise, stands in for one. Running out of
+    # memory is not such an error: the next upload is checked as usual.
+    import asyncio
+
+    import torch
+
+    from pipeline.app import DEVICE_FAILED, Service, build_app
+    from pipeline.detect import Detector
+
+    detect, errors = Detector.detect, [torch.OutOfMemoryError("CUDA out of memory.")]
+
+    def failing(self, *args, **kwargs):
+        if errors:
+            raise errors.pop(0)
+        return detect(self, *args, **kwargs)
+
+    monkeypatch.setattr(Detector, "detect", failing)
+    transport = httpx.ASGITransport(build_app(Service(smoke_checkpoint, max_concurrent=1)), raise_app_exceptions=False)
+    photo = {"file": ("face.jpg", sorted(photo_paths())[0].read_bytes())}
+
+    async def check():
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            answers = [await client.post("/api/detect", files=photo) for _ in range(3)]  # out of memory, works
+            answers.append(await client.get("/health"))
+            errors.append(torch.AcceleratorError("CUDA error: an illegal memory access was encountered\n"
+                                                 "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions."))
+            answers += [await client.post("/api/detect", files=photo) for _ in range(2)]  # the CUDA error, then 503
+            answers += [await client.post("/detect", files=photo), await client.get("/health")]
+            return answers
+
+    oom, works, works_again, healthy, cuda, refused, page, failed = asyncio.run(check())
+    assert oom.status_code == 500 and "OutOfMemoryError" in oom.json()["detail"]
+    assert works.status_code == works_again.status_code == 200 and healthy.json()["status"] == "ok"
+    assert cuda.status_code == 500 and "AcceleratorError" in cuda.json()["detail"]
+    assert refused.status_code == 503 and refused.json() == {"detail": DEVICE_FAILED} and not errors
+    assert page.status_code == 503 and "must be restarted" in page.text
+    assert failed.status_code == 503 and failed.json()["status"] == "failed"
+    assert failed.json()["detail"] == "AcceleratorError: CUDA error: an illegal memory access was encountered"
+
+
 def test_health_pages_and_error_answers_come_while_uploads_hold_every_thread(smoke_checkpoint, monkeypatch):
     # Synchronous routes share one pool of threads (40 in AnyIO; 1 here): uploads waiting for a detection slot
     # can hold them all, and /health, which a load balancer reads, the page and the error answers must come regardless.

@@ -87,12 +87,14 @@ def test_a_test_list_that_is_not_utf8_exits_2_naming_it(tmp_path, celebdf_root):
     assert not (tmp_path / "out").exists()
 
 
-def test_videos_subfolders_and_other_folder_case_are_accepted(tmp_path, celebdf_shards):
+def test_videos_subfolders_and_other_case_of_folders_and_test_list_are_accepted(tmp_path, celebdf_shards):
     root = write_celebdf(tmp_path / "nested", 12, seed=1, placement="videos")
     (root / "YouTube-real").rename(root / "Youtube-real")
+    (root / "List_of_testing_videos.txt").rename(root / "list_of_testing_videos.txt")
     assert (root / "Celeb-real" / "videos").is_dir()
     report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
     assert report.manifest["source"]["layout"] == "Celeb-DF, <folder>/videos/*.mp4"
+    assert report.manifest["source"]["test_list"] == str(root / "list_of_testing_videos.txt")  # the file read
     keys = lambda d: [k for k, _, _ in _metas(d)]  # noqa: E731
     assert keys(report.out_dir) == keys(celebdf_shards.out_dir)
 
@@ -177,6 +179,18 @@ def test_frames_come_from_the_frames_that_really_decode(tmp_path):
     assert [i for i, _ in cut.frames] == even_indices(cut.decoded, 5)
     for i, frame in cut.frames:  # the pixels are those of frame i, not of another one
         assert abs(int(frame.mean()) - 6 * i) <= 3
+    # Made into something else as they decode (`keep`, as detection does): the frames the claimed count planned that
+    # the real count also wants are kept from the first decode, and the second decodes only the others.
+    kept = []
+    cut_kept = sample_frames(str(tmp_path / "cut.avi"), 5, keep=lambda rgb: kept.append(int(rgb.mean())) or len(kept))
+    planned = {i for i in even_indices(40, 5) if i < cut.decoded}
+    assert [i for i, _ in cut_kept.frames] == even_indices(cut.decoded, 5) and cut_kept.unconverted == []
+    assert len(kept) == len(planned) + len(set(even_indices(cut.decoded, 5)) - planned)
+    for (i, _), (_, n) in zip(cut.frames, cut_kept.frames):  # frame i's own `keep`
+        assert abs(kept[n - 1] - 6 * i) <= 3
+    kept_once = []
+    counted_first = sample_frames(str(tmp_path / "cut.avi"), 5, keep=kept_once.append, count_first=True)
+    assert [i for i, _ in counted_first.frames] == even_indices(cut.decoded, 5) and len(kept_once) == 5  # once each
 
 
 def test_a_frame_opencv_fails_to_convert_is_counted_as_skipped(tmp_path, celebdf_root, monkeypatch):
