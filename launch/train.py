@@ -49,6 +49,9 @@ def main() -> int:
             trainer.train()
         finally:
             trainer.close()
+        # No rank leaves before rank 0 has written the stop marker and closed its logs: under `srun -K` a node whose
+        # ranks left first has the others killed (after passing a signal on, torchrun always exits non-zero).
+        dist.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -1,10 +1,11 @@
 """launch/train.py with a pause at one moment, so that a test can send a signal right then.
 
-    INJECT_PAUSE=startup|resume|validation|evaluation torchrun ... tests/inject_pause.py --config ... (overrides)
+    INJECT_PAUSE=startup|resume|validation|evaluation [SLOW_CLOSE_S=S] torchrun ... tests/inject_pause.py --config ...
 
 It prints "PAUSED <moment>" and sleeps INJECT_PAUSE_S seconds (default 4) the first time the moment
 comes, then goes on as launch/train.py would. The signal handler is installed first, as there. At exit
-it prints the process's threads (tests/threads_at_exit.py).
+it prints the process's threads (tests/threads_at_exit.py). With SLOW_CLOSE_S, rank 0 closes the trainer that much
+later than the others, then prints "CLOSED rank 0".
 """
 
 import os
@@ -47,6 +48,16 @@ elif MOMENT == "evaluation":
     pipeline.periodic.evaluate_detector = _pausing(pipeline.periodic.evaluate_detector)
 else:
     sys.exit(f"INJECT_PAUSE={MOMENT!r} is not startup, resume, validation or evaluation")
+if "SLOW_CLOSE_S" in os.environ:  # rank 0 alone closes slowly (wandb.finish uploading), and says when it is done
+    _close = pipeline.trainer.Trainer.close
+
+    def _slow_close(self):
+        _close(self)
+        if self.info.is_main:
+            time.sleep(float(os.environ["SLOW_CLOSE_S"]))
+            print("CLOSED rank 0", flush=True)
+
+    pipeline.trainer.Trainer.close = _slow_close
 script = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 sys.argv = [str(script), *sys.argv[1:]]
 runpy.run_path(str(script), run_name="__main__")

@@ -2,13 +2,18 @@
 
 import json
 import multiprocessing
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 
 import pytest
 import torch
+from conftest import REPO
 
 from pipeline.data import DataConfig, build_loader
 from pipeline.errors import UserError
@@ -174,6 +179,19 @@ def test_a_dali_state_that_does_not_restore_starts_a_fresh_stream(uneven, caplog
     rest, batches = _resumed_epoch(_cfg(uneven, "dali"), state)
     assert len(rest) == (batches - 1) * 4 and len(set(rest)) == len(rest)
     assert "the saved DALI state does not fit this pipeline" in caplog.text
+
+
+def test_a_dali_state_that_restores_on_one_rank_only_starts_a_fresh_stream_on_every_rank(uneven, tmp_path):
+    # DALI reads part (rank + reader epoch) % world: a rank alone at a fresh reader epoch 0 would read its neighbour's
+    # part, which the neighbour, restored at epoch 1, reads too, for the rest of the run.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "tests/dali_two_ranks.py", str(uneven)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    keys = {int(r): json.loads(k) for r, k in re.findall(r"KEYS rank (\d): (.*)", result.stdout)}
+    assert sorted(keys) == [0, 1] and keys[0] and keys[1]
+    assert not set(keys[0]) & set(keys[1]), "both ranks read the same part"
+    assert "the saved DALI state does not fit this pipeline on 1 rank(s)" in result.stdout + result.stderr
 
 
 def test_a_split_that_shrank_since_the_save_resumes_at_its_epochs_end(uneven, tmp_path):

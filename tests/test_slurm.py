@@ -123,6 +123,24 @@ def test_sigterm_stops_the_ranks_with_a_checkpoint_and_does_not_requeue(cluster,
     assert checkpoint.is_file() and f"ranks stopped cleanly on SIGTERM; newest checkpoint: {checkpoint}; not requeued" in log
 
 
+def test_a_stop_signal_before_the_ranks_start_ends_the_job_cleanly(cluster, celeba_shards, tmp_path):
+    # A preemption soon after a start or a requeue can come while SETUP or the environment's activation runs: it must
+    # neither end the batch shell (its default action) nor reach torchruns that have no handler for it yet.
+    env = {"CONFIG": "configs/smoke.yaml", "SETUP": "echo IN SETUP; sleep 4",
+           "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "early", "train.max_steps=4", "log.wandb=disabled")}
+    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
+    log_path = tmp_path / "logs" / f"dcgan-{job}.out"
+    deadline = time.monotonic() + 60
+    while not (log_path.exists() and "IN SETUP" in log_path.read_text()):
+        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+    info, log = wait_until_gone(job), log_path.read_text()
+    assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info + log
+    assert "the stop came before the ranks started: nothing new to save" in log and "not requeued" in log
+    assert "step 1/" not in log and not (tmp_path / "early").exists()
+
+
 def test_a_job_slurm_will_not_requeue_fails_with_its_checkpoint_named(cluster, celeba_shards, tmp_path):
     # sbatch --no-requeue: the requeue is refused, and the job must say so and fail, not end COMPLETED half-trained.
     extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.val_every_epochs=0",

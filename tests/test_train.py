@@ -291,11 +291,11 @@ def test_sigterm_to_torchrun_stops_ranks_whose_loader_has_worker_processes(celeb
     assert ckpt.name == f"step-{stopped:08d}.pt" and _state(runs / "pgroup", stopped)["step"] == stopped
 
 
-def _signal_at(moment, overrides, log_path):
+def _signal_at(moment, overrides, log_path, **env):
     """Run 2 ranks through tests/inject_pause.py, SIGTERM rank 1 while it pauses at `moment`; the exit code."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(_command(2, overrides, "tests/inject_pause.py"), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "INJECT_PAUSE": moment})
+                                env={**os.environ, "INJECT_PAUSE": moment, **env})
     deadline = time.monotonic() + 180
     while f"PAUSED {moment}" not in log_path.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
@@ -319,9 +319,13 @@ def test_sigterm_during_startup_or_resume_stops_cleanly_before_training(celeba_s
     extra = ("train.epochs=1000", "log.wandb=disabled")
     if moment == "resume":
         assert train(2, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=2", *extra)).returncode == 0
-    code = _signal_at(moment, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=20", *extra), tmp_path / "log")
+    # Rank 0 closes 2 s late: under `srun -K` (launch/slurm/torchrun.sh) the first task to exit non-zero (torchrun, after
+    # passing a signal on) has the others killed, so no rank may leave before rank 0 has left its marker and closed.
+    code = _signal_at(moment, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=20", *extra), tmp_path / "log",
+                      SLOW_CLOSE_S="2")
     output = (tmp_path / "log").read_text()
     assert code == 0, output[-3000:]
+    assert output.index("CLOSED rank 0") < output.index("THREADS AT EXIT rank 1"), output[-2000:]
     step = 2 if moment == "resume" else 0
     assert f"stopping at step {step} on a signal, before training" in output and f"step {step + 1}/" not in output
     saved = sorted(p.name for p in (runs / name / "checkpoints").iterdir()) if moment == "resume" else []

@@ -30,24 +30,9 @@ set -uo pipefail
 
 REPO=${REPO:-$SLURM_SUBMIT_DIR}
 cd "$REPO" || exit 1
-if [ -n "${SETUP:-}" ]; then eval "$SETUP"; fi
-# shellcheck disable=SC1091
-source "${VENV:-$REPO/.venv}/bin/activate" || exit 1
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  # nvidia-smi lists every GPU of the node, allocated to this job or not: the last resort only.
-  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then GPUS_PER_NODE=$SLURM_GPUS_ON_NODE
-  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
-  else GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-  fi
-  [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1
-fi
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# A fresh rendezvous store for every torchrun restart: the shared default can hand a restarted worker the
-# dead workers' addresses (pytorch/pytorch#135712; README, "Several nodes without SLURM").
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
+# The traps come first: a signal during SETUP or the environment's activation (a preemption soon after a start or a
+# requeue) would otherwise end this shell, and the job with it, unrequeued.
 preempted=0
 srun_pid=
 # Rank 0 writes this file only after every rank saved and stopped on the signal (train.stop_marker): the
@@ -68,6 +53,25 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
+if [ -n "${SETUP:-}" ]; then eval "$SETUP"; fi
+# shellcheck disable=SC1091
+source "${VENV:-$REPO/.venv}/bin/activate" || exit 1
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  # nvidia-smi lists every GPU of the node, allocated to this job or not: the last resort only.
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then GPUS_PER_NODE=$SLURM_GPUS_ON_NODE
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+  else GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  fi
+  [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1
+fi
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# Below Linux's ephemeral ports (32768-60999), which a busy node's outgoing connections hold.
+RDZV_PORT=${RDZV_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# A fresh rendezvous store for every torchrun restart: the shared default can hand a restarted worker the
+# dead workers' addresses (pytorch/pytorch#135712; README, "Several nodes without SLURM").
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 echo "$(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $GPUS_PER_NODE," \
      "rendezvous $HEAD_NODE:$RDZV_PORT, config $CONFIG ${OVERRIDES:-}"
 # One torchrun a node, whatever tasks the job asked for (sbatch --ntasks-per-node=8 would otherwise start 8),
@@ -81,19 +85,27 @@ set -f
 # The workers' grace between the signal torchrun passes on and its SIGKILL, 30 s by default: the variable, which torchrun
 # before its --shutdown-timeout flag (early 2026) ignores, where the flag would stop it with "unrecognized arguments".
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150
-# shellcheck disable=SC2086
-srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 ${cpus_per_node:+--cpus-per-task=$cpus_per_node} \
-  --kill-on-bad-exit=1 torchrun \
-  --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
-  --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
-  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-  launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" &
-srun_pid=$!
-while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
-  wait "$srun_pid"
-  status=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
-done
+if [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; then
+  # Stopped before the ranks started: nothing new to save, and srun would pass the signal on to torchruns that have
+  # no handler for it yet (they install theirs once their rendezvous is done), killing them.
+  echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
+  echo "the run's newest checkpoint, as before this job" >"$marker"
+  status=0
+else
+  # shellcheck disable=SC2086
+  srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 ${cpus_per_node:+--cpus-per-task=$cpus_per_node} \
+    --kill-on-bad-exit=1 torchrun \
+    --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+    --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" &
+  srun_pid=$!
+  while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
+    wait "$srun_pid"
+    status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+  done
+fi
 if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
        "(submit the job again to resume from it: train.resume auto, the default, finds it)"

@@ -34,6 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline import dist
 from pipeline.config import DataConfig
 from pipeline.data.common import Batch, ShardLoader, find_undecodable, finish_images, finish_landmarks
 from pipeline.errors import UserError
@@ -160,13 +161,21 @@ class DaliLoader(ShardLoader):
         seed = (int(rng.integers(2**31 - 1)) + self.rank) % (2**31 - 1)  # flips differ per rank, reproducibly
         build = functools.partial(_build_pipeline, self.cfg, tars, indexes, self.rank, self.world_size, self.device_id,
                                   seed, self.center_crop, self.image_member)
+        if self._checkpoint is None:
+            self._pipe = build()
+            return
+        problem = None
         try:
             self._pipe = build(self._checkpoint)
         except RuntimeError as e:
-            if self._checkpoint is None:
-                raise
-            log.warning("the saved DALI state does not fit this pipeline (%s): epoch %d continues at batch %d in a "
-                        "fresh order", str(e).splitlines()[0], self.epoch, self.batch)
+            problem = str(e).splitlines()[0]
+        # Every rank restores the saved state, or none does: DALI reads part (rank + reader epoch) % world, so one
+        # rank alone at reader epoch 0 would read another rank's part, and leave one unread, for the rest of the run.
+        problems = [p for p in dist.all_gather_objects(problem) if p is not None]
+        if problems:
+            log.warning("the saved DALI state does not fit this pipeline on %d rank(s) (%s): epoch %d continues at "
+                        "batch %d in a fresh order", len(problems), problems[0], self.epoch, self.batch)
+            self._pipe = None  # (a built one, on the ranks where it fitted)
             self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
             self._pipe = build()
 
