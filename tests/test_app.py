@@ -367,7 +367,7 @@ def test_a_cuda_error_marks_the_server_failed_until_it_is_restarted(smoke_checkp
 
     async def check():
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            answers = [await client.post("/api/detect", files=photo) for _ in range(3)]  # out of memory, works
+            answers = [await client.post("/api/detect", files=photo) for _ in range(2)]  # out of memory, works
             answers.append(await client.get("/health"))
             errors.append(torch.AcceleratorError("CUDA error: an illegal memory access was encountered\n"
                                                  "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions."))
@@ -375,9 +375,9 @@ def test_a_cuda_error_marks_the_server_failed_until_it_is_restarted(smoke_checkp
             answers += [await client.post("/detect", files=photo), await client.get("/health")]
             return answers
 
-    oom, works, works_again, healthy, cuda, refused, page, failed = asyncio.run(check())
+    oom, works, healthy, cuda, refused, page, failed = asyncio.run(check())
     assert oom.status_code == 500 and "OutOfMemoryError" in oom.json()["detail"]
-    assert works.status_code == works_again.status_code == 200 and healthy.json()["status"] == "ok"
+    assert works.status_code == 200 and healthy.json()["status"] == "ok"
     assert cuda.status_code == 500 and "AcceleratorError" in cuda.json()["detail"]
     assert refused.status_code == 503 and refused.json() == {"detail": DEVICE_FAILED} and not errors
     assert page.status_code == 503 and "must be restarted" in page.text

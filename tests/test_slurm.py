@@ -85,8 +85,8 @@ def test_train_sbatch_runs_the_smoke_config_with_two_processes(cluster, celeba_s
 
 
 def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(cluster, celeba_shards, tmp_path):
-    # 24 steps, 6 an epoch: a stop before step 18 leaves the resumed part an epoch's end to cross.
-    extra = ("model.ngf=32", "model.ndf=32", "train.epochs=100", "train.max_steps=24", "train.ckpt_every_steps=1000", "train.val_every_epochs=0")
+    # 18 steps, 6 an epoch: a stop before step 12 leaves the resumed part an epoch's end to cross.
+    extra = ("model.ngf=32", "model.ndf=32", "train.epochs=100", "train.max_steps=18", "train.ckpt_every_steps=1000", "train.val_every_epochs=0")
     reference = train(2, _overrides(celeba_shards.out_dir, tmp_path, "reference", *extra, "log.wandb=disabled"))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
@@ -98,11 +98,11 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
 
     log = log_path.read_text()
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
-    assert 3 <= stopped < 18
+    assert 3 <= stopped < 12
     checkpoint = tmp_path / "preempted" / "checkpoints" / f"step-{stopped:08d}.pt"
     assert f"ranks stopped cleanly; requeueing to resume from {checkpoint}" in log and "(restart 1)" in log
     assert f"resumed from {checkpoint}" in log
-    whole, resumed = _state(tmp_path / "reference", 24), _state(tmp_path / "preempted", 24)
+    whole, resumed = _state(tmp_path / "reference", 18), _state(tmp_path / "preempted", 18)
     for name in ("G", "D", "G_ema", "D_ema"):
         for key, value in whole[name].items():
             assert torch.equal(value, resumed[name][key]), f"{name}.{key}"
