@@ -77,7 +77,7 @@ def _decode(path: str, wanted: set[int], max_frames: int | None = None, deadline
                 if ok:  # converted now: one copy of each kept frame, not a BGR and an RGB one
                     rgb = cv2.cvtColor(shrink(frame), cv2.COLOR_BGR2RGB)
                     frames[n] = rgb if keep is None else keep(rgb)
-                    if keep is not None and deadline is not None and time.monotonic() > deadline:  # keep's own time
+                    if deadline is not None and time.monotonic() > deadline:  # `keep`'s own time counts too
                         raise VideoError(PAST_DEADLINE)
             n += 1
     finally:

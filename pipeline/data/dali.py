@@ -175,7 +175,7 @@ class DaliLoader(ShardLoader):
         if problems:
             log.warning("the saved DALI state does not fit this pipeline on %d rank(s) (%s): epoch %d continues at "
                         "batch %d in a fresh order", len(problems), problems[0], self.epoch, self.batch)
-            self._pipe = None  # (a built one, on the ranks where it fitted)
+            self._pipe = None  # freed (where the state fitted, one was built) before the fresh one is built
             self._checkpoint, self._reader_epoch, self._reader_batch = None, 0, 0
             self._pipe = build()
 
