@@ -177,7 +177,7 @@ class Trainer:
         self.val_loader = None
         if self.clocks["eval"].on:  # checked now, not an epoch into the run
             try:
-                load_split(DataConfig(shards=t.eval_shards, split=t.eval_split, crop="face")).close()
+                load_split(DataConfig(shards=t.eval_shards, split=t.eval_split, crop="face"))
             except UserError as e:
                 raise UserError(f"train.eval_shards: {e}") from None
         if self.clocks["val"].on:

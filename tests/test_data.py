@@ -103,6 +103,19 @@ def test_the_order_is_a_function_of_seed_and_epoch(uneven, loader):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
+def test_each_epoch_deals_the_split_out_afresh(uneven, loader):
+    # A small buffer: DALI's epoch order is then mostly the order of its runs, which must change every epoch, the
+    # same way on every rank; else the global batch at step t would draw from the same few runs every epoch.
+    per_rank = []
+    for rank in range(2):
+        with build_loader(_cfg(uneven, loader, shuffle_buffer=2), rank, 2) as data:
+            per_rank.append([_epoch_keys(data) for _ in range(3)])
+    heads = [{k for keys in per_rank for k in keys[epoch][:8]} for epoch in range(3)]  # the first 2 global steps
+    overlaps = [len(heads[e] & heads[e + 1]) for e in range(2)]
+    assert max(overlaps) <= 10, overlaps  # 16 of 48 samples: 5.3 in common expected, 16 if the order repeats
+
+
+@pytest.mark.parametrize("loader", LOADERS)
 def test_the_same_seed_gives_the_same_pixels_and_flips(uneven, loader):
     def first(seed):
         with build_loader(_cfg(uneven, loader, seed=seed)) as data:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -59,6 +60,23 @@ def test_real_only_reads_every_real_sample_of_several_folders_once(celeba_shards
     assert all("-real_" in k for k in set(keys) - set(celeba))
     with build_loader(_cfg(folders, loader)) as data:  # without real_only, Celeb-DF's fakes come along
         assert data.split.samples == expected + celebdf_shards.manifest["splits"]["train"]["labels"]["1"]
+
+
+def test_dali_keeps_no_index_file_on_disk_once_its_pipeline_is_built(celeba_shards, celebdf_shards, tmp_path, monkeypatch):
+    # real_only's share of a shard and every shuffled run get index files of their own: a rank that is killed runs no
+    # clean-up, so none may outlive the pipeline's build.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = _cfg([str(celeba_shards.out_dir), str(celebdf_shards.out_dir)], "dali", real_only=True, shuffle_chunk=5)
+    with build_loader(cfg) as data:
+        epochs = [[k for b in data for k in b.keys]]
+        assert list(tmp_path.iterdir()) == []
+        epochs.append([k for b in data for k in b.keys])
+        state = data.state_dict()
+    with build_loader(cfg) as resumed:
+        resumed.load_state_dict(state)
+        epochs.append([k for b in resumed for k in b.keys])
+    assert list(tmp_path.iterdir()) == []
+    assert all(len(set(keys)) == len(keys) > 0 for keys in epochs)  # read from files deleted long before
 
 
 def test_shards_of_an_older_format_are_refused_with_the_reshard_command(celeba_shards, tmp_path):

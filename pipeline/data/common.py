@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import tempfile
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -97,25 +94,19 @@ def read_labels(tar: Path, entries: list[IndexEntry]) -> list[int]:
 @dataclass
 class SplitInfo:
     datasets: set[str]  # "celeba", "celebdf"
-    shards: list[tuple[Path, Path]]  # (tar, index); a filtered index (real_only) lives in `tmp`
-    entries: list[list[IndexEntry]]  # per shard, from its index: what DALI's reader will read
-    tmp: Path | None = None  # filtered index files, removed by `close`
+    shards: list[tuple[Path, Path]]  # (tar, its index file)
+    entries: list[list[IndexEntry]]  # per shard, what the loaders read: its index's entries, or real_only's share
+    indexed: list[int]  # per shard, the entries its index file lists
 
     @property
     def samples(self) -> int:
         return sum(len(e) for e in self.entries)
 
-    def write_index(self, name: str, entries: list[IndexEntry]) -> Path:
-        """A DALI index of some of a shard's `entries` (in the split's temporary folder), for its tar."""
-        self.tmp = self.tmp or Path(tempfile.mkdtemp(prefix="split-index-"))
-        path = self.tmp / name
-        path.write_text(f"v1.2 {len(entries)}\n" + "".join(e.line + "\n" for e in entries))
-        return path
 
-    def close(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
+def write_index(path: Path, entries: list[IndexEntry]) -> Path:
+    """A DALI index file of some of a shard's `entries`, for its tar."""
+    path.write_text(f"v1.2 {len(entries)}\n" + "".join(e.line + "\n" for e in entries))
+    return path
 
 
 def shard_folders(cfg: DataConfig) -> list[str]:
@@ -145,11 +136,11 @@ def image_member(cfg: DataConfig) -> str:
 
 
 def load_split(cfg: DataConfig) -> SplitInfo:
-    """The split's shards over every folder of `data.shards`, with real_only's filtered indexes written."""
+    """The split's shards over every folder of `data.shards`, with the entries the loaders read (real_only's share)."""
     folders = shard_folders(cfg)
     if not folders:
         raise UserError("data.shards is an empty list: name at least one folder written by `python -m shards`.")
-    split = SplitInfo(set(), [], [])
+    split = SplitInfo(set(), [], [], [])
     for folder in folders:
         manifest = load_manifest(folder)
         split.datasets.add(manifest["dataset"])
@@ -165,16 +156,16 @@ def load_split(cfg: DataConfig) -> SplitInfo:
                 raise UserError(f"{tar} holds {size} bytes where {Path(folder) / 'manifest.json'} records "
                                 f"{shard['bytes']}: it was cut short or replaced; copy it again, or run `python -m shards` "
                                 "again to rewrite it.")
-            entries = read_index(tar, idx)
+            entries = indexed = read_index(tar, idx)
             check_samples(tar, entries, required_members(cfg))
             if cfg.real_only and set(shard["labels"]) != {"0"}:
                 labels = read_labels(tar, entries) if "0" in shard["labels"] else [1] * len(entries)
                 entries = [e for e, label in zip(entries, labels) if label == 0]
                 if not entries:
                     continue
-                idx = split.write_index(f"{len(split.shards):06d}-{idx.name}", entries)
             split.shards.append((tar, idx))
             split.entries.append(entries)
+            split.indexed.append(len(indexed))
     if not split.shards:
         where = " and ".join(folders)
         verb = "holds" if len(folders) == 1 else "hold"
@@ -224,7 +215,6 @@ class ShardLoader:
         if cfg.shuffle_chunk < 0:
             raise UserError(f"data.shuffle_chunk is {cfg.shuffle_chunk}: it must be 0 (whole shards) or more samples.")
         self.split = load_split(cfg)
-        weakref.finalize(self, self.split.close)  # filtered index files go with the loader (or at exit)
         if fit_batch:  # a split smaller than world x batch (validation) is read in smaller batches
             cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, self.split.samples // world_size)))
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device

@@ -1,19 +1,18 @@
 """The DALI loader: `fn.readers.webdataset` with the index files, JPEG decoding on the GPU.
 
-One pipeline per run. The reader reads this rank's part (`shard_id=rank`, `num_shards=world_size`) and
-moves to the next part at each of its epochs (`stick_to_shard=False`), reshuffling as it goes. Its shuffle
-buffer (`data.shuffle_buffer`) holds a few thousand samples, and a shard up to 10,000 of one dataset: read
-shard after shard, a rank would spend dozens of steps in one dataset, and each epoch would repeat the last
-one's order. So a shuffled loader cuts the split into runs of `data.shuffle_chunk` consecutive samples, each
-its own index file into its tar, and gives the reader those in a seeded random order over every shard and
-dataset: the buffer then mixes some 32 runs, and reads stay sequential within a run. An
-unshuffled loader (validation, evaluation) reads the same part at every epoch instead, so what a rank
-validates on never depends on how many validations came before: a resumed run calibrates on the same
-faces and self-blends as an uninterrupted one. The reader's epochs end on a batch boundary
-(`pad_last_batch`). An epoch of ours is the loader's common batch count (`ShardLoader.batches`, equal on
-all ranks): the 0-2 batches the reader's epoch holds beyond it are run and dropped, so that every epoch
-starts at the reader's epoch start and reads each sample at most once. The order is a pure function of
-(data.seed, epoch, rank).
+One pipeline per run. The reader reads this rank's part (`shard_id=rank`, `num_shards=world_size`) of the
+split. Its shuffle buffer (`data.shuffle_buffer`) holds a few thousand samples, and a shard up to 10,000 of one
+dataset: read shard after shard, a rank would spend dozens of steps in one dataset. So a shuffled loader cuts
+the split into runs of `data.shuffle_chunk` consecutive samples, each its own index file into its tar, and the
+reader deals those out in a new order at each of its epochs (`shuffle_after_epoch`, one seed on every rank, so
+the parts stay a partition of the split): the buffer then mixes some 32 runs, reads stay sequential within a
+run, and the global batch at step t draws from other runs every epoch. An unshuffled loader (validation,
+evaluation) reads the same part at every epoch instead (`stick_to_shard`), so what a rank validates on never
+depends on how many validations came before: a resumed run calibrates on the same faces and self-blends as an
+uninterrupted one. The reader's epochs end on a batch boundary (`pad_last_batch`). An epoch of ours is the
+loader's common batch count (`ShardLoader.batches`, equal on all ranks): the 0-2 batches the reader's epoch
+holds beyond it are run and dropped, so that every epoch starts at the reader's epoch start and reads each
+sample at most once. The order is a pure function of (data.seed, epoch, rank).
 
 Resuming restores DALI's own checkpoint (`enable_checkpointing`, `Pipeline.checkpoint()`), which
 holds the reader's position and every random generator's state: a resumed stream is the uninterrupted
@@ -29,6 +28,8 @@ import functools
 import hashlib
 import json
 import logging
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from pipeline import dist
 from pipeline.config import DataConfig
-from pipeline.data.common import Batch, ShardLoader, find_undecodable, finish_images, finish_landmarks
+from pipeline.data.common import Batch, ShardLoader, find_undecodable, finish_images, finish_landmarks, write_index
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
         jpg, cls, *lmk = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=[image_ext, "cls", *extra], missing_component_behavior="error",
             random_shuffle=cfg.shuffle, initial_fill=cfg.shuffle_buffer, shard_id=rank, num_shards=world_size,
-            stick_to_shard=not cfg.shuffle, pad_last_batch=True, name="reader",
+            pad_last_batch=True, name="reader", **_order_args(cfg),
         )
         decoder = decoder_args(on_gpu, cfg.hw_decoder_load)
         mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else fn.constant(idata=0, dtype=types.INT32)
@@ -98,6 +99,14 @@ def _build_pipeline(cfg: DataConfig, tars, indexes, rank, world_size, device_id,
     pipe = pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
     pipe.build()
     return pipe
+
+
+def _order_args(cfg: DataConfig) -> dict:
+    """Shuffled, the reader deals its entries (our runs) out in a new order at every epoch, the same on every rank
+    (one seed), so each epoch's parts are a new partition of the split; unshuffled, a rank reads its own part."""
+    if cfg.shuffle:
+        return {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": cfg.seed}
+    return {"stick_to_shard": True}
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -134,14 +143,14 @@ class DaliLoader(ShardLoader):
         order = np.random.default_rng([self.cfg.seed]).permutation(len(runs))
         return [runs[k] for k in order]
 
-    def _reader_files(self, runs: list[tuple[int, int, int]]) -> tuple[list[str], list[str]]:
-        """The tars and index files of `runs`: a shard read whole keeps its index, a run gets its own."""
+    def _reader_files(self, runs: list[tuple[int, int, int]], folder: Path) -> tuple[list[str], list[str]]:
+        """The tars and index files of `runs`: a shard read whole keeps its index, any other run gets its own, in
+        `folder`."""
         tars, indexes = [], []
         for shard, first, stop in runs:
             tar, idx = self.split.shards[shard]
-            entries = self.split.entries[shard]
-            if (first, stop) != (0, len(entries)):
-                idx = self.split.write_index(f"run-{len(indexes):06d}-{idx.name}", entries[first:stop])
+            if (first, stop) != (0, self.split.indexed[shard]):
+                idx = write_index(folder / f"run-{len(indexes):06d}-{idx.name}", self.split.entries[shard][first:stop])
             tars.append(str(tar))
             indexes.append(str(idx))
         return tars, indexes
@@ -151,12 +160,17 @@ class DaliLoader(ShardLoader):
         runs = [(self.split.shards[i][0].name, self.split.entries[i][first].key, stop - first) for i, first, stop in self._runs()]
         what = {"runs": runs, "members": [self.image_member, "lmk" if self.cfg.with_landmarks else ""],
                 "flip": self.cfg.flip, "shuffle": self.cfg.shuffle, "buffer": self.cfg.shuffle_buffer,
-                "seed": self.cfg.seed, "gpu": self.device_id is not None, "image_size": self.cfg.image_size,
-                "dtype": self.cfg.dtype, "layout": self.cfg.channels_last}
+                "seed": self.cfg.seed, "order": _order_args(self.cfg), "gpu": self.device_id is not None,
+                "image_size": self.cfg.image_size, "dtype": self.cfg.dtype, "layout": self.cfg.channels_last}
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
     def _build(self) -> None:
-        tars, indexes = self._reader_files(self._runs())
+        # DALI reads the index files when the pipeline is built, never after: the runs' own go straight away, so
+        # none is left behind by a rank that is killed (SIGKILL runs no clean-up).
+        with tempfile.TemporaryDirectory(prefix="dali-runs-") as folder:
+            self._build_from(*self._reader_files(self._runs(), Path(folder)))
+
+    def _build_from(self, tars: list[str], indexes: list[str]) -> None:
         rng = np.random.default_rng([self.cfg.seed, 1])
         seed = (int(rng.integers(2**31 - 1)) + self.rank) % (2**31 - 1)  # flips differ per rank, reproducibly
         build = functools.partial(_build_pipeline, self.cfg, tars, indexes, self.rank, self.world_size, self.device_id,
@@ -169,8 +183,8 @@ class DaliLoader(ShardLoader):
             self._pipe = build(self._checkpoint)
         except RuntimeError as e:
             problem = str(e).splitlines()[0]
-        # Every rank restores the saved state, or none does: DALI reads part (rank + reader epoch) % world, so one
-        # rank alone at reader epoch 0 would read another rank's part, and leave one unread, for the rest of the run.
+        # Every rank restores the saved state, or none does: a reader's part depends on its epoch, so one rank alone
+        # at reader epoch 0 would read samples its neighbours read, and leave others unread, for the rest of the run.
         problems = [p for p in dist.all_gather_objects(problem) if p is not None]
         if problems:
             log.warning("the saved DALI state does not fit this pipeline on %d rank(s) (%s): epoch %d continues at "
