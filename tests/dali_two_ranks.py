@@ -16,7 +16,7 @@ from pipeline.data import build_loader
 info = dist.init_distributed()
 cfg = DataConfig(shards=sys.argv[1], loader="dali", batch_size=2, threads=1, with_meta=True, shuffle_buffer=8)
 with build_loader(cfg, info.rank, info.world_size) as data:
-    for _ in data:  # epoch 0: DALI's reader then reads part (rank + 1) % 2 in epoch 1
+    for _ in data:  # epoch 0: DALI's reader then deals the parts out afresh for epoch 1
         pass
     next(iter(data))
     state = data.state_dict()

@@ -64,7 +64,7 @@ def test_half_precision_and_channels_last(uneven, loader, dtype):
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("batch_size", [4, 5])  # 5: a rank's part holds more than the epoch's batches
 def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world_size, batch_size):
-    epochs = 3  # DALI's reader moves to another rank's part at each epoch: check more than the first
+    epochs = 3  # DALI's reader deals the parts out afresh at each epoch: check more than the first
     per_rank = []
     for rank in range(world_size):
         with build_loader(_cfg(uneven, loader, batch_size=batch_size), rank, world_size) as data:
@@ -128,20 +128,20 @@ def test_the_same_seed_gives_the_same_pixels_and_flips(uneven, loader):
 @pytest.mark.parametrize("where", ["mid-epoch", "an epoch's last batch"])
 def test_a_restored_position_sees_exactly_the_batches_of_an_uninterrupted_run(uneven, loader, where):
     with build_loader(_cfg(uneven, loader)) as data:
-        uninterrupted = [b.keys for _ in range(3) for b in data]
+        uninterrupted = [b.keys for _ in range(4) for b in data]
         batches = len(data)
     take = 2 if where == "mid-epoch" else batches
     with build_loader(_cfg(uneven, loader)) as data:
-        seen = [b.keys for b in data]
+        seen = [b.keys for _ in range(2) for b in data]  # saved in epoch 2: DALI has dealt the split out thrice
         it = iter(data)
         seen += [next(it).keys for _ in range(take)]
         state = data.state_dict()  # as the trainer saves it: while the last batch taken trains
     assert {k: state[k] for k in ("epoch", "batch", "world_size", "batch_size")} == {
-        "epoch": 1, "batch": take, "world_size": 1, "batch_size": 4}
+        "epoch": 2, "batch": take, "world_size": 1, "batch_size": 4}
     with build_loader(_cfg(uneven, loader)) as resumed:
         resumed.load_state_dict(state)
-        seen += [b.keys for _ in range(3 - resumed.epoch) for b in resumed]
-        assert resumed.state_dict()["epoch"] == 3
+        seen += [b.keys for _ in range(4 - resumed.epoch) for b in resumed]
+        assert resumed.state_dict()["epoch"] == 4
     assert seen == uninterrupted
 
 
@@ -195,8 +195,8 @@ def test_a_dali_state_that_does_not_restore_starts_a_fresh_stream(uneven, caplog
 
 
 def test_a_dali_state_that_restores_on_one_rank_only_starts_a_fresh_stream_on_every_rank(uneven, tmp_path):
-    # DALI reads part (rank + reader epoch) % world: a rank alone at a fresh reader epoch 0 would read its neighbour's
-    # part, which the neighbour, restored at epoch 1, reads too, for the rest of the run.
+    # DALI deals the parts out afresh at each reader epoch: a rank alone at a fresh reader epoch 0 would read its
+    # epoch-0 part while its neighbour, restored at epoch 1, reads epoch 1's, and the two overlap.
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "tests/dali_two_ranks.py", str(uneven)], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
@@ -241,7 +241,7 @@ def test_the_baselines_workers_are_not_forks_of_a_process_with_threads(uneven):
             assert len(list(batches)) == len(data) - 1
 
 
-def test_resuming_with_another_world_size_keeps_the_share_of_the_epoch_seen(uneven):
+def test_resuming_with_another_world_size_keeps_the_count_of_samples_seen(uneven):
     with build_loader(_cfg(uneven, "baseline"), 0, 2) as data:
         data.load_state_dict({"epoch": 3, "batch": 4, "world_size": 1, "batch_size": 4, "seed": 0})
         assert (data.epoch, data.batch) == (3, 2)

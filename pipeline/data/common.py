@@ -257,7 +257,8 @@ class ShardLoader:
         self.epoch, self.batch = state["epoch"], min(state["batch"], self.batches)  # at most the epoch's end (a split
         # that shrank since the save)
         if not self._same_shape(state):
-            # Another shape of run sees other batches; keep the epoch and the share of it already seen.
+            # Another shape of run sees other batches: keep the epoch and the count of samples seen (in another
+            # order, so some already seen come again).
             seen = state["batch"] * state["world_size"] * state["batch_size"]
             self.batch = min(self.batches, seen // (self.world_size * self.cfg.batch_size))
             log.warning("loader resumed with world size %d x batch %d (saved: %d x %d): epoch %d continues at batch %d, "
