@@ -23,10 +23,8 @@ import sys  # noqa: E402
 
 import yaml  # noqa: E402
 
-from pipeline import dist  # noqa: E402
-from pipeline.config import load_config, to_dict  # noqa: E402
+from pipeline.config import Config, load_config, to_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:
@@ -35,12 +33,24 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
-    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    return train(cfg)
+
+
+def train(cfg: Config) -> int:
+    # torch and the trainer load here, for a run only (5 s): a dry run or a config error answers at once.
+    from pipeline import dist
+    from pipeline.trainer import Trainer
+
+    trainer = None
+    try:
         info = dist.init_distributed()
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"[rank {info.rank}] %(message)s", stream=sys.stdout, force=True)
