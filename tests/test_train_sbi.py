@@ -150,7 +150,8 @@ def test_the_recipe_also_trains_on_celeba_alone(shards, runs):
     (["model.d_norm=layer"], "model.d_norm 'layer' is not one of"),
 ])
 def test_recipe_settings_that_cannot_work_are_refused(shards, runs, extra, message):
-    # In-process: launch/train.py turns every such UserError into its sentence and exit 2 (test_train.py checks that).
+    # In-process: launch/train.py turns a UserError from the trainer into its sentence and exit code (test_train.py's
+    # refused resume and diverging runs go through that path).
     cfg = load_config(REPO / "configs" / "sbi-smoke.yaml", _overrides([shards[0]], runs, "bad", *extra))
     with pytest.raises(UserError, match=re.escape(message)):
         Trainer(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
