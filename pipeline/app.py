@@ -18,8 +18,9 @@ The model loads once. What a person can send is bounded before it costs anything
   frames per video are checked from the headers before decoding (pipeline/detect.py).
 Uploads go to a private temporary folder under a fixed name (nothing a user sends becomes a path, a
 log line or a command) and are deleted after use. Pages carry a content security policy they pass
-(one script and one stylesheet, each allowed by its hash; no framing; images only from the page itself) and `nosniff`. After a CUDA error, which
-leaves the process's GPU unusable, `/health` and every upload answer 503 until the server is restarted.
+(one script and one stylesheet, each allowed by its hash; no framing; images only from the page itself)
+and `nosniff`. After a CUDA error, which leaves the process's GPU unusable, `/health` and every upload
+answer 503 until the server is restarted.
 """
 
 from __future__ import annotations
