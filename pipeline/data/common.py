@@ -94,9 +94,8 @@ def read_labels(tar: Path, entries: list[IndexEntry]) -> list[int]:
 @dataclass
 class SplitInfo:
     datasets: set[str]  # "celeba", "celebdf"
-    shards: list[tuple[Path, Path]]  # (tar, its index file)
+    shards: list[tuple[Path, Path | None]]  # (tar, its index file; None where real_only keeps only some of its entries)
     entries: list[list[IndexEntry]]  # per shard, what the loaders read: its index's entries, or real_only's share
-    indexed: list[int]  # per shard, the entries its index file lists
 
     @property
     def samples(self) -> int:
@@ -140,7 +139,7 @@ def load_split(cfg: DataConfig) -> SplitInfo:
     folders = shard_folders(cfg)
     if not folders:
         raise UserError("data.shards is an empty list: name at least one folder written by `python -m shards`.")
-    split = SplitInfo(set(), [], [], [])
+    split = SplitInfo(set(), [], [])
     for folder in folders:
         manifest = load_manifest(folder)
         split.datasets.add(manifest["dataset"])
@@ -156,16 +155,16 @@ def load_split(cfg: DataConfig) -> SplitInfo:
                 raise UserError(f"{tar} holds {size} bytes where {Path(folder) / 'manifest.json'} records "
                                 f"{shard['bytes']}: it was cut short or replaced; copy it again, or run `python -m shards` "
                                 "again to rewrite it.")
-            entries = indexed = read_index(tar, idx)
+            entries = read_index(tar, idx)
             check_samples(tar, entries, required_members(cfg))
             if cfg.real_only and set(shard["labels"]) != {"0"}:
                 labels = read_labels(tar, entries) if "0" in shard["labels"] else [1] * len(entries)
                 entries = [e for e, label in zip(entries, labels) if label == 0]
                 if not entries:
                     continue
+                idx = None
             split.shards.append((tar, idx))
             split.entries.append(entries)
-            split.indexed.append(len(indexed))
     if not split.shards:
         where = " and ".join(folders)
         verb = "holds" if len(folders) == 1 else "hold"

@@ -144,13 +144,13 @@ class DaliLoader(ShardLoader):
         return [runs[k] for k in order]
 
     def _reader_files(self, runs: list[tuple[int, int, int]], folder: Path) -> tuple[list[str], list[str]]:
-        """The tars and index files of `runs`: a shard read whole keeps its index, any other run gets its own, in
-        `folder`."""
+        """The tars and index files of `runs`: a shard read whole keeps its index, any other run (and real_only's share
+        of a shard) gets its own, in `folder`."""
         tars, indexes = [], []
         for shard, first, stop in runs:
             tar, idx = self.split.shards[shard]
-            if (first, stop) != (0, self.split.indexed[shard]):
-                idx = write_index(folder / f"run-{len(indexes):06d}-{idx.name}", self.split.entries[shard][first:stop])
+            if idx is None or (first, stop) != (0, len(self.split.entries[shard])):
+                idx = write_index(folder / f"run-{len(indexes):06d}-{tar.stem}.idx", self.split.entries[shard][first:stop])
             tars.append(str(tar))
             indexes.append(str(idx))
         return tars, indexes
