@@ -51,7 +51,7 @@ def train(cfg: Config) -> int:
 
     trainer = None
     try:
-        info = dist.init_distributed()
+        info = dist.init_distributed(close_timeout_s=cfg.log.close_timeout_s)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"[rank {info.rank}] %(message)s", stream=sys.stdout, force=True)
         trainer = Trainer(cfg, info)
@@ -61,7 +61,7 @@ def train(cfg: Config) -> int:
             trainer.close()
         # No rank leaves before rank 0 has written the stop marker and closed its logs: under `srun -K` a node whose
         # ranks left first has the others killed (after passing a signal on, torchrun always exits non-zero).
-        dist.barrier()
+        dist.close_together()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -129,6 +129,9 @@ class LogConfig:
     group: str | None = None  # W&B group, e.g. a sweep's name
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
+    # At the end, ranks 1..n-1 wait this long for rank 0 to close its logs (an online wandb run uploads what is left
+    # then), where any other wait for a rank ends after the process group's 600 s.
+    close_timeout_s: int = 1800
 
 
 @dataclass

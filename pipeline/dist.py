@@ -53,7 +53,15 @@ def cuda_available() -> bool:
     return False
 
 
-def init_distributed(timeout_s: int = 600) -> DistInfo:
+_closing: tuple[Any, int] | None = None  # close_together()'s process group (gloo) and its timeout in seconds
+
+
+def init_distributed(timeout_s: int = 600, close_timeout_s: int | None = None) -> DistInfo:
+    """`timeout_s` bounds every collective; `close_timeout_s`, if given, bounds close_together() instead."""
+    global _closing
+    if close_timeout_s is not None and close_timeout_s < 1:
+        raise UserError(f"log.close_timeout_s is {close_timeout_s}: give the seconds ranks may wait at the end for rank 0 "
+                        "to close its logs (at least 1; 1800 by default).")
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if cuda_available() else torch.device("cpu")
         return DistInfo(0, 0, 1, device)
@@ -70,6 +78,8 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    if close_timeout_s is not None:  # made now, while every rank is here: a group is made by all its ranks at once
+        _closing = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=close_timeout_s)), close_timeout_s
     return DistInfo(rank, local_rank, world_size, device)
 
 
@@ -82,6 +92,8 @@ def restarted() -> str | None:
 
 
 def destroy() -> None:
+    global _closing
+    _closing = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -132,6 +144,22 @@ def on_main(fn: Callable[[], Any], is_main: bool) -> Any:
     return result
 
 
-def barrier() -> None:
-    if _active():
-        dist.barrier()
+def close_together() -> None:
+    """The run's last barrier, which ranks 1..n-1 reach at once while rank 0 first closes its logs: an online wandb
+    run uploads what is left then, which may take longer than a collective may wait (`timeout_s`). So it waits on a
+    group of its own, made by init_distributed(close_timeout_s=...), whose timeout is that of this barrier alone."""
+    if not _active():
+        return
+    if _closing is None:
+        raise RuntimeError("close_together() needs init_distributed(close_timeout_s=...)")
+    group, close_timeout_s = _closing
+    try:
+        dist.barrier(group=group)
+    except RuntimeError as e:
+        if dist.get_rank() == 0:
+            raise UserError(f"the other ranks had stopped waiting for rank 0 to close its logs (log.close_timeout_s, "
+                            f"{close_timeout_s} s): the run itself is saved; raise log.close_timeout_s.") from e
+        raise UserError(f"rank 0 had not closed its logs after {close_timeout_s} s (log.close_timeout_s), so rank "
+                        f"{dist.get_rank()} stopped waiting: the run itself is saved; an online wandb run may not have "
+                        "uploaded everything (`wandb sync` the run folder's wandb/ to finish it); raise "
+                        "log.close_timeout_s.") from e

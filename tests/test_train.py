@@ -262,6 +262,27 @@ def _start_and_wait_for_step(overrides, log_path, step):
     return proc
 
 
+@pytest.mark.parametrize("close_timeout_s", [60, 1])
+def test_the_other_ranks_wait_for_rank_0_to_close_its_logs_for_log_close_timeout_s(celeba_shards, runs, close_timeout_s):
+    # Closing an online wandb run uploads what is left, which may take longer than a collective may wait (the process
+    # group's 600 s, cut here to 2 s once training is over while rank 0 takes 5 s): the last barrier has its own.
+    overrides = _overrides(celeba_shards.out_dir, runs, f"close-{close_timeout_s}", "train.max_steps=2", "log.wandb=disabled",
+                           f"log.close_timeout_s={close_timeout_s}")
+    env = {**os.environ, "SLOW_CLOSE_S": "5", "PG_TIMEOUT_S": "2"}
+    result = subprocess.run(_command(2, overrides, "tests/inject_slow_close.py"), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    output = result.stdout + result.stderr
+    if close_timeout_s == 60:
+        assert result.returncode == 0, output[-3000:]
+        closed = float(re.search(r"CLOSED ([\d.]+)", output).group(1))
+        left = float(re.search(r"LEFT rank 1 ([\d.]+)", output).group(1))
+        assert left >= closed  # rank 1 left once rank 0 had closed its logs, not before
+    else:
+        assert result.returncode != 0
+        assert "rank 0 had not closed its logs after 1 s (log.close_timeout_s), so rank 1 stopped waiting" in output
+        assert "the other ranks had stopped waiting for rank 0 to close its logs (log.close_timeout_s, 1 s)" in output
+
+
 def test_sigterm_to_one_rank_saves_a_checkpoint_and_exits_0(celeba_shards, runs, tmp_path):
     overrides = _overrides(celeba_shards.out_dir, runs, "sigterm", "train.epochs=1000", "train.ckpt_every_steps=1000",
                            "log.wandb=disabled")

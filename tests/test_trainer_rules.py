@@ -449,3 +449,11 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
     moved = sum((plain["D"][k].float() - start[k].float()).square().sum() for k in start)
     apart = sum((graphs["D"][k].float() - plain["D"][k].float()).square().sum() for k in start)
     assert apart < 0.05 * moved, (apart, moved)
+
+
+def test_a_close_timeout_under_one_second_is_refused_before_any_process_group():
+    from pipeline import dist
+
+    with pytest.raises(UserError, match=r"^log.close_timeout_s is 0: give the seconds ranks may wait at the end for rank 0 "
+                                        r"to close its logs \(at least 1; 1800 by default\).$"):
+        dist.init_distributed(close_timeout_s=0)
