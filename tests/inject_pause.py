@@ -1,13 +1,15 @@
 """launch/train.py with a pause at one moment, so that a test can send a signal right then.
 
-    INJECT_PAUSE=startup|resume|validation|evaluation [SLOW_CLOSE_S=S] torchrun ... tests/inject_pause.py --config ...
+    [INJECT_PAUSE=startup|resume|validation|evaluation] [SLOW_CLOSE_S=S [PG_TIMEOUT_S=T]] torchrun ... tests/inject_pause.py --config ...
 
 It prints "PAUSED <moment>" and sleeps INJECT_PAUSE_S seconds (default 4) the first time the moment
 comes, then goes on as launch/train.py would. The signal handler is installed first, as there. At exit
 it prints the process's threads (tests/threads_at_exit.py). With SLOW_CLOSE_S, rank 0 closes the trainer that much
-later than the others, then prints "CLOSED rank 0".
+later than the others, then prints "CLOSED rank 0"; with PG_TIMEOUT_S too, every rank cuts its process group's timeout
+(600 s) to that once closed, so that a collective waiting for rank 0 would fail.
 """
 
+import datetime
 import os
 import runpy
 import sys
@@ -19,11 +21,12 @@ from pipeline import signals
 signals.install()
 
 import threads_at_exit  # noqa: E402, F401
+import torch.distributed  # noqa: E402
 import pipeline.checkpoint  # noqa: E402
 import pipeline.periodic  # noqa: E402
 import pipeline.trainer  # noqa: E402
 
-MOMENT, SECONDS = os.environ["INJECT_PAUSE"], float(os.environ.get("INJECT_PAUSE_S", 4))
+MOMENT, SECONDS = os.environ.get("INJECT_PAUSE"), float(os.environ.get("INJECT_PAUSE_S", 4))
 _paused = False
 
 
@@ -46,13 +49,16 @@ elif MOMENT == "validation":
     pipeline.periodic.validate = _pausing(pipeline.periodic.validate)
 elif MOMENT == "evaluation":
     pipeline.periodic.evaluate_detector = _pausing(pipeline.periodic.evaluate_detector)
-else:
+elif MOMENT is not None:
     sys.exit(f"INJECT_PAUSE={MOMENT!r} is not startup, resume, validation or evaluation")
 if "SLOW_CLOSE_S" in os.environ:  # rank 0 alone closes slowly (wandb.finish uploading), and says when it is done
     _close = pipeline.trainer.Trainer.close
 
     def _slow_close(self):
         _close(self)
+        if "PG_TIMEOUT_S" in os.environ:
+            timeout = datetime.timedelta(seconds=float(os.environ["PG_TIMEOUT_S"]))
+            torch.distributed.distributed_c10d._set_pg_timeout(timeout)
         if self.info.is_main:
             time.sleep(float(os.environ["SLOW_CLOSE_S"]))
             print("CLOSED rank 0", flush=True)
