@@ -47,11 +47,16 @@ def main() -> int:
 def train(cfg: Config) -> int:
     # torch and the trainer load here, for a run only (5 s): a dry run or a config error answers at once.
     from pipeline import dist
+    from pipeline.fsutil import write_bytes_atomic
     from pipeline.trainer import Trainer
 
     trainer = None
     try:
         info = dist.init_distributed(close_timeout_s=cfg.log.close_timeout_s)
+        # Every rank has joined by now (close_together's gloo group connects them all), so every torchrun has started
+        # its ranks and handles signals: a stop from here on leaves a checkpoint and train.stop_marker.
+        if cfg.train.start_marker and info.is_main:
+            write_bytes_atomic(cfg.train.start_marker, b"the ranks have started\n")
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"[rank {info.rank}] %(message)s", stream=sys.stdout, force=True)
         trainer = Trainer(cfg, info)

@@ -106,6 +106,9 @@ class TrainConfig:
     stop_marker: str | None = None  # a file rank 0 writes once every rank saved and stopped on a signal, holding
     # the newest checkpoint's path (launch/slurm/torchrun.sh requeues only then, as torchrun itself exits non-zero
     # after passing a signal on, and says which checkpoint the job will resume from)
+    start_marker: str | None = None  # a file rank 0 writes once every rank has started, before the first step: a stop
+    # signal that killed torchrun before then (it handles signals only once it starts its ranks) cost no training, so
+    # launch/slurm/torchrun.sh ends (or requeues) the job as stopped cleanly
     max_nonfinite_steps: int = 20  # the run stops after this many skipped steps in a row (non-finite
     # gradients), checked every log_every_steps
     sbi_weight: float = 0.0  # weight in D's loss of self-blended pseudo-fakes of the real batch (pipeline/sbi.py);

@@ -38,7 +38,9 @@ srun_pid=
 # Rank 0 writes this file only after every rank saved and stopped on the signal (train.stop_marker): the
 # one sign of a clean stop, as torchrun itself exits non-zero whenever it passed a signal on.
 marker=${STOP_MARKER:-$REPO/.stopped-$SLURM_JOB_ID}
-rm -f "$marker"
+# And this one once every rank has started, before the first step (train.start_marker).
+started=${START_MARKER:-$REPO/.started-$SLURM_JOB_ID}
+rm -f "$marker" "$started"
 terminated=0
 on_usr1() {
   preempted=1
@@ -98,13 +100,20 @@ else
     --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" &
+    launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" "train.start_marker=$started" &
   srun_pid=$!
   while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
     wait "$srun_pid"
     status=$?
     kill -0 "$srun_pid" 2>/dev/null || break
   done
+  if { [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; } && [ ! -f "$marker" ] && [ ! -f "$started" ]; then
+    # torchrun handles signals only once its rendezvous is done and it starts its ranks: the stop came before, and
+    # killed it, but no rank had trained.
+    echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
+    echo "the run's newest checkpoint, as before this job" >"$marker"
+  fi
+  rm -f "$started"
 fi
 if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
