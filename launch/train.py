@@ -52,9 +52,9 @@ def train(cfg: Config) -> int:
 
     trainer = None
     try:
-        info = dist.init_distributed(close_timeout_s=cfg.log.close_timeout_s)
-        # Every rank has joined by now (close_together's gloo group connects them all), so every torchrun has started
-        # its ranks and handles signals: a stop from here on leaves a checkpoint and train.stop_marker.
+        info = dist.init_distributed()
+        # Every rank has joined by now (gloo connects them all at init, and so does NCCL given a device), so every
+        # torchrun has started its ranks and handles signals: a stop from here on leaves train.stop_marker.
         if cfg.train.start_marker and info.is_main:
             write_bytes_atomic(cfg.train.start_marker, b"the ranks have started\n")
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
@@ -66,7 +66,7 @@ def train(cfg: Config) -> int:
             trainer.close()
         # No rank leaves before rank 0 has written the stop marker and closed its logs: under `srun -K` a node whose
         # ranks left first has the others killed (after passing a signal on, torchrun always exits non-zero).
-        dist.close_together()
+        dist.close_together(cfg.log.close_timeout_s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

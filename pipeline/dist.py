@@ -53,15 +53,8 @@ def cuda_available() -> bool:
     return False
 
 
-_closing: tuple[Any, int] | None = None  # close_together()'s process group (gloo) and its timeout in seconds
-
-
-def init_distributed(timeout_s: int = 600, close_timeout_s: int | None = None) -> DistInfo:
-    """`timeout_s` bounds every collective; `close_timeout_s`, if given, bounds close_together() instead."""
-    global _closing
-    if close_timeout_s is not None and close_timeout_s < 1:
-        raise UserError(f"log.close_timeout_s is {close_timeout_s}: give the seconds ranks may wait at the end for rank 0 "
-                        "to close its logs (at least 1; 1800 by default).")
+def init_distributed(timeout_s: int = 600) -> DistInfo:
+    """`timeout_s` bounds every collective (close_together() sets its own)."""
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if cuda_available() else torch.device("cpu")
         return DistInfo(0, 0, 1, device)
@@ -78,8 +71,6 @@ def init_distributed(timeout_s: int = 600, close_timeout_s: int | None = None) -
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
-    if close_timeout_s is not None:  # made now, while every rank is here: a group is made by all its ranks at once
-        _closing = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=close_timeout_s)), close_timeout_s
     return DistInfo(rank, local_rank, world_size, device)
 
 
@@ -92,8 +83,6 @@ def restarted() -> str | None:
 
 
 def destroy() -> None:
-    global _closing
-    _closing = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -144,22 +133,23 @@ def on_main(fn: Callable[[], Any], is_main: bool) -> Any:
     return result
 
 
-def close_together() -> None:
+def close_together(timeout_s: int) -> None:
     """The run's last barrier, which ranks 1..n-1 reach at once while rank 0 first closes its logs: an online wandb
-    run uploads what is left then, which may take longer than a collective may wait (`timeout_s`). So it waits on a
-    group of its own, made by init_distributed(close_timeout_s=...), whose timeout is that of this barrier alone."""
+    run uploads what is left then, which may take longer than any other collective may wait. So this one waits up to
+    `timeout_s`: the process group's timeout is set to that first (as torchtitan sets it after its first step;
+    `dist.barrier` takes a timeout of its own only from torch 2.11)."""
     if not _active():
         return
-    if _closing is None:
-        raise RuntimeError("close_together() needs init_distributed(close_timeout_s=...)")
-    group, close_timeout_s = _closing
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
     try:
-        dist.barrier(group=group)
-    except RuntimeError as e:
+        dist.barrier()
+    except RuntimeError as e:  # gloo's and NCCL's errors: a timeout, or a rank that left
+        why = str(e).split("] ", 1)[-1].split(". ")[0]
         if dist.get_rank() == 0:
-            raise UserError(f"the other ranks had stopped waiting for rank 0 to close its logs (log.close_timeout_s, "
-                            f"{close_timeout_s} s): the run itself is saved; raise log.close_timeout_s.") from e
-        raise UserError(f"rank 0 had not closed its logs after {close_timeout_s} s (log.close_timeout_s), so rank "
-                        f"{dist.get_rank()} stopped waiting: the run itself is saved; an online wandb run may not have "
-                        "uploaded everything (`wandb sync` the run folder's wandb/ to finish it); raise "
-                        "log.close_timeout_s.") from e
+            raise UserError(f"the other ranks had stopped waiting for rank 0 at the run's last barrier ({why}) while it "
+                            f"closed its logs: the run itself is saved; if closing took longer than log.close_timeout_s "
+                            f"({timeout_s} s), raise it.") from e
+        raise UserError(f"rank {dist.get_rank()} stopped waiting for rank 0 at the run's last barrier ({why}), which waits "
+                        f"up to log.close_timeout_s ({timeout_s} s) for rank 0 to close its logs: the run itself is saved; "
+                        "if rank 0 was still closing (an online wandb run uploads what is left then), raise "
+                        "log.close_timeout_s and `wandb sync` the run folder's wandb/, else rank 0's log says why.") from e

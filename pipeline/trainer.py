@@ -86,6 +86,9 @@ def _check(cfg: Config) -> None:
                         "for ever; training needs true (evaluation reads every sample whatever it says).")
     if t.max_steps is not None and t.max_steps < 1:
         raise UserError(f"train.max_steps is {t.max_steps}: it must be at least 1, or null to run every epoch.")
+    if cfg.log.close_timeout_s < 1:
+        raise UserError(f"log.close_timeout_s is {cfg.log.close_timeout_s}: give the seconds ranks may wait at the end for "
+                        "rank 0 to close its logs (at least 1; 1800 by default).")
     if cfg.log.wandb not in WANDB_MODES:
         raise UserError(f"log.wandb {cfg.log.wandb!r} is not one of {WANDB_MODES}: choose one of those.")
     for key in ("epochs", "log_every_steps", "ckpt_keep_last", "max_nonfinite_steps"):

@@ -332,6 +332,8 @@ def test_a_checkpoint_saved_on_another_kind_of_device_resumes_with_fresh_random_
     (["train.d_sam_rho=0.05", "train.compile=true", "train.compile_mode=reduce-overhead"],
      r"train.d_sam_rho calls D twice a step, which has not run under train.compile_mode reduce-overhead's CUDA graphs: "
      r"set train.compile_mode=default, or train.d_sam_rho=0."),
+    (["log.close_timeout_s=0"], r"log.close_timeout_s is 0: give the seconds ranks may wait at the end for rank 0 to close "
+                                r"its logs \(at least 1; 1800 by default\).$"),
 ])
 def test_settings_that_would_fail_later_are_refused_at_start_up(celeba_shards, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
@@ -449,11 +451,3 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
     moved = sum((plain["D"][k].float() - start[k].float()).square().sum() for k in start)
     apart = sum((graphs["D"][k].float() - plain["D"][k].float()).square().sum() for k in start)
     assert apart < 0.05 * moved, (apart, moved)
-
-
-def test_a_close_timeout_under_one_second_is_refused_before_any_process_group():
-    from pipeline import dist
-
-    with pytest.raises(UserError, match=r"^log.close_timeout_s is 0: give the seconds ranks may wait at the end for rank 0 "
-                                        r"to close its logs \(at least 1; 1800 by default\).$"):
-        dist.init_distributed(close_timeout_s=0)

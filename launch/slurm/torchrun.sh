@@ -109,7 +109,7 @@ else
   done
   if { [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; } && [ ! -f "$marker" ] && [ ! -f "$started" ]; then
     # torchrun handles signals only once its rendezvous is done and it starts its ranks: the stop came before, and
-    # killed it, but no rank had trained.
+    # killed it (or the ranks, before their own handlers), but no rank had trained.
     echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
     echo "the run's newest checkpoint, as before this job" >"$marker"
   fi
