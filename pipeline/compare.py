@@ -100,7 +100,7 @@ def load_run(path: Path) -> Run:
 def differing_keys(runs: list[Run]) -> list[str]:
     flat = [flat_dict(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    # The markers hold the SLURM job's id: every job's differ, and say nothing of the run.
+    # The markers hold the SLURM job's id: they differ from job to job and say nothing of the run.
     return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1
             and k not in ("train.name", "train.stop_marker", "train.start_marker")]
 

@@ -143,7 +143,7 @@ def close_together(timeout_s: int) -> None:
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
     try:
         dist.barrier()
-    except RuntimeError as e:  # gloo's and NCCL's errors: a timeout, or a rank that left
+    except RuntimeError as e:  # gloo's: a timeout, or a rank that left (NCCL's watchdog ends the process itself)
         why = str(e).split("] ", 1)[-1].split(". ")[0]
         if dist.get_rank() == 0:
             raise UserError(f"the other ranks had stopped waiting for rank 0 at the run's last barrier ({why}) while it "
