@@ -123,39 +123,33 @@ def test_sigterm_stops_the_ranks_with_a_checkpoint_and_does_not_requeue(cluster,
     assert checkpoint.is_file() and f"ranks stopped cleanly on SIGTERM; newest checkpoint: {checkpoint}; not requeued" in log
 
 
-def test_a_stop_signal_before_the_ranks_start_ends_the_job_cleanly(cluster, celeba_shards, tmp_path):
+@pytest.mark.parametrize("moment", ["setup", "rendezvous"])
+def test_a_stop_signal_before_the_ranks_start_ends_the_job_cleanly(cluster, celeba_shards, tmp_path, moment):
     # A preemption soon after a start or a requeue can come while SETUP or the environment's activation runs: it must
-    # neither end the batch shell (its default action) nor reach torchruns that have no handler for it yet.
-    env = {"CONFIG": "configs/smoke.yaml", "SETUP": "echo IN SETUP; sleep 4",
+    # neither end the batch shell (its default action) nor reach torchruns that have no handler for it yet. Or it comes
+    # once srun runs, before torchrun's rendezvous, after which it handles signals: the USR1 the shell passes on kills
+    # it, but no rank had trained (rank 0 had not written train.start_marker).
+    env = {"CONFIG": "configs/smoke.yaml",
            "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "early", "train.max_steps=4", "log.wandb=disabled")}
+    if moment == "setup":
+        env["SETUP"] = "echo IN SETUP; sleep 4"
     job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
     log_path = tmp_path / "logs" / f"dcgan-{job}.out"
+
+    def arrived() -> bool:
+        if moment == "setup":
+            return log_path.exists() and "IN SETUP" in log_path.read_text()
+        return "StepId" in subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout
+
     deadline = time.monotonic() + 60
-    while not (log_path.exists() and "IN SETUP" in log_path.read_text()):
+    while not arrived():
         assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
-    info, log = wait_until_gone(job), log_path.read_text()
-    assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info + log
-    assert "the stop came before the ranks started: nothing new to save" in log and "not requeued" in log
-    assert "step 1/" not in log and not (tmp_path / "early").exists()
-
-
-def test_a_stop_signal_before_torchruns_rendezvous_ends_the_job_cleanly(cluster, celeba_shards, tmp_path):
-    # torchrun handles signals only once its rendezvous is done and it starts its ranks: the USR1 that the batch shell
-    # passes on before then kills it. No rank had trained (rank 0 had not written train.start_marker): a clean stop.
-    env = {"CONFIG": "configs/smoke.yaml",
-           "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "rdzv", "train.max_steps=2", "log.wandb=disabled")}
-    job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env)
-    deadline = time.monotonic() + 60
-    while "StepId" not in subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout:
-        assert time.monotonic() < deadline, "no step 0"
         time.sleep(0.05)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)  # torchrun is still importing torch
-    info, log = wait_until_gone(job), (tmp_path / "logs" / f"dcgan-{job}.out").read_text()
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)  # at "rendezvous" torchrun imports torch
+    info, log = wait_until_gone(job), log_path.read_text()
     assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info + log[-3000:]
     assert "the stop came before the ranks started: nothing new to save" in log and "not requeued" in log
-    assert "step 1/" not in log and not (tmp_path / "rdzv").exists()
+    assert "step 1/" not in log and not (tmp_path / "early").exists()
 
 
 def test_a_job_slurm_will_not_requeue_fails_with_its_checkpoint_named(cluster, celeba_shards, tmp_path):

@@ -88,10 +88,8 @@ set -f
 # before its --shutdown-timeout flag (early 2026) ignores, where the flag would stop it with "unrecognized arguments".
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150
 if [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; then
-  # Stopped before the ranks started: nothing new to save, and srun would pass the signal on to torchruns that have
-  # no handler for it yet (they install theirs once their rendezvous is done), killing them.
-  echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
-  echo "the run's newest checkpoint, as before this job" >"$marker"
+  # Stopped before the ranks started (below): srun would pass the signal on to torchruns that have no handler for it
+  # yet (they install theirs once their rendezvous is done), killing them.
   status=0
 else
   # shellcheck disable=SC2086
@@ -107,14 +105,14 @@ else
     status=$?
     kill -0 "$srun_pid" 2>/dev/null || break
   done
-  if { [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; } && [ ! -f "$marker" ] && [ ! -f "$started" ]; then
-    # torchrun handles signals only once its rendezvous is done and it starts its ranks: the stop came before, and
-    # killed it (or the ranks, before their own handlers), but no rank had trained.
-    echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
-    echo "the run's newest checkpoint, as before this job" >"$marker"
-  fi
-  rm -f "$started"
 fi
+if { [ "$preempted" = 1 ] || [ "$terminated" = 1 ]; } && [ ! -f "$marker" ] && [ ! -f "$started" ]; then
+  # No rank had trained: the stop came before srun, or before torchrun's rendezvous, which it handles signals only
+  # after (it killed torchrun then, or the ranks before their own handlers).
+  echo "$(date +%T) job $SLURM_JOB_ID: the stop came before the ranks started: nothing new to save"
+  echo "the run's newest checkpoint, as before this job" >"$marker"
+fi
+rm -f "$started"
 if [ "$terminated" = 1 ] && [ -f "$marker" ]; then
   echo "$(date +%T) job $SLURM_JOB_ID: ranks stopped cleanly on SIGTERM; newest checkpoint: $(cat "$marker"); not requeued" \
        "(submit the job again to resume from it: train.resume auto, the default, finds it)"
