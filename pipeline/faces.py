@@ -78,6 +78,15 @@ def landmarks_model_path() -> Path:
     return path
 
 
+def require_face_tools() -> None:
+    """dlib and the landmark model, checked before a tool writes anything: its workers would each fail without them."""
+    try:
+        import dlib  # noqa: F401
+    except ImportError:
+        raise UserError("dlib is missing: install it with `pip install dlib-bin` (`make install` does).") from None
+    landmarks_model_path()
+
+
 class FaceDetector:
     """dlib's frontal HOG detector plus, optionally, the 68-point landmark predictor.
 

@@ -8,6 +8,8 @@ only on the input and the arguments: shards can be written in parallel, checked 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,6 +17,8 @@ import multiprocessing as mp
 import re
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -30,8 +34,15 @@ from shards.tarwriter import Sample, write_shard
 
 SPLITS = ("train", "val", "test")
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
+LOCK_FILE = ".shards.lock"  # in OUT/<dataset>/, held by the run writing there
 
 log = logging.getLogger(__name__)
+
+
+class WorkerDied(UserError):
+    """A worker process ended without a result (killed for memory, or a crash in a decoder)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -137,10 +148,37 @@ def _results(source: Source, tasks: list[tuple[int, Any]], workers: int) -> Iter
         _init_worker(source)
         yield from map(_process, tasks)
         return
-    # spawn, not fork: forked children inherit OpenCV's and dlib's thread pools in unknown states.
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
-        chunk = max(1, min(64, len(tasks) // (workers * 8)))
-        yield from pool.imap(_process, tasks, chunksize=chunk)
+    # spawn, not fork: forked children inherit OpenCV's and dlib's thread pools in unknown states. An executor, not a
+    # multiprocessing.Pool: when a worker dies (the out-of-memory killer, a decoder's crash) the executor breaks, where
+    # a Pool starts another worker and waits for the lost task's result forever.
+    executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(source,))
+    chunk = max(1, min(64, len(tasks) // (workers * 8)))
+    try:
+        yield from executor.map(_process, tasks, chunksize=chunk)
+    except BrokenProcessPool:
+        raise WorkerDied(f"a worker process died while sharding {source.root} (the system may have killed it for lack of "
+                         "memory, or a decoder crashed): run the same command again with fewer --workers; the shards "
+                         "already written are kept.") from None
+    except BaseException:  # an interrupt, or a failure here: the workers' chunks in progress are not waited for
+        processes = list((executor._processes or {}).values())  # (shutdown forgets them; Python 3.14 has terminate_workers)
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    executor.shutdown()
+
+
+@contextlib.contextmanager
+def _sole_writer(out: Path) -> Iterator[None]:
+    """Hold OUT/<dataset>/.shards.lock for the run: a second run into the same folder would delete this one's
+    temporary files and replace its shards under it."""
+    with open(out / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run of `python -m shards` is writing {out} (it holds {out / LOCK_FILE}): wait for "
+                            "it to end, or stop it, then run this command again.") from None
+        yield  # the lock goes with the file's closing, however the run ends
 
 
 def _summary(shard_entries: list[dict[str, Any]], plan_skips: list[dict[str, Any]]) -> tuple[dict, dict]:
@@ -174,6 +212,12 @@ def build(
     plans = make_plans(source, items_by_split)
     out = Path(out_root) / source.dataset
     out.mkdir(parents=True, exist_ok=True)
+    with _sole_writer(out):
+        return _build_in(source, out, plans, plan_skips, workers, arguments, progress, t0)
+
+
+def _build_in(source: Source, out: Path, plans: list[ShardPlan], plan_skips: list[dict[str, Any]], workers: int,
+              arguments: dict[str, Any] | None, progress: bool, t0: float) -> BuildReport:
     for stale in remove_stale_tmp(out):
         log.info("removed %s, left by an interrupted run", stale.name)
 
@@ -185,12 +229,6 @@ def build(
         if old and old.get("plan_sha256") == plan.plan_sha256 and shard_is_intact(out, old):
             entries[n] = old
     reused = len(entries)
-
-    planned_files = {f"{p.name}.{ext}" for p in plans for ext in ("tar", "idx")}
-    for f in sorted(out.iterdir()):
-        if SHARD_FILE.match(f.name) and f.name not in planned_files:
-            log.info("removed %s: no longer part of this dataset's plan", f.name)
-            f.unlink()
 
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -210,7 +248,15 @@ def build(
         manifest["shards"] = done
         write_json_atomic(manifest_path(out), manifest)
 
+    # The old manifest goes before any of its shards does: one killed in between must not leave a complete manifest
+    # that lists deleted files.
     save(complete=False)
+    planned_files = {f"{p.name}.{ext}" for p in plans for ext in ("tar", "idx")}
+    for f in sorted(out.iterdir()):
+        if SHARD_FILE.match(f.name) and f.name not in planned_files:
+            log.info("removed %s: no longer part of this dataset's plan", f.name)
+            f.unlink()
+
     tasks = [(n, item) for n, p in enumerate(plans) if n not in entries for item in p.items]
     pending = {n: len(p.items) for n, p in enumerate(plans) if n not in entries}
     collected: dict[int, ItemResult] = {n: ItemResult() for n in pending}
@@ -232,7 +278,9 @@ def build(
 def _write(out: Path, plan: ShardPlan, result: ItemResult) -> dict[str, Any]:
     if result.samples:
         info = asdict(write_shard(out / f"{plan.name}.tar", result.samples))
-    else:
+    else:  # a shard whose every item was skipped this time: an older run's files must not outlive it
+        for ext in ("tar", "idx"):
+            (out / f"{plan.name}.{ext}").unlink(missing_ok=True)
         info = {"file": f"{plan.name}.tar", "index": f"{plan.name}.idx", "samples": 0, "bytes": 0, "sha256": "", "labels": {}}
     return {"split": plan.split, **info, "plan_sha256": plan.plan_sha256, "skipped": result.skipped, "notes": result.notes}
 

@@ -25,7 +25,7 @@ from PIL import Image
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
+from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, require_face_tools, shared_detector
 from shards.build import ItemResult, read_list_text
 from shards.tarwriter import Sample, key_of
 
@@ -210,12 +210,15 @@ class CelebASource:
         return {"maxcount": self.items_per_shard, "face_size": self.face_size, "face_scale": FACE_SCALE, "upsample": self.upsample}
 
     def plan(self) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+        require_face_tools()
         self.layout = lay = find_layout(self.root)
         partition = read_partition(lay.partition)
         attributes = read_attributes(lay.attributes) if lay.attributes else {}
         landmarks = read_landmarks(lay.landmarks) if lay.landmarks else {}
         identities = read_identities(lay.identity) if lay.identity else {}
-        present = {p.name: p for p in lay.images.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg")}
+        # Hidden files are not images: macOS leaves a `._<name>` beside every file it copies to an exFAT or FAT drive.
+        present = {p.name: p for p in lay.images.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jpg", ".jpeg")}
         if not present:
             raise UserError(f"{lay.images} holds no .jpg image: unpack img_align_celeba.zip there.")
         if not present.keys() & partition.keys():

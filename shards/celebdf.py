@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, shared_detector
+from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, require_face_tools, shared_detector
 from shards.build import ItemResult, read_list_text
 from shards.tarwriter import Sample, key_of
 from shards.video import VideoError, sample_frames
@@ -204,6 +204,7 @@ class CelebDFSource:
         return videos, skipped
 
     def plan(self) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+        require_face_tools()
         folders, self.placement = find_videos(self.root)
         test_list = _child_ci(self.root, TEST_LIST)
         if test_list is None or not test_list.is_file():

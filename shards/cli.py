@@ -6,7 +6,8 @@
     python -m shards synth celebdf --out demo/data/celebdf                 # the same people split, same --seed
     python -m shards synth celeba  --out demo/data/celeba --faces cartoon --images 2000
 
-Exit codes: 0 done (skipped items are listed in the manifest), 2 bad input (nothing written), 130 interrupted.
+Exit codes: 0 done (skipped items are listed in the manifest), 2 bad input (nothing written), 3 a worker process
+died (finished shards are kept), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--maxcount", type=positive_int, default=10_000, help="images per shard (default: %(default)s)")
     p.add_argument("--face-size", type=positive_int, default=256, help="side of the square crops, px (default: %(default)s)")
-    p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling (default: %(default)s)")
+    p.add_argument("--upsample", type=non_negative_int, default=1, help="dlib HOG upsampling (default: %(default)s)")
 
     p = sub.add_parser("celebdf", help="Celeb-DF v1 or v2 videos, as face crops")
     common(p)
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxcount", type=positive_int, default=10_000, help="most frames per shard (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training pool's people that go to val (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the identity split (default: %(default)s)")
-    p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling; 1 finds faces down to 40 px (default: %(default)s)")
+    p.add_argument("--upsample", type=non_negative_int, default=1, help="dlib HOG upsampling; 1 finds faces down to 40 px (default: %(default)s)")
     p.add_argument("--exclude-test-people", action="store_true",
                    help="leave every video of a person in the test list out of train and val (counted): "
                         "a test on people never seen; by default only the listed videos are left out")

