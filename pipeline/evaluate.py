@@ -95,6 +95,7 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
                      crop="face", flip=False, shuffle=False, with_meta=True, drop_last=False, threads=threads)
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:
+        expected = data.split.samples
         # Ranks' batch counts differ by one at most; the collective `should_stop` is asked on the common ones.
         common = min(-(-len(data.part(r)) // data.cfg.batch_size) for r in range(world_size))
         for i, batch in enumerate(tqdm(data, desc=f"scoring {Path(str(shards)).name} {split}", unit="batch", disable=not progress,
@@ -106,6 +107,8 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
     merged: dict[str, tuple[int, float]] = {}
     for part in dist.all_gather_objects(mine):
         merged.update(part)
+    if len(merged) != expected:  # a loader that drops or repeats samples would move every figure without a sign
+        raise RuntimeError(f"scored {len(merged)} distinct samples of the {expected} in {shards} split {split}")
     keys = sorted(merged)
     bad = [k for k in keys if not np.isfinite(merged[k][1])]
     if bad:
@@ -260,8 +263,16 @@ def tag_prefix(split: str) -> str:
 
 
 def celebdf_scalars(summary: dict, split: str) -> dict[str, float]:
-    """A summary's frame and video metrics as TensorBoard and wandb scalars, under the split's tag prefix."""
-    return {f"{tag_prefix(split)}/{level}_{name}": v for level in ("frame", "video") for name, v in summary[level].items()}
+    """A summary's metrics as TensorBoard and wandb scalars, under the split's tag prefix: frame and video, the
+    threshold their accuracies are at, and where videos had no scored frame, how many, and the video metrics over
+    every listed video (`video_all_listed`, the set SBI's figures are over)."""
+    prefix = tag_prefix(split)
+    levels = [level for level in ("frame", "video", "video_all_listed") if level in summary]
+    values = {f"{prefix}/{level}_{name}": v for level in levels for name, v in summary[level].items()}
+    values[f"{prefix}/threshold"] = summary["threshold"]
+    if missing := summary["counts"].get("missing_videos"):
+        values[f"{prefix}/missing_videos"] = sum(missing.values())
+    return values
 
 
 def report_folder(run_dir: Path, step: int, split: str) -> Path:

@@ -70,8 +70,10 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
             D.train()
             return None
         z = torch.randn(batch.images.shape[0], nz, 1, 1, device=device, generator=gen)
-        # The blends are data: made in float32 outside autocast (CPU half precision is slow there).
-        pairs = self_blend(batch.images, batch.landmarks, gen) if calibrates else None
+        # The blends are data: made in float32 outside autocast (CPU half precision is slow there). Without the pair's
+        # colour jitter and JPEG, which training needs so that neither is a cue: as SBI validates, and the reals are
+        # scored as they come, as the test faces are.
+        pairs = self_blend(batch.images, batch.landmarks, gen, augment=False) if calibrates else None
         with step.autocast():
             fake = D(step.G_ema(z), gan=True)[:, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs

@@ -406,14 +406,15 @@ def degrade_draws(images: torch.Tensor, generator: torch.Generator) -> DegradeDr
                         torch.randn(images.shape, generator=generator, device=images.device))
 
 
-def self_blend(images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator) -> SelfBlends:
+def self_blend(images: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator, augment: bool = True) -> SelfBlends:
     """Self-blends of [B, 3, S, S] images in [-1, 1] with their [B, 68, 2] normalized landmarks (in float32, TF32
-    off: they are data)."""
+    off: they are data). `augment`: the pair's shared colour jitter and JPEG, which training needs and validation,
+    as SBI's, leaves out (the same numbers are drawn either way)."""
     with float32_products():
-        return blend_with(images, landmarks, blend_draws(images, generator))
+        return blend_with(images, landmarks, blend_draws(images, generator), augment)
 
 
-def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws) -> SelfBlends:
+def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws, augment: bool = True) -> SelfBlends:
     """`self_blend` from numbers already drawn: a pure function of tensors, which torch.compile fuses whole."""
     x = images.float() * 0.5 + 0.5  # [B, 3, S, S] in [0, 1]
     b, _, s, _ = x.shape
@@ -432,7 +433,7 @@ def blend_with(images: torch.Tensor, landmarks: torch.Tensor, draws: BlendDraws)
     ratio = _pick(torch.floor(u[:, 3] * len(BLEND_RATIOS)), BLEND_RATIOS)  # [B]
     mask = torch.where(keep, _blend_mask(mask, draws.mask) * ratio[:, None, None, None], 0.0)
     fake = mask * source + (1 - mask) * target
-    real, fake = _shared_augment(target, fake, draws.shared)
+    real, fake = _shared_augment(target, fake, draws.shared) if augment else (target, fake)
     fake = torch.where(keep, fake, real)
     return SelfBlends(real * 2 - 1, fake * 2 - 1, mask, ratio, valid)
 

@@ -185,8 +185,9 @@ class Trainer:
                 raise UserError(f"train.eval_shards: {e}") from None
         if self.clocks["val"].on:
             # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`).
+            # The faces as evaluation and detection read them: every JPEG on one decoder, pixels in float32.
             val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates,
-                          hw_decoder_load=SCORING_HW_DECODER_LOAD)
+                          hw_decoder_load=SCORING_HW_DECODER_LOAD, dtype="float32")
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
         self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
@@ -415,11 +416,13 @@ class Trainer:
     def run_periodic(self, due, final: bool) -> None:
         """The jobs whose clock is `due`; at the end of training, every job that is on, and a checkpoint.
 
-        Validation comes before the checkpoint, which then carries the threshold calibrated on its own D.
+        Validation comes before the checkpoint, which then carries the threshold calibrated on its own D, and before an
+        evaluation, which it calibrates too: the evaluation's accuracies are then at this step's threshold.
         """
-        if self.val_loader is not None and (due(self.clocks["val"]) or final):
+        evaluates = due(self.clocks["eval"]) or (final and self.clocks["eval"].on)
+        if self.val_loader is not None and (due(self.clocks["val"]) or final or (evaluates and self.calibrates)):
             self._run("val", self._validate_and_log)
-        if (due(self.clocks["eval"]) or (final and self.clocks["eval"].on)) and not self._interrupted:
+        if evaluates and not self._interrupted:
             self._run("eval", self._evaluate_and_log)
         if self._interrupted:
             return  # on a signal: straight to the checkpoint

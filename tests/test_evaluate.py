@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,17 @@ def test_confident_fakes_keep_their_order(smoke_checkpoint, celebdf_shards):
     assert confident.keys == plain.keys and confident.scores.max() < 1
     assert np.all(np.diff(confident.scores[np.argsort(plain.scores, kind="stable")]) >= 0)  # the same order
 
+
+def test_a_loader_that_misses_a_sample_fails_the_scoring_rather_than_shrink_it(smoke_checkpoint, celebdf_shards, monkeypatch):
+    from pipeline.data.common import ShardLoader
+
+    D, meta = load_discriminator(smoke_checkpoint, torch.device("cpu"))
+    part = ShardLoader.part
+    monkeypatch.setattr(ShardLoader, "part", lambda self, index=None: part(self, index)[:-1])  # a loader's bug
+    n = load_manifest(celebdf_shards.out_dir)["splits"]["test"]["samples"]
+    with pytest.raises(RuntimeError, match=re.escape(f"scored {n - 1} distinct samples of the {n} in {celebdf_shards.out_dir} split test")):
+        score_split(D, celebdf_shards.out_dir, "test", meta["config"]["data"]["image_size"], torch.device("cpu"),
+                    batch_size=16, loader="baseline", threads=1)
 
 
 @pytest.mark.gpu
@@ -197,8 +209,11 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(celebdf_shards, tmp_pa
 
 
 def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_shards, tmp_path):
+    # Validation on a clock of its own that never falls due here: an evaluation calibrates before it scores, so that
+    # its accuracies are at the threshold of its own step (not 0.5, nor an older step's).
     overrides = [f"data.shards={celeba_shards.out_dir}", "data.batch_size=4", "data.threads=1", "model.ngf=16", "model.ndf=16",
-                 f"train.runs_dir={tmp_path}", "train.name=with-eval", "train.epochs=1", "log.wandb=disabled",
+                 f"train.runs_dir={tmp_path}", "train.name=with-eval", "train.epochs=2", "log.wandb=disabled",
+                 "train.val_every_epochs=0", "train.val_every_steps=1000",
                  "train.eval_every_epochs=1", f"train.eval_shards={celebdf_shards.out_dir}", "train.eval_split=val"]
     result = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", *overrides],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -207,7 +222,9 @@ def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_s
     events = EventAccumulator(str(tmp_path / "with-eval"))
     events.Reload()
     values = events.Scalars("celebdf-val/video_auc")  # not celebdf/: the test split's tags
-    assert [e.step for e in values] == [12]  # one epoch of 48 images at batch 4 in one process
+    assert [e.step for e in values] == [12, 24]  # an epoch is 48 images at batch 4 in one process
+    thresholds = {e.step: e.value for e in events.Scalars("val/threshold")}
+    assert [(e.step, e.value) for e in events.Scalars("celebdf-val/threshold")] == [(s, thresholds[s]) for s in (12, 24)]
     table = subprocess.run([sys.executable, "-m", "pipeline.compare", str(tmp_path / "with-eval"), "--out", str(tmp_path / "cmp")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and f"{values[-1].value:.4g} (val)" in table.stdout, table.stdout + table.stderr
@@ -258,7 +275,10 @@ def test_test_videos_without_a_scored_frame_and_other_crops_are_reported(sbi_che
     manifest["source"]["test_videos"]["Celeb-synthesis"] += 1
     manifest["faces"]["face_scale"] = 1.5  # cropped unlike the training shards
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    result = evaluate(1, "--checkpoint", sbi_checkpoint, "--shards", shards, "--out", tmp_path / "out", "--batch", 8)
+    checkpoint = tmp_path / "run" / "checkpoints" / sbi_checkpoint.name  # a run of its own, for --log-to-run
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copy(sbi_checkpoint, checkpoint)
+    result = evaluate(1, "--checkpoint", checkpoint, "--shards", shards, "--out", tmp_path / "out", "--batch", 8, "--log-to-run")
     assert result.returncode == 0, result.stderr[-2000:]
     total = sum(manifest["source"]["test_videos"].values())
     assert f"warning: 3 of {total} test videos have no scored frame (2 of Celeb-real, 1 of Celeb-synthesis;" in result.stderr
@@ -270,6 +290,11 @@ def test_test_videos_without_a_scored_frame_and_other_crops_are_reported(sbi_che
     scores = [float(r["score"]) for r in rows] + [0.5, 0.5, 0.5]
     assert summary["video_all_listed"]["auc"] == pytest.approx(metrics.auc(labels, scores))
     assert f"`video_all_listed` scores those at 0.5, as SBI does (video AUC {summary['video_all_listed']['auc']:.4f})" in result.stderr
+    events = EventAccumulator(str(tmp_path / "run"))  # TensorBoard and wandb say so too, not only metrics.json
+    events.Reload()
+    assert events.Scalars("celebdf/video_all_listed_auc")[-1].value == pytest.approx(summary["video_all_listed"]["auc"])
+    assert events.Scalars("celebdf/missing_videos")[-1].value == 3
+    assert events.Scalars("celebdf/threshold")[-1].value == pytest.approx(summary["threshold"])
     assert "do not measure what pipeline.detect does" in result.stderr and "'face_scale': 1.5" in result.stderr
 
 

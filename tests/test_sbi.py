@@ -119,6 +119,18 @@ def test_same_seed_gives_identical_blends_and_another_seed_does_not(face):
     assert not torch.equal(a.fake, c.fake) and not torch.equal(a.mask, c.mask)
 
 
+def test_a_blend_without_the_pairs_augmentation_is_the_one_whose_draws_leave_it_out(face):
+    # Validation's blends (as SBI's): the same draws, no colour jitter nor JPEG on the pair.
+    images, landmarks = demo_batch(*face, size=64, batch=8)
+    draws = sbi.blend_draws(images, _gen(6))
+    plain = sbi.blend_with(images, landmarks, draws, augment=False)
+    left_out = sbi.blend_with(images, landmarks, draws._replace(shared=torch.ones_like(draws.shared)))  # u = 1: never
+    augmented = sbi.blend_with(images, landmarks, draws)
+    for name in ("real", "fake", "mask", "ratio"):
+        assert torch.equal(getattr(plain, name), getattr(left_out, name)), name
+    assert not torch.equal(plain.fake, augmented.fake) and torch.equal(plain.mask, augmented.mask)
+
+
 def test_half_precision_channels_last_images_give_float32_blends(face):
     images, landmarks = demo_batch(*face, size=64, batch=4)
     half = images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)

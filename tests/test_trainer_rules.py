@@ -50,26 +50,37 @@ def test_the_checkpoint_at_an_epochs_last_step_carries_that_epochs_calibration(c
         assert state["threshold"] is not None and state["calibration"]["step"] == step and state["epoch"] == epochs
 
 
-def test_training_shares_jpegs_with_the_hardware_decoder_and_calibration_does_not(celeba_shards, tmp_path):
+def test_calibration_reads_faces_as_scoring_does_where_training_shares_or_rounds_them(celeba_shards, tmp_path):
     # On an A100/H100 the hardware decoder's pixels differ from the CUDA decoder's, and it takes the first share of a
-    # batch: calibration, like evaluation and detection, decodes every face on the one (the gpu tests check the pixels).
-    trainer = Trainer(_config(celeba_shards, tmp_path, "decoders", "train.max_steps=1"), ONE_CPU)
+    # batch: calibration, like evaluation and detection, decodes every face on the one (the gpu tests check the pixels),
+    # and reads it in float32, as they do, where training may take bf16 pixels.
+    cfg = _config(celeba_shards, tmp_path, "decoders", "train.max_steps=1", "data.dtype=bfloat16", "train.precision=bf16")
+    trainer = Trainer(cfg, ONE_CPU)
     try:
         assert trainer.loader.cfg.hw_decoder_load == trainer.cfg.data.hw_decoder_load > 0
         assert trainer.val_loader.cfg.hw_decoder_load == 0
+        assert (trainer.loader.cfg.dtype, trainer.val_loader.cfg.dtype) == ("bfloat16", "float32")
     finally:
         trainer.close()
 
 
-def test_the_threshold_is_calibrated_on_float32_scores_in_any_precision(celeba_shards, tmp_path):
+def test_the_threshold_is_calibrated_on_float32_scores_of_unaugmented_blends_in_any_precision(celeba_shards, tmp_path,
+                                                                                                monkeypatch):
     # Evaluation and detection score faces in float32: a threshold from bf16 scores would be off by their rounding.
+    # Its blends are SBI's validation blends, without the pair's colour jitter and JPEG (test_sbi checks what that is).
     import contextlib
 
+    from pipeline import periodic
+
+    augmented, self_blend = [], periodic.self_blend
+    monkeypatch.setattr(periodic, "self_blend", lambda *args, **kwargs: augmented.append(kwargs.get("augment", True))
+                        or self_blend(*args, **kwargs))  # watched, not replaced
     cfg = _config(celeba_shards, tmp_path, "bf16", "train.precision=bf16", "train.max_steps=1")
     trainer = Trainer(cfg, ONE_CPU)
     try:
         assert trainer.fast.autocast_dtype == torch.bfloat16
         trainer.validate()
+        assert augmented and not any(augmented)
         in_bf16 = trainer.threshold
         trainer.step_fn.autocast = contextlib.nullcontext  # the same validation with no autocast at all
         trainer.validate()
