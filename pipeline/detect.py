@@ -214,12 +214,15 @@ class Detector:
             row["other_faces_max_score"] = max(scores[1:])
         return row, crops[0].image
 
-    def detect(self, path: Path, frames: int = 32, deadline: float | None = None, **limits) -> tuple[dict, list[np.ndarray]]:
-        """The report (JSON-ready) and the scored face crops, one per frame with a face.
+    def detect(self, path: Path, frames: int = 32, deadline: float | None = None, keep_crops: bool = True,
+               **limits) -> tuple[dict, list[np.ndarray]]:
+        """The report (JSON-ready) and the scored face crops, one per frame with a face (none without `keep_crops`:
+        at 256 px they take 192 KB a frame, and the command line asks for as many frames as a video has).
 
         `deadline` (time.monotonic()) stops the decoding, and the work between frames; `limits` go to `read_frames`.
         Each frame is looked at as it decodes, and only its face crop is kept."""
-        kind, looked = read_frames(Path(path), frames, deadline=deadline, keep=self._look, **limits)
+        look = self._look if keep_crops else lambda rgb: (self._look(rgb)[0], None)
+        kind, looked = read_frames(Path(path), frames, deadline=deadline, keep=look, **limits)
         results, crops_kept = [], []
         for index, (row, crop) in looked:
             results.append({"frame": index, **row})
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_media_path(args.path)  # before the checkpoint loads: a mistyped path costs no wait
-        result, _ = Detector(args.checkpoint, args.device).detect(args.path, args.frames, max_pixels=args.max_pixels,
+        result, _ = Detector(args.checkpoint, args.device).detect(args.path, args.frames, keep_crops=False,
+                                                                  max_pixels=args.max_pixels,
                                                                   max_video_frames=args.max_video_frames)
     except UserError as e:
         # Here the limits are the user's own: say which one to raise.

@@ -33,6 +33,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 # whom the identity split could put on the other side of its original.
 CELEB_REAL = re.compile(r"^(id\d+)_\d+")
 CELEB_FAKE = re.compile(r"^(id\d+)_(id\d+)_\d+")
+COPY_MARK = re.compile(r"(?: - Copy)?(?: \(\d+\))?$")  # what a second download or a file manager's copy appends
 # Celeb-DF v2's videos per folder, and those its test list names (DATASETS.md): a copy with v2's folders
 # and a list that names other counts has a damaged list, which would move test videos into training.
 V2_VIDEOS = {"Celeb-real": 590, "YouTube-real": 300, "Celeb-synthesis": 5639}
@@ -66,7 +67,12 @@ def identities_of(folder: str, stem: str) -> tuple[str, ...]:
         return m.group(1), m.group(2)
     if m := CELEB_REAL.match(stem):
         return (m.group(1),)
-    return (f"{folder.lower()}/{stem}",)
+    return (f"{folder.lower()}/{original_stem(stem)}",)
+
+
+def original_stem(stem: str) -> str:
+    """The name a copy was made from: `00170 (1)` and `00170 - Copy` are 00170's."""
+    return COPY_MARK.sub("", stem)
 
 
 def _child_ci(folder: Path, name: str) -> Path | None:
@@ -216,6 +222,11 @@ class CelebDFSource:
         self.test_list = test_list
 
         pool = [v for v in videos.values() if v.rel not in test]
+        # A copy of a listed video (a second download, `id0_0000 (1).mp4`) holds its very frames: never training data.
+        originals = {(v.folder, v.stem) for v in listed}
+        copies = {v.rel for v in pool if (v.folder, original_stem(v.stem)) in originals}
+        skipped += [{"file": rel, "reason": "a copy of a test-list video"} for rel in sorted(copies)]
+        pool = [v for v in pool if v.rel not in copies]
         if self.exclude_test_people:
             listed_people = {p for v in listed for p in v.identities}
             seen = {v.rel for v in pool if listed_people & set(v.identities)}

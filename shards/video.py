@@ -7,6 +7,7 @@ for the indices the real count gives. The field's spacing is `np.linspace(0, n -
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,13 +59,19 @@ def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
+def _open(path: str) -> cv2.VideoCapture:
+    # By its absolute path: FFmpeg reads a relative name with a colon (`take:2.mp4`, `10:30.mov`) as a protocol's URL.
+    cap = cv2.VideoCapture(os.path.abspath(path))
+    if not cap.isOpened():
+        raise VideoError("unreadable video")
+    return cap
+
+
 def _decode(path: str, wanted: set[int], max_frames: int | None = None, deadline: float | None = None,
             keep: Callable[[np.ndarray], object] | None = None) -> tuple[dict[int, object], int]:
     """The wanted frames (RGB, long side at most MAX_SIDE_PX; or `keep` of each, made as it decodes) and the number of
     frames decoded, reading to the end (or past `max_frames`, or `deadline` on time.monotonic(): VideoError)."""
-    cap = cv2.VideoCapture(path)
-    if not cap.isOpened():
-        raise VideoError("unreadable video")
+    cap = _open(path)
     frames, n = {}, 0
     try:
         while cap.grab():  # grab() decodes; retrieve() only converts, so call it for wanted frames alone
@@ -87,9 +94,7 @@ def _decode(path: str, wanted: set[int], max_frames: int | None = None, deadline
 
 def probe(path: str) -> tuple[int, float, int, int]:
     """What the container claims, without decoding a frame: (frame count, fps, width, height)."""
-    cap = cv2.VideoCapture(path)
-    if not cap.isOpened():
-        raise VideoError("unreadable video")
+    cap = _open(path)
     try:
         claimed = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)

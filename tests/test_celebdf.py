@@ -75,6 +75,7 @@ def test_key_names_and_identities_follow_the_file_names():
     # A copy (a second download) is its celebrity's, never a new person the split could set beside its original.
     assert identities_of("Celeb-real", "id3_0007 (1)") == ("id3",)
     assert identities_of("Celeb-synthesis", "id0_id16_0000 (2)") == ("id0", "id16")
+    assert identities_of("YouTube-real", "00170 - Copy (2)") == ("youtube-real/00170",)
 
 
 def test_a_test_list_that_is_not_utf8_exits_2_naming_it(tmp_path, celebdf_root):
@@ -290,6 +291,22 @@ def test_a_test_list_shorter_than_v2s_is_a_warning_and_the_manifest_counts_the_t
     assert record.levelname == "WARNING"
     assert record.getMessage().startswith(f"{source.root / 'List_of_testing_videos.txt'} lists 378 videos (108 Celeb-real, "
                                           "70 YouTube-real, 200 Celeb-synthesis) where Celeb-DF v2's lists 518")
+
+
+def test_copies_of_test_list_videos_never_reach_train_or_val(tmp_path):
+    from shards.celebdf import V2_TEST_VIDEOS
+
+    root = _v2_names(tmp_path, V2_TEST_VIDEOS)
+    listed = [line.split(" ", 1)[1] for line in (root / "List_of_testing_videos.txt").read_text().splitlines()]
+    real, youtube = (next(rel for rel in listed if rel.startswith(folder)) for folder in ("Celeb-real/", "YouTube-real/"))
+    copies = [real.replace(".mp4", " (1).mp4"), youtube.replace(".mp4", " - Copy.mp4")]  # a second download, a file manager's
+    for rel in copies:
+        (root / rel).touch()
+    items, skipped = CelebDFSource(root).plan()
+    assert [s for s in skipped if s["file"] in copies] == [{"file": rel, "reason": "a copy of a test-list video"}
+                                                           for rel in sorted(copies)]
+    assert not {v.rel for split in ("train", "val") for v, _ in items[split]} & set(copies)
+    assert len(items["test"]) == sum(V2_TEST_VIDEOS.values())
 
 
 @pytest.mark.parametrize("damage", ["no test list", "no folders"])

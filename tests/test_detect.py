@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -122,6 +123,16 @@ def test_large_frames_are_shrunk_as_they_decode_and_their_faces_still_found(smok
     assert kind == "video" and [f.shape for _, f in frames] == [(1080, 1920, 3)] * 2
     out, _ = Detector(smoke_checkpoint).detect(tmp_path / "big.png")
     assert out["frames_with_face"] == 1 and max(out["frames"][0]["box"]) <= 1920
+
+
+def test_a_video_named_with_a_colon_is_read_from_a_relative_path(tmp_path, monkeypatch):
+    # FFmpeg reads `take:2.mp4` as the URL of a protocol named "take": the user's own file name, from the CLI.
+    from pipeline.detect import read_frames
+
+    write_video(tmp_path / "take:2.mp4", [np.full((48, 64, 3), 90 + 10 * i, np.uint8) for i in range(6)])
+    monkeypatch.chdir(tmp_path)
+    kind, frames = read_frames(Path("take:2.mp4"), 3)
+    assert kind == "video" and [i for i, _ in frames] == [0, 2, 5]
 
 
 def test_a_video_whose_frames_do_not_convert_is_not_media(tmp_path, celebdf_root, monkeypatch):
@@ -368,3 +379,5 @@ def test_a_long_video_is_looked_at_one_frame_at_a_time(smoke_checkpoint, tmp_pat
     # Beside the crops kept (the report's thumbnails): a frame decoded, its conversion, dlib's copy. Not 20 frames.
     held = peak - sum(c.nbytes for c in crops)
     assert held < 8 * frame_bytes, f"{held / 2**20:.1f} MB held besides the crops for {20 * frame_bytes / 2**20:.0f} MB of frames"
+    # The command line keeps no crop at all (it prints the report only): the same report, no 192 KB a frame.
+    assert detector.detect(tmp_path / "long.mp4", 20, keep_crops=False) == (result, [])
