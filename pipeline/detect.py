@@ -33,6 +33,7 @@ from pipeline.evaluate import load_discriminator, verdict_threshold
 from pipeline.faces import DEFAULT_GEOMETRY, FaceCrop, FaceDetector, crop_face
 from pipeline.models import fake_score
 from shards.cli import positive_int
+from shards.video import MAX_VIDEO_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ class TooSlowError(UserError):
 QUICKTIME_ATOMS = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
 MATROSKA = b"\x1a\x45\xdf\xa3"  # WebM and MKV, whose frame count FFmpeg estimates from the duration (if any)
 MAX_PIXELS = 40_000_000  # per image or video frame: an 8K frame is 33 megapixels
-MAX_VIDEO_FRAMES = 100_000  # frames decoded at most: about 55 minutes at 30 fps
 
 
 def media_kind(head: bytes) -> str | None:

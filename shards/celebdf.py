@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, require_face_tools, shared_detector
 from shards.build import ItemResult, read_list_text
 from shards.tarwriter import Sample, key_of
-from shards.video import VideoError, sample_frames
+from shards.video import MAX_VIDEO_FRAMES, VideoError, sample_frames
 
 # canonical folder name -> label in our convention (1 = fake)
 FOLDERS = {"Celeb-real": 0, "YouTube-real": 0, "Celeb-synthesis": 1}
@@ -92,7 +92,14 @@ def find_videos(root: Path) -> tuple[dict[str, Path], str]:
         folder = _child_ci(root, canonical)
         if folder is not None and folder.is_dir():
             videos = _child_ci(folder, "videos")
-            found[canonical] = videos if videos is not None and videos.is_dir() else folder
+            if videos is not None and videos.is_dir():
+                # One place a folder: flat videos beside videos/ (a move tool stopped halfway) would be left out unseen.
+                if flat := [p.name for p in sorted(folder.iterdir())
+                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_SUFFIXES]:
+                    raise UserError(f"{folder} holds videos both in {videos.name}/ and beside it ({flat[0]}, ...): move them "
+                                    "all into one of the two, then run again.")
+                folder = videos
+            found[canonical] = folder
     if not found:
         raise UserError(
             f"{root} matches no Celeb-DF layout: expected the folders Celeb-real/, YouTube-real/ and "
@@ -259,7 +266,8 @@ class CelebDFSource:
         if video.size == 0:
             return ItemResult(skipped=[{"file": video.rel, "reason": "empty video file"}])
         try:
-            sampled = sample_frames(video.path, self.frames_per_video)
+            # At most MAX_VIDEO_FRAMES decoded: a damaged file that FFmpeg decodes without end would hold a worker for good.
+            sampled = sample_frames(video.path, self.frames_per_video, MAX_VIDEO_FRAMES)
         except VideoError as e:
             return ItemResult(skipped=[{"file": video.rel, "reason": e.reason}])
         detector = shared_detector(self.upsample, True)

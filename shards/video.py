@@ -17,6 +17,7 @@ import numpy as np
 
 
 PAST_DEADLINE = "decoding ran past its deadline"
+MAX_VIDEO_FRAMES = 100_000  # frames decoded at most: about 55 minutes at 30 fps (a damaged file may never end)
 DEADLINE_EVERY_FRAMES = 16  # the clock is read this often: about a second of 8K video at worst
 # Kept frames are shrunk to this long side (pixels) as they decode: 32 frames of 8K video would hold 3.2 GB and cost
 # dlib minutes. Celeb-DF's frames are all smaller (942x500 is typical), so its shards never meet it.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import CELEBDF_ARGS, run_shards
 
+from pipeline.errors import UserError
 from shards.build import build
 from shards.celebdf import CelebDFSource, identities_of
 from shards.synth.celebdf import write_celebdf, write_video
@@ -104,6 +105,30 @@ def _copy(root, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(root, dst)
     return dst
+
+
+def test_videos_both_in_a_videos_folder_and_beside_it_are_refused(tmp_path, celebdf_root):
+    # A move into <folder>/videos/ stopped halfway: the videos left beside it would be left out, unseen and uncounted.
+    root = _copy(celebdf_root, tmp_path)
+    folder = root / "Celeb-real"
+    first = sorted(folder.glob("*.mp4"))[0]
+    (folder / "videos").mkdir()
+    first.rename(folder / "videos" / first.name)
+    with pytest.raises(UserError) as error:
+        CelebDFSource(root).plan()
+    left = sorted(folder.glob("*.mp4"))[0].name
+    assert str(error.value) == (f"{folder} holds videos both in videos/ and beside it ({left}, ...): move them all into "
+                                "one of the two, then run again.")
+
+
+def test_a_video_longer_than_the_frame_cap_is_skipped_and_counted(celebdf_root, monkeypatch):
+    # The cap (100,000 frames) stops a damaged file that FFmpeg would decode without end; here, 5 frames.
+    import shards.celebdf
+
+    monkeypatch.setattr(shards.celebdf, "MAX_VIDEO_FRAMES", 5)
+    source = CelebDFSource(celebdf_root, **CELEBDF_ARGS)
+    video, split = source.plan()[0]["train"][0]
+    assert source.process((video, split)).skipped == [{"file": video.rel, "reason": "more than 5 frames"}]
 
 
 def test_unreadable_and_empty_videos_and_faceless_frames_are_skipped_and_counted(tmp_path, celebdf_root):
