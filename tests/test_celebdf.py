@@ -158,9 +158,9 @@ def test_a_video_name_with_spaces_gives_shards_the_loaders_read(tmp_path, celebd
 
     root = tmp_path / "spaces"
     (root / "Celeb-real").mkdir(parents=True)
-    shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real" / "id0_0000.mp4")
-    shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real" / "id0_0000 (1).mp4")  # a browser's copy
-    (root / "List_of_testing_videos.txt").write_text("1 Celeb-real/id0_0000.mp4\n")
+    for name in ("id0_0000.mp4", "id0_0000 (1).mp4", "id1_0000.mp4"):  # the second a browser's copy of the first
+        shutil.copy(celebdf_root / "Celeb-real" / "id0_0000.mp4", root / "Celeb-real" / name)
+    (root / "List_of_testing_videos.txt").write_text("1 Celeb-real/id1_0000.mp4\n")  # (a listed video's copy is skipped)
     report = build(CelebDFSource(root, **CELEBDF_ARGS), tmp_path / "out", progress=False)
     keys = []
     for tar in sorted(report.out_dir.glob("*.tar")):
@@ -168,7 +168,7 @@ def test_a_video_name_with_spaces_gives_shards_the_loaders_read(tmp_path, celebd
         check_samples(tar, entries)
         keys += [e.key for e in entries]
     copies = [k for k in keys if k.startswith("Celeb-real_id0_0000_(1)_")]
-    assert len(copies) == CELEBDF_ARGS["frames_per_video"] and len(keys) == 2 * len(copies)
+    assert len(copies) == CELEBDF_ARGS["frames_per_video"] and len(keys) == 3 * len(copies)
 
 
 def test_a_video_over_1920_px_is_shrunk_and_its_samples_say_the_size_their_boxes_are_in(tmp_path, celebdf_root):
