@@ -107,8 +107,9 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
     merged: dict[str, tuple[int, float]] = {}
     for part in dist.all_gather_objects(mine):
         merged.update(part)
-    if len(merged) != expected:  # a loader that drops or repeats samples would move every figure without a sign
-        raise RuntimeError(f"scored {len(merged)} distinct samples of the {expected} in {shards} split {split}")
+    if len(merged) != expected:  # figures over fewer samples than the split holds, without a sign
+        raise UserError(f"{shards} split {split} holds {expected} samples, but {len(merged)} distinct keys were scored (two "
+                        "samples share a key, or the loader skipped some): write the shards again with `python -m shards`.")
     keys = sorted(merged)
     bad = [k for k in keys if not np.isfinite(merged[k][1])]
     if bad:

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import re
+import signal
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -153,14 +154,15 @@ def _results(source: Source, tasks: list[tuple[int, Any]], workers: int) -> Iter
     # a Pool starts another worker and waits for the lost task's result forever.
     executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(source,))
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
+    results = executor.map(_process, tasks, chunksize=chunk)
+    processes = list((executor._processes or {}).values())  # started by map (shutdown forgets them; 3.14 has terminate_workers)
     try:
-        yield from executor.map(_process, tasks, chunksize=chunk)
+        yield from results
     except BrokenProcessPool:
-        raise WorkerDied(f"a worker process died while sharding {source.root} (the system may have killed it for lack of "
-                         "memory, or a decoder crashed): run the same command again with fewer --workers; the shards "
-                         "already written are kept.") from None
+        raise WorkerDied(f"a worker process died while sharding {source.root} ({_how_workers_ended(processes)}; SIGKILL is most "
+                         "often the system's out-of-memory killer): run the same command again with fewer --workers; the "
+                         "shards already written are kept.") from None
     except BaseException:  # an interrupt, or a failure here: the workers' chunks in progress are not waited for
-        processes = list((executor._processes or {}).values())  # (shutdown forgets them; Python 3.14 has terminate_workers)
         executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
@@ -168,17 +170,29 @@ def _results(source: Source, tasks: list[tuple[int, Any]], workers: int) -> Iter
     executor.shutdown()
 
 
+def _how_workers_ended(processes: list) -> str:
+    """'killed by SIGKILL', 'exit code 1', ...: what the workers that died of themselves died of (the executor ends the
+    others with SIGTERM)."""
+    codes = sorted({p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)})
+    return ", ".join(f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit code {c}" for c in codes) or "no exit code"
+
+
 @contextlib.contextmanager
 def _sole_writer(out: Path) -> Iterator[None]:
     """Hold OUT/<dataset>/.shards.lock for the run: a second run into the same folder would delete this one's
-    temporary files and replace its shards under it."""
-    with open(out / LOCK_FILE, "a+") as f:
+    temporary files and replace its shards under it. Where the folder cannot hold the lock (a file system without
+    flock, as Lustre mounted without it; a lock file of another user's), the run goes on unguarded, with a warning."""
+    path = out / LOCK_FILE
+    with contextlib.ExitStack() as held:  # the lock goes with the file's closing, however the run ends
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held.enter_context(open(path, "a+")), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another run of `python -m shards` is writing {out} (it holds {out / LOCK_FILE}): wait for "
-                            "it to end, or stop it, then run this command again.") from None
-        yield  # the lock goes with the file's closing, however the run ends
+            raise UserError(f"another run of `python -m shards` is writing {out} (it holds {path}): wait for it to end, "
+                            "or stop it, then run this command again.") from None
+        except OSError as e:
+            log.warning("cannot lock %s (%s): a second run into %s at the same time would not be refused", path,
+                        e.strerror or e, out)
+        yield
 
 
 def _summary(shard_entries: list[dict[str, Any]], plan_skips: list[dict[str, Any]]) -> tuple[dict, dict]:

@@ -202,6 +202,7 @@ class CelebDFSource:
 
     def _list_videos(self, folders: dict[str, Path]) -> tuple[dict[tuple[str, str], Video], list[dict[str, Any]]]:
         videos, skipped = {}, []
+        keys: dict[str, str] = {}  # sample key stem -> the video that has it
         for canonical, folder in folders.items():
             for p in sorted(folder.iterdir()):
                 if not p.is_file() or p.name.startswith("."):
@@ -210,6 +211,12 @@ class CelebDFSource:
                     skipped.append({"file": f"{canonical}/{p.name}", "reason": "not a video file"})
                     continue
                 stem = p.name.rsplit(".", 1)[0]
+                # Keys drop the extension and turn '.' and spaces into '_': `a.mp4` and `a.avi`, or `a b` and `a_b`,
+                # would give one key to two videos' frames.
+                rel, key = f"{canonical}/{p.name}", key_of(f"{canonical}_{stem}")
+                if keys.setdefault(key, rel) != rel:
+                    skipped.append({"file": rel, "reason": f"its frames' keys would be {keys[key]}'s: rename it"})
+                    continue
                 stat = p.stat()
                 v = Video(canonical, p.name, str(p), stat.st_size, stat.st_mtime_ns, FOLDERS[canonical],
                           identities_of(canonical, stem))

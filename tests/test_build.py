@@ -18,14 +18,15 @@ from shards.celeba import CelebASource
 def test_a_worker_killed_mid_run_stops_it_with_a_sentence_and_a_rerun_reuses_what_was_written(tmp_path, celeba_root):
     train = CelebASource(celeba_root, maxcount=16).plan()[0]["train"]
     assert len(train) > 40
-    # Item 40 of 3-item chunks: with at most two chunks in flight, train-000000 and -000001 (items 0-31) are done by then.
+    # The worker that takes item 40 dies once train-000000 and -000001 (items 0-31) are written.
     args = ["celeba", "--root", str(celeba_root), "--out", str(tmp_path), "--maxcount", "16", "--workers", "2", "--no-progress"]
     died = subprocess.run([sys.executable, "tests/shard_with_a_dying_worker.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=90, env={**os.environ, "DIE_AT": train[40][2]["file"]})
+                          text=True, timeout=90, env={**os.environ, "DIE_AT": train[40][2]["file"], "DIE_AFTER_SHARD":
+                                                      "train-000001.tar", "DIE_AFTER": str(tmp_path / "celeba" / "manifest.json")})
     assert died.returncode == 3, died.stderr
     assert died.stderr.strip().splitlines()[-1] == (
-        f"error: a worker process died while sharding {celeba_root} (the system may have killed it for lack of memory, "
-        "or a decoder crashed): run the same command again with fewer --workers; the shards already written are kept.")
+        f"error: a worker process died while sharding {celeba_root} (killed by SIGKILL; SIGKILL is most often the system's "
+        "out-of-memory killer): run the same command again with fewer --workers; the shards already written are kept.")
     manifest = json.loads((tmp_path / "celeba" / "manifest.json").read_text())
     assert not manifest["complete"] and {"train-000000.tar", "train-000001.tar"} <= {e["file"] for e in manifest["shards"]}
 
@@ -46,6 +47,18 @@ def test_a_second_run_into_a_folder_being_written_is_refused_and_deletes_nothing
     assert str(error.value) == (f"another run of `python -m shards` is writing {out} (it holds {out / LOCK_FILE}): wait "
                                 "for it to end, or stop it, then run this command again.")
     assert in_progress.read_bytes() == b"half a tar" and not (out / "manifest.json").exists()
+
+
+def test_a_folder_that_cannot_hold_the_lock_is_written_unguarded_with_a_warning(tmp_path, celeba_root, celeba_shards, caplog):
+    # As on Lustre mounted without flock (ENOSYS), or beside another user's lock file: here the lock's name is a folder.
+    out = tmp_path / "celeba"
+    shutil.copytree(celeba_shards.out_dir, out)
+    (out / LOCK_FILE).unlink()
+    (out / LOCK_FILE).mkdir()
+    report = build(CelebASource(celeba_root, maxcount=16), tmp_path, progress=False)
+    assert report.manifest["complete"] and report.shards_reused == len(report.manifest["shards"])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"cannot lock {out / LOCK_FILE} (Is a directory): a second run into {out} at the same time would not be refused"]
 
 
 class Killed(BaseException):

@@ -318,6 +318,18 @@ def test_a_test_list_shorter_than_v2s_is_a_warning_and_the_manifest_counts_the_t
                                           "70 YouTube-real, 200 Celeb-synthesis) where Celeb-DF v2's lists 518")
 
 
+def test_two_videos_whose_frames_would_share_keys_keep_the_first(tmp_path):
+    # Keys drop the extension and turn '.' and spaces into '_': both videos' frames would be one sample each.
+    from shards.celebdf import V2_TEST_VIDEOS
+
+    root = _v2_names(tmp_path, V2_TEST_VIDEOS)
+    (root / "Celeb-real" / "id58_0009.avi").touch()  # beside id58_0009.mp4, which the test list does not name
+    items, skipped = CelebDFSource(root).plan()
+    assert [s for s in skipped if s["file"].startswith("Celeb-real/id58_0009")] == [
+        {"file": "Celeb-real/id58_0009.mp4", "reason": "its frames' keys would be Celeb-real/id58_0009.avi's: rename it"}]
+    assert "Celeb-real/id58_0009.avi" in {v.rel for split in items.values() for v, _ in split}
+
+
 def test_copies_of_test_list_videos_never_reach_train_or_val(tmp_path):
     from shards.celebdf import V2_TEST_VIDEOS
 

@@ -14,6 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import metrics
+from pipeline.errors import UserError
 from pipeline.evaluate import load_discriminator, score_split, video_of
 from shards.manifest import load_manifest
 
@@ -72,7 +73,8 @@ def test_a_loader_that_misses_a_sample_fails_the_scoring_rather_than_shrink_it(s
     part = ShardLoader.part
     monkeypatch.setattr(ShardLoader, "part", lambda self, index=None: part(self, index)[:-1])  # a loader's bug
     n = load_manifest(celebdf_shards.out_dir)["splits"]["test"]["samples"]
-    with pytest.raises(RuntimeError, match=re.escape(f"scored {n - 1} distinct samples of the {n} in {celebdf_shards.out_dir} split test")):
+    with pytest.raises(UserError, match=re.escape(f"{celebdf_shards.out_dir} split test holds {n} samples, but {n - 1} "
+                                                  "distinct keys were scored (two samples share a key, or the loader")):
         score_split(D, celebdf_shards.out_dir, "test", meta["config"]["data"]["image_size"], torch.device("cpu"),
                     batch_size=16, loader="baseline", threads=1)
 
