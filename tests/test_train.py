@@ -351,8 +351,10 @@ def test_sigterm_during_validation_or_evaluation_stops_it_and_saves(celeba_shard
     name = f"signal-{moment}"
     extra = ["train.epochs=1000", "log.wandb=disabled", "train.ckpt_every_steps=1000", "train.ckpt_every_epochs=0",
              "train.sample_every_epochs=0"]
-    if moment == "evaluation":  # evaluation alone at the first epoch's end (6 steps)
-        extra += ["train.val_every_epochs=0", "train.eval_every_epochs=1", f"train.eval_shards={celebdf_shards.out_dir}"]
+    if moment == "evaluation":  # evaluation alone at the first epoch's end (6 steps): validation, which calibrates
+        # before an evaluation, off
+        extra += ["train.val_every_epochs=0", "train.val_every_steps=0", "train.eval_every_epochs=1",
+                  f"train.eval_shards={celebdf_shards.out_dir}"]
     code = _signal_at(moment, _overrides(celeba_shards.out_dir, runs, name, *extra), tmp_path / "log")
     output = (tmp_path / "log").read_text()
     assert code == 0, output[-3000:]
