@@ -66,6 +66,12 @@ def read_list_text(path: Path) -> str:
                         "dataset.") from None
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files of a dataset's folder by name, without hidden ones: macOS leaves a `._<name>` beside every file it
+    copies to an exFAT or FAT drive."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
 class Source(Protocol):
     dataset: str  # the output folder's name: "celeba", "celebdf"
     root: Path  # the dataset as distributed (or as shards/synth writes it, with SYNTHETIC_MARK)
@@ -159,6 +165,7 @@ def _results(source: Source, tasks: list[tuple[int, Any]], workers: int) -> Iter
     try:
         yield from results
     except BrokenProcessPool:
+        executor.shutdown()  # its thread reaps the workers: their exit codes are set only once it has
         raise WorkerDied(f"a worker process died while sharding {source.root} ({_how_workers_ended(processes)}; SIGKILL is most "
                          "often the system's out-of-memory killer): run the same command again with fewer --workers; the "
                          "shards already written are kept.") from None
