@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.faces import CELEBA_POINTS, FACE_SCALE, FACE_SIZE, box_from_five_points, crop_face, encode_face_jpeg, landmarks_bytes, require_face_tools, shared_detector
-from shards.build import ItemResult, read_list_text
+from shards.build import ItemResult, read_list_text, visible_files
 from shards.tarwriter import Sample, key_of
 
 SPLIT_OF_PARTITION = {0: "train", 1: "val", 2: "test"}
@@ -216,9 +216,7 @@ class CelebASource:
         attributes = read_attributes(lay.attributes) if lay.attributes else {}
         landmarks = read_landmarks(lay.landmarks) if lay.landmarks else {}
         identities = read_identities(lay.identity) if lay.identity else {}
-        # Hidden files are not images: macOS leaves a `._<name>` beside every file it copies to an exFAT or FAT drive.
-        present = {p.name: p for p in lay.images.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jpg", ".jpeg")}
+        present = {p.name: p for p in visible_files(lay.images) if p.suffix.lower() in (".jpg", ".jpeg")}
         if not present:
             raise UserError(f"{lay.images} holds no .jpg image: unpack img_align_celeba.zip there.")
         if not present.keys() & partition.keys():

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.faces import FACE_SCALE, FACE_SIZE, crop_face, encode_face_jpeg, landmarks_bytes, require_face_tools, shared_detector
-from shards.build import ItemResult, read_list_text
+from shards.build import ItemResult, read_list_text, visible_files
 from shards.tarwriter import Sample, key_of
 from shards.video import MAX_VIDEO_FRAMES, VideoError, sample_frames
 
@@ -94,8 +94,7 @@ def find_videos(root: Path) -> tuple[dict[str, Path], str]:
             videos = _child_ci(folder, "videos")
             if videos is not None and videos.is_dir():
                 # One place a folder: flat videos beside videos/ (a move tool stopped halfway) would be left out unseen.
-                if flat := [p.name for p in sorted(folder.iterdir())
-                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_SUFFIXES]:
+                if flat := [p.name for p in visible_files(folder) if p.suffix.lower() in VIDEO_SUFFIXES]:
                     raise UserError(f"{folder} holds videos both in {videos.name}/ and beside it ({flat[0]}, ...): move them "
                                     "all into one of the two, then run again.")
                 folder = videos
@@ -204,9 +203,7 @@ class CelebDFSource:
         videos, skipped = {}, []
         keys: dict[str, str] = {}  # sample key stem -> the video that has it
         for canonical, folder in folders.items():
-            for p in sorted(folder.iterdir()):
-                if not p.is_file() or p.name.startswith("."):
-                    continue
+            for p in visible_files(folder):
                 if p.suffix.lower() not in VIDEO_SUFFIXES:
                     skipped.append({"file": f"{canonical}/{p.name}", "reason": "not a video file"})
                     continue
