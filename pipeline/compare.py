@@ -102,7 +102,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     keys = sorted(set().union(*flat))
     # The markers hold the SLURM job's id: they differ from job to job and say nothing of the run.
     return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1
-            and k not in ("train.name", "train.stop_marker", "train.start_marker")]
+            and k not in ("train.name", "train.stop_marker", "train.start_marker", "train.stop_request")]
 
 
 def _fmt(value) -> str:

@@ -109,6 +109,8 @@ class TrainConfig:
     start_marker: str | None = None  # a file rank 0 writes once every rank has started, before the first step: a stop
     # signal that killed torchrun before then (it handles signals only once it starts its ranks) cost no training, so
     # launch/slurm/torchrun.sh ends (or requeues) the job as stopped cleanly
+    stop_request: str | None = None  # a file whose appearance stops every rank as SIGUSR1 does: launch/slurm/torchrun.sh
+    # writes it with the signal it passes on, which Slurm drops while srun is still starting the tasks
     max_nonfinite_steps: int = 20  # the run stops after this many skipped steps in a row (non-finite
     # gradients), checked every log_every_steps
     sbi_weight: float = 0.0  # weight in D's loss of self-blended pseudo-fakes of the real batch (pipeline/sbi.py);

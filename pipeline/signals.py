@@ -6,15 +6,20 @@ the default handler's death with exit code 143 and no checkpoint. The handler on
 the trainer asks `requested()` between steps (at logging boundaries), between validation and
 evaluation batches, and after set-up and resume, and all-reduces the answer so that all ranks stop at
 the same point.
+
+A job script may also name a file whose appearance asks for the same stop (`watch`): Slurm drops a signal that srun
+is to pass on while it is still starting the tasks, and a preemption then went unheard until the job's end.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received = 0
 _previous: dict[int, object] = {}
+_request_file: str | None = None
 
 
 def _record(signum, frame) -> None:
@@ -35,6 +40,14 @@ def uninstall() -> None:
     _previous.clear()
 
 
+def watch(path: str | None) -> None:
+    """Take the appearance of the file `path` as a SIGUSR1 from now on (None: stop watching)."""
+    global _request_file
+    _request_file = path
+
+
 def requested() -> int:
-    """The last signal received (0: none)."""
+    """The last signal received, SIGUSR1 where only the watched file asks for a stop (0: none)."""
+    if not _received and _request_file and os.path.exists(_request_file):
+        return signal.SIGUSR1
     return _received

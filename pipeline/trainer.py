@@ -132,6 +132,7 @@ class Trainer:
         torch.manual_seed(t.seed * 1000 + info.rank)
         self.noise = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + info.rank)
         self.step = self.nimg = 0
+        signals.watch(t.stop_request)
         self._interrupted = False  # a periodic job stopped early on a signal
         self.finished = False  # the end-of-training work (validation, evaluation, samples, checkpoint) is done
         self.fast = resolve(t, cfg.model, self.device, info.distributed)
@@ -212,7 +213,8 @@ class Trainer:
         self.run_id = dist.on_main(start, self.info.is_main)
 
     def stop_agreed(self) -> bool:
-        """Whether any rank received SIGTERM or SIGUSR1 (pipeline/signals.py); a collective, so all agree."""
+        """Whether any rank received SIGTERM or SIGUSR1, or saw train.stop_request (pipeline/signals.py); a collective, so
+        all agree."""
         flag = torch.tensor(float(signals.requested() != 0), device=self.device)
         return bool(dist.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX).item())
 

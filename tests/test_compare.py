@@ -24,6 +24,7 @@ def test_compare_tabulates_what_differs_and_plots_it(two_runs, tmp_path):
     (two_runs / "lr-notes.txt").write_text("")  # runs/lr-* also matches what is not a run
     for i, run in enumerate(sorted(two_runs.glob("lr-*/config.yaml"))):  # as SLURM jobs: each its own markers
         text = run.read_text().replace("stop_marker: null", f"stop_marker: /repo/.stopped-{i}")
+        text = text.replace("stop_request: null", f"stop_request: /repo/.stop-{i}")
         run.write_text(text.replace("start_marker: null", f"start_marker: /repo/.started-{i}"))
     result = subprocess.run([sys.executable, "-m", "pipeline.compare", str(two_runs / "lr-*"), "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -44,6 +44,18 @@ def wait_until_gone(job, timeout_s=300):
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
 
 
+def _torchrun_of(job: str) -> bool:
+    """Whether the job's torchrun process has started: `--rdzv_id <job>` in a command line that is not srun's."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_text().split("\0")
+        except OSError:  # a process that ended meanwhile
+            continue
+        if Path(args[0]).name != "srun" and f"\0--rdzv_id\0{job}\0" in "\0".join(args):
+            return True
+    return False
+
+
 def srun_args(step: str, what: str = "cmdline") -> list[str]:
     """The command line (or `what`: environ) of the srun that started a step (`scontrol show step` names its host and
     pid: this one)."""
@@ -110,17 +122,36 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(clu
     assert len(runs) == 2 and {run_info(r).run_id for r in runs} == {resumed["wandb_run_id"]}
 
 
-def test_sigterm_stops_the_ranks_with_a_checkpoint_and_does_not_requeue(cluster, celeba_shards, tmp_path):
+def _repo_with(tmp_path, launch_train: Path) -> Path:
+    """A copy of the repository, of links, whose launch/train.py is `launch_train`."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for entry in REPO.iterdir():
+        if entry.name != "launch":
+            (repo / entry.name).symlink_to(entry)
+    for entry in (REPO / "launch").iterdir():
+        (repo / "launch" / entry.name).symlink_to(launch_train if entry.name == "train.py" else entry)
+    return repo
+
+
+def test_sigterm_stops_ranks_no_signal_reaches_with_a_checkpoint_and_does_not_requeue(cluster, celeba_shards, tmp_path):
     # SIGTERM (scancel, or preemption's grace time) must not end the batch shell at once, killing the ranks mid-save.
+    # And it must stop ranks that the signal the shell passes on never reaches, as when srun drops it while still
+    # starting the tasks: these ignore it (tests/deaf_ranks.py), so train.stop_request alone can stop them (torchrun
+    # would SIGKILL them 150 s on, and the job would end as failed).
     extra = ("train.epochs=100", "train.max_steps=60", "train.ckpt_every_steps=1000", "train.val_every_epochs=0",
              "log.wandb=disabled")
-    env = {"CONFIG": "configs/smoke.yaml", "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "termed", *extra))}
+    env = {"CONFIG": "configs/smoke.yaml", "REPO": str(_repo_with(tmp_path, REPO / "tests" / "deaf_ranks.py")),
+           "OVERRIDES": " ".join(_overrides(celeba_shards.out_dir, tmp_path, "termed", *extra))}
     info, log_path = preempt_at_step_3(env, tmp_path / "logs", "TERM")
     log = log_path.read_text()
-    assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info
+    assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info + log[-3000:]
     stopped = int(re.search(r"stopping at step (\d+) on a signal", log).group(1))
     checkpoint = tmp_path / "termed" / "checkpoints" / f"step-{stopped:08d}.pt"
     assert checkpoint.is_file() and f"ranks stopped cleanly on SIGTERM; newest checkpoint: {checkpoint}; not requeued" in log
+    job = log_path.stem.split("-")[1]
+    assert stopped < 30 and not [name for name in (f".stopped-{job}", f".started-{job}", f".stop-{job}")
+                                 if (tmp_path / "repo" / name).exists()]  # and the job's files are gone
 
 
 @pytest.mark.parametrize("moment", ["setup", "rendezvous"])
@@ -139,13 +170,17 @@ def test_a_stop_signal_before_the_ranks_start_ends_the_job_cleanly(cluster, cele
     def arrived() -> bool:
         if moment == "setup":
             return log_path.exists() and "IN SETUP" in log_path.read_text()
-        return "StepId" in subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout
+        return _torchrun_of(job)
 
     deadline = time.monotonic() + 60
     while not arrived():
         assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
         time.sleep(0.05)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)  # at "rendezvous" torchrun imports torch
+    if moment == "rendezvous":
+        # srun passes a signal on only once it has heard that the task started, a moment after it did; torchrun, which
+        # imports torch first, has no handler for seconds yet.
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
     info, log = wait_until_gone(job), log_path.read_text()
     assert "JobState=FAILED" in info and "ExitCode=143:0" in info and "Restarts=0" in info, info + log[-3000:]
     assert "the stop came before the ranks started: nothing new to save" in log and "not requeued" in log
@@ -166,11 +201,9 @@ def test_a_job_slurm_will_not_requeue_fails_with_its_checkpoint_named(cluster, c
 def test_a_job_asking_for_a_task_per_gpu_still_runs_one_torchrun_a_node(cluster, celeba_shards, tmp_path):
     # sbatch --ntasks-per-node=2 (one task per GPU, a common habit) sets SLURM_NTASKS=2, which srun would follow.
     # The override holds a glob that a file in the job's folder matches: it must reach the trainer as written.
-    (tmp_path / "repo").mkdir()
-    for entry in REPO.iterdir():
-        (tmp_path / "repo" / entry.name).symlink_to(entry)
-    (tmp_path / "repo" / "log.group=run-X").write_text("")
-    env = {"CONFIG": "configs/smoke.yaml", "REPO": str(tmp_path / "repo"),
+    repo = _repo_with(tmp_path, REPO / "launch" / "train.py")
+    (repo / "log.group=run-X").write_text("")
+    env = {"CONFIG": "configs/smoke.yaml", "REPO": str(repo),
            "OVERRIDES": _tiny(celeba_shards.out_dir, tmp_path, "tasks", "train.max_steps=2", "log.wandb=disabled", "log.group=run-?")}
     job = sbatch("launch/slurm/train.sbatch", tmp_path / "logs", env, "--ntasks-per-node=2", "--cpus-per-task=1")
     deadline = time.monotonic() + 60

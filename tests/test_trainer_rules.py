@@ -219,6 +219,29 @@ def test_a_signal_after_the_last_logging_boundary_still_leaves_the_stop_marker(c
     assert marker.read_text().strip().endswith("step-00000002.pt")
 
 
+def test_the_stop_request_file_stops_the_run_as_a_signal_does(celeba_shards, tmp_path, caplog):
+    # launch/slurm/torchrun.sh writes it with the signal it passes on, which srun drops while it still starts the tasks.
+    request, marker = tmp_path / "stop-request", tmp_path / "stopped"
+    trainer = Trainer(_config(celeba_shards, tmp_path, "requested", "train.max_steps=6", "train.log_every_steps=1",
+                              f"train.stop_request={request}", f"train.stop_marker={marker}"), ONE_CPU)
+    train_step = trainer.train_step
+
+    def step_then_request(batch):
+        stats = train_step(batch)
+        if trainer.step == 2:
+            request.write_text("TERM\n")
+        return stats
+
+    trainer.train_step = step_then_request
+    try:
+        with caplog.at_level("INFO", logger="pipeline.trainer"):
+            assert trainer.train() == "signal" and trainer.step == 2
+    finally:
+        trainer.close()
+    assert marker.read_text().strip().endswith("step-00000002.pt")
+    assert any("stopping at step 2 on a signal" in r.getMessage() for r in caplog.records)
+
+
 def test_a_run_keeps_its_wandb_run_only_going_on_from_its_own_newest_checkpoint(celeba_shards, tmp_path):
     def run(name, *extra):
         trainer = Trainer(_config(celeba_shards, tmp_path, name, "train.ckpt_every_steps=1", "train.ckpt_keep_last=10",

@@ -40,17 +40,25 @@ srun_pid=
 marker=${STOP_MARKER:-$REPO/.stopped-$SLURM_JOB_ID}
 # And this one once every rank has started, before the first step (train.start_marker).
 started=${START_MARKER:-$REPO/.started-$SLURM_JOB_ID}
-rm -f "$marker" "$started"
+# And the ranks read this one as the signal itself (train.stop_request): srun drops a signal while it is still starting
+# the tasks (it passes signals on only to tasks it knows have started), and the ranks then trained on, unstopped.
+request=${STOP_REQUEST:-$REPO/.stop-$SLURM_JOB_ID}
+rm -f "$marker" "$started" "$request"
+trap 'rm -f "$request"' EXIT
 terminated=0
+ask_to_stop() {
+  echo "$1" >"$request"
+  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"  # the ranks' clean stop (Slurm may also send TERM to them itself)
+}
 on_usr1() {
   preempted=1
   echo "$(date +%T) job $SLURM_JOB_ID: USR1 (time limit or preemption): asking every rank to checkpoint and stop"
-  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"
+  ask_to_stop USR1
 }
 on_term() {
   terminated=1
   echo "$(date +%T) job $SLURM_JOB_ID: SIGTERM: asking every rank to checkpoint and stop; the job will not be requeued"
-  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"  # the ranks' clean stop (Slurm may also send TERM to them itself)
+  ask_to_stop TERM
 }
 trap on_usr1 USR1
 trap on_term TERM
@@ -98,7 +106,8 @@ else
     --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" "train.start_marker=$started" &
+    launch/train.py --config "$CONFIG" ${OVERRIDES:-} "train.stop_marker=$marker" "train.start_marker=$started" \
+    "train.stop_request=$request" &
   srun_pid=$!
   while :; do  # `wait` returns early whenever the trap runs; wait again until srun has really ended
     wait "$srun_pid"
