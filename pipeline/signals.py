@@ -46,8 +46,11 @@ def watch(path: str | None) -> None:
     _request_file = path
 
 
+def requested_by_file() -> bool:
+    """Whether the watched file, and no signal, asks for a stop."""
+    return not _received and bool(_request_file) and os.path.exists(_request_file)
+
+
 def requested() -> int:
     """The last signal received, SIGUSR1 where only the watched file asks for a stop (0: none)."""
-    if not _received and _request_file and os.path.exists(_request_file):
-        return signal.SIGUSR1
-    return _received
+    return signal.SIGUSR1 if requested_by_file() else _received

@@ -411,7 +411,9 @@ class Trainer:
             resume = self.cfg.train.resume
             # train.resume never or a file would start afresh, or from that file, again: only a restart goes on.
             how = "the same command" if resume == "auto" else f"train.resume=auto in place of train.resume={resume}"
-            log.info("stopping at step %d on a signal%s; resume with %s", self.step, when, how)
+            # A stop request left behind (a batch shell killed outright) would stop every run given this path: say so.
+            cause = f" (the file {self.cfg.train.stop_request}, train.stop_request)" if signals.requested_by_file() else ""
+            log.info("stopping at step %d on a signal%s%s; resume with %s", self.step, when, cause, how)
         self._leave_stop_marker()
         return "signal"
 
@@ -505,6 +507,7 @@ class Trainer:
         return bool(stop)
 
     def close(self) -> None:
+        signals.watch(None)
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from pipeline import signals
 from pipeline.config import load_config
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
@@ -142,8 +143,6 @@ def test_calibration_keeps_confident_scores_apart(celeba_shards, tmp_path):
 def _sigterm_after_step(trainer, step: int):
     """SIGTERM to this process once `trainer` has taken `step` steps (0: at once), received by the handler that
     launch/train.py installs; then the trainer closed and the handler put back."""
-    from pipeline import signals
-
     train_step = trainer.train_step
 
     def step_then_sigterm(batch):
@@ -239,7 +238,9 @@ def test_the_stop_request_file_stops_the_run_as_a_signal_does(celeba_shards, tmp
     finally:
         trainer.close()
     assert marker.read_text().strip().endswith("step-00000002.pt")
-    assert any("stopping at step 2 on a signal" in r.getMessage() for r in caplog.records)
+    assert any(f"stopping at step 2 on a signal (the file {request}, train.stop_request)" in r.getMessage()
+               for r in caplog.records)
+    assert not signals.requested()  # closed: no later code of this process reads the file
 
 
 def test_a_run_keeps_its_wandb_run_only_going_on_from_its_own_newest_checkpoint(celeba_shards, tmp_path):

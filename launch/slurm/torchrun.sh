@@ -10,7 +10,8 @@
 # Time limits: #SBATCH --signal=B:USR1@180 sends USR1 to this batch shell 180 s before the end (and so does
 # preemption where the site sets PreemptParameters=send_user_signal). The trap passes it to srun, which
 # passes it to torchrun on every node; torchrun 2.15 passes on only the signals named in
-# --signals-to-handle, so USR1 is added there. The ranks agree to stop at their next logging boundary
+# --signals-to-handle, so USR1 is added there. The trap also writes a file that the ranks take as the signal
+# (train.stop_request), as srun passes nothing on to tasks it has not yet heard start. The ranks agree to stop at their next logging boundary
 # (train.log_every_steps; validation and evaluation stop early too), save a checkpoint (seconds) and exit 0;
 # only then does this script requeue the job, which resumes from that checkpoint with the same wandb run (a
 # job started again goes on from its run's newest checkpoint, whatever train.resume says:
@@ -44,7 +45,7 @@ started=${START_MARKER:-$REPO/.started-$SLURM_JOB_ID}
 # the tasks (it passes signals on only to tasks it knows have started), and the ranks then trained on, unstopped.
 request=${STOP_REQUEST:-$REPO/.stop-$SLURM_JOB_ID}
 rm -f "$marker" "$started" "$request"
-trap 'rm -f "$request"' EXIT
+trap 'rm -f "$request"' EXIT  # (in place of any EXIT trap of the sbatch file that sources this one)
 terminated=0
 ask_to_stop() {
   echo "$1" >"$request"
