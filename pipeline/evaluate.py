@@ -96,8 +96,7 @@ def score_split(D, shards: str, split: str, image_size: int, device: torch.devic
     mine: dict[str, tuple[int, float]] = {}
     with build_loader(cfg, rank, world_size, device) as data:
         expected = data.split.samples
-        # Ranks' batch counts differ by one at most; the collective `should_stop` is asked on the common ones.
-        common = min(-(-len(data.part(r)) // data.cfg.batch_size) for r in range(world_size))
+        common = data.common_batches()  # the collective `should_stop` is asked on these alone
         for i, batch in enumerate(tqdm(data, desc=f"scoring {Path(str(shards)).name} {split}", unit="batch", disable=not progress,
                                mininterval=1.0, file=sys.stderr)):
             if should_stop is not None and i < common and should_stop():

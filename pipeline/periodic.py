@@ -65,23 +65,29 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
     gen = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
     sums = torch.zeros(4, device=device)  # right on real, right on fake, loss, images
     real_scores, blend_scores = [], []
-    for batch in val_loader:
-        if should_stop is not None and should_stop():  # every rank has the same batch count here (drop_last)
+    common = val_loader.common_batches()  # every sample is read once: a rank may have one batch more than another
+    for i, batch in enumerate(val_loader):
+        if should_stop is not None and i < common and should_stop():
             D.train()
             return None
-        z = torch.randn(batch.images.shape[0], nz, 1, 1, device=device, generator=gen)
+        # Whole batches go through G, D and the self-blends, whose shapes then never change (no recompilation, the same
+        # CUDA graphs); the padding of a part's last batch (`Batch.valid`) is dropped from what is counted.
+        size = batch.images.shape[0]
+        n = size if batch.valid is None else batch.valid
+        z = torch.randn(size, nz, 1, 1, device=device, generator=gen)
         # The blends are data: made in float32 outside autocast (CPU half precision is slow there). Without the pair's
         # colour jitter and JPEG, which training needs so that neither is a cue: as SBI validates, and the reals are
         # scored as they come, as the test faces are.
         pairs = self_blend(batch.images, batch.landmarks, gen, augment=False) if calibrates else None
         with step.autocast():
-            fake = D(step.G_ema(z), gan=True)[:, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
+            fake = D(step.G_ema(z), gan=True)[:n, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
-        real_both = D(batch.images.float(), gan=True).float()
+        all_real_both = D(batch.images.float(), gan=True).float()
+        real_both = all_real_both[:n]
         if pairs is not None:
-            real = real_both[:, 0] if detector is D else detector(batch.images.float()).float()
-            blend = detector(pairs.fake).float()[pairs.valid]
+            real = (all_real_both[:, 0] if detector is D else detector(batch.images.float()).float())[:n]
+            blend = detector(pairs.fake).float()[pairs.valid & (torch.arange(size, device=pairs.valid.device) < n)]
             real_scores.append(fake_score(real))
             blend_scores.append(fake_score(blend))
         # The GAN's loss and accuracies on its own logit: reals and G_ema's samples (one logit: the detector's).

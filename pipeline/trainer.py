@@ -185,10 +185,11 @@ class Trainer:
             except UserError as e:
                 raise UserError(f"train.eval_shards: {e}") from None
         if self.clocks["val"].on:
-            # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`).
+            # A val split smaller than world x batch still validates, in smaller batches (`fit_batch`), and every sample
+            # counts once, whatever the number of ranks (no drop_last: a part's last batch is padded, `Batch.valid`).
             # The faces as evaluation and detection read them: every JPEG on one decoder, pixels in float32.
             val = replace(d, split=t.val_split, shuffle=False, flip=False, with_meta=False, with_landmarks=self.calibrates,
-                          hw_decoder_load=SCORING_HW_DECODER_LOAD, dtype="float32")
+                          hw_decoder_load=SCORING_HW_DECODER_LOAD, dtype="float32", drop_last=False)
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
         self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None

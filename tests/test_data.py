@@ -78,16 +78,23 @@ def test_ranks_get_equal_batch_counts_and_each_sample_once(uneven, loader, world
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_without_drop_last_every_sample_is_read_exactly_once(uneven, loader, world_size):
-    parts = []
+@pytest.mark.parametrize("world_size, batch_size", [(2, 5), (5, 3)])  # parts of 24; of 9, 10, 9, 10 and 10
+def test_without_drop_last_every_sample_is_read_exactly_once(uneven, loader, world_size, batch_size):
+    parts, counted, batches = [], [], []
     for rank in range(world_size):
-        cfg = _cfg(uneven, loader, drop_last=False, shuffle=False, batch_size=5)
+        cfg = _cfg(uneven, loader, drop_last=False, shuffle=False, batch_size=batch_size)
         with build_loader(cfg, rank, world_size) as data:
-            keys = _epoch_keys(data)
-        assert len(keys) == len(data) * 5 if loader == "dali" else len(keys) <= len(data) * 5  # DALI pads the last batch
+            epoch = list(data)
+            batches.append((len(epoch), data.common_batches()))
+        keys = [k for b in epoch for k in b.keys]
+        whole = len(epoch) * batch_size
+        assert len(keys) == whole if loader == "dali" else len(keys) <= whole  # DALI pads the last batch
         parts.append(set(keys))  # DALI's pad copies carry the key of the sample they copy
+        counted += [k for b in epoch for k in b.keys[:b.valid]]  # what validation counts: the padding left out
     assert sum(len(p) for p in parts) == 48 and len(set().union(*parts)) == 48
+    assert sorted(counted) == sorted(set().union(*parts))
+    assert {common for _, common in batches} == {min(count for count, _ in batches)}
+    assert len({count for count, _ in batches}) == (2 if world_size == 5 else 1)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -396,6 +403,8 @@ def test_an_empty_split_and_too_small_a_split_are_clear_errors(celeba_root, tmp_
         build_loader(_cfg(out, "dali", split="val"))
     with pytest.raises(UserError, match=r"split 'test' has 6 samples, fewer than world size 2 x batch_size 4"):
         build_loader(_cfg(out, "dali", split="test"), 0, 2)
+    with pytest.raises(UserError, match=r"split 'test' has 6 samples, fewer than the 7 ranks: use fewer ranks"):
+        build_loader(_cfg(out, "dali", split="test", drop_last=False), 0, 7)  # validation's and evaluation's reading
     with pytest.raises(UserError, match=r"data.loader 'torch' is neither"):
         build_loader(_cfg(out, "torch"))
     with pytest.raises(UserError, match=r"data.shuffle_chunk is -1: it must be 0 \(whole shards\) or more"):

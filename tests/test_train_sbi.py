@@ -12,7 +12,8 @@ from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_data import _rewrite
 
-from pipeline.config import load_config
+from pipeline.config import DataConfig, load_config
+from pipeline.data.common import load_split
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
 from pipeline.trainer import Trainer
@@ -54,7 +55,7 @@ def sbi_run(shards, runs):
     return runs / "whole", result
 
 
-def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_threshold(sbi_run):
+def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_threshold(sbi_run, shards):
     run_dir, result = sbi_run
     blend = [float(v) for v in re.findall(r"D\(blend\) (\S+)", result.stdout)]
     assert len(blend) == 4 and all(0 < v < 1 for v in blend) and "D(G(z))" in result.stdout
@@ -64,6 +65,8 @@ def test_d_learns_from_reals_gs_samples_and_self_blends_and_calibrates_a_thresho
     calibration = state["calibration"]
     assert 0 < state["threshold"] < 1 and calibration["step"] == 4 and calibration["split"] == "val"
     assert calibration["reals"] > 0 and calibration["blends"] > 0 and 0 <= calibration["auc"] <= 1
+    # Every val face once on two ranks (parts of 9, in batches of 4, 4 and 1 and padding), not the 16 of drop_last.
+    assert calibration["reals"] == load_split(DataConfig(shards=[str(s) for s in shards], split="val", real_only=True)).samples
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     for tag in ("D/blend", "D/real_gan", "sbi/valid", "val/sbi_auc", "val/sbi_eer", "val/threshold"):

@@ -32,6 +32,8 @@ class Batch:
     keys: list[str] | None = None  # "<shard file>/<sample key>"; with `with_meta`
     landmarks: torch.Tensor | None = None  # [B, 68, 2] float32 (x, y) in [0, 1] of the image, flips applied;
     # NaN rows where a sample has none; with `with_landmarks`
+    valid: int | None = None  # without drop_last: the first `valid` samples are the split's, the rest pad the part's last
+    # batch (DALI's reader repeats the part's last sample, so that every batch keeps its shape); None: all are
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,12 @@ class ShardLoader:
         if fit_batch:  # a split smaller than world x batch (validation) is read in smaller batches
             cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, self.split.samples // world_size)))
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        where = " and ".join(shard_folders(cfg))
         if cfg.drop_last:
-            where = " and ".join(shard_folders(cfg))
             self.batches = batches_per_epoch(self.split.samples, world_size, cfg.batch_size, f"{where} split {cfg.split!r}")
+        elif self.split.samples < world_size:  # a rank with no sample would have no batch to read
+            raise UserError(f"{where} split {cfg.split!r} has {self.split.samples} samples, fewer than the {world_size} "
+                            "ranks: use fewer ranks.")
         else:
             self.batches = -(-len(self.part()) // cfg.batch_size)
         self.center_crop = cfg.crop == "center"
@@ -235,9 +240,18 @@ class ShardLoader:
         n, i = self.split.samples, self.rank if index is None else index
         return range(n * i // self.world_size, n * (i + 1) // self.world_size)
 
+    def common_batches(self) -> int:
+        """The batches of an epoch that every rank has: without drop_last, the ranks' counts differ by one at most, and a
+        collective asked at every batch must stop at these."""
+        if self.cfg.drop_last:
+            return self.batches
+        return min(-(-len(self.part(r)) // self.cfg.batch_size) for r in range(self.world_size))
+
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the epoch then advances."""
         for batch in self._epoch(self.epoch, self.batch):
+            if not self.cfg.drop_last:
+                batch.valid = min(self.cfg.batch_size, len(self.part()) - self.batch * self.cfg.batch_size)
             self.batch += 1  # before yielding: a state saved while this batch trains points past it
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
