@@ -314,11 +314,11 @@ def _assert_no_gloo_thread_at_exit(output):
 
 
 @pytest.mark.parametrize("moment", ["startup", "resume"])
-def test_sigterm_during_startup_or_resume_stops_cleanly_before_training(celeba_shards, runs, tmp_path, moment):
+def test_sigterm_during_startup_or_resume_stops_cleanly_before_training(full_run, celeba_shards, runs, tmp_path, moment):
     name = f"signal-{moment}"
     extra = ("train.epochs=1000", "log.wandb=disabled")
     if moment == "resume":
-        assert train(2, _overrides(celeba_shards.out_dir, runs, name, "train.max_steps=2", *extra)).returncode == 0
+        _copy_run(full_run, runs, name)  # 8 steps, saved at 4, 6 and 8
     # Rank 0 closes 2 s late: under `srun -K` (launch/slurm/torchrun.sh) the first task to exit non-zero (torchrun, after
     # passing a signal on) has the others killed, so no rank may leave before rank 0 has left its marker and closed.
     # Closing an online wandb run uploads what is left, which may take longer than a collective may wait (the process
@@ -328,10 +328,10 @@ def test_sigterm_during_startup_or_resume_stops_cleanly_before_training(celeba_s
     output = (tmp_path / "log").read_text()
     assert code == 0, output[-3000:]
     assert output.index("CLOSED rank 0") < output.index("THREADS AT EXIT rank 1"), output[-2000:]
-    step = 2 if moment == "resume" else 0
+    step = 8 if moment == "resume" else 0
     assert f"stopping at step {step} on a signal, before training" in output and f"step {step + 1}/" not in output
     saved = sorted(p.name for p in (runs / name / "checkpoints").iterdir()) if moment == "resume" else []
-    assert saved == (["step-00000002.pt"] if moment == "resume" else [])  # nothing new to save, nothing lost
+    assert saved == ([f"step-{s:08d}.pt" for s in (4, 6, 8)] if moment == "resume" else [])  # nothing new, nothing lost
 
 
 def test_a_rank_0_closing_for_longer_than_log_close_timeout_s_stops_every_rank_with_a_sentence(celeba_shards, runs):
