@@ -57,15 +57,17 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
 
     On face crops (`calibrates`), also D's AUC on the val reals against their self-blends, and the threshold
     on P(fake) at their equal-error point, which becomes the detector's verdict threshold (in `calibration`).
-    `should_stop` (a collective every rank calls alike) is asked before every batch; if it says so, the
-    validation stops there and returns None, leaving `calibration` as it was.
+    `should_stop` (a collective every rank calls alike) is asked before every batch that every rank has; if it says
+    so, the validation stops there and returns None, leaving `calibration` as it was.
     """
     D, detector, device, nz = step.D_raw, step.detector, step.device, step.cfg.model.nz
     D.eval()
     gen = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
     sums = torch.zeros(4, device=device)  # right on real, right on fake, loss, images
     real_scores, blend_scores = [], []
-    common = val_loader.common_batches()  # every sample is read once: a rank may have one batch more than another
+    # Every sample is read once, so a rank may have one batch more than another. (From an epoch's start: a validation
+    # stopped by a signal leaves the loader mid-epoch, and the trainer then stops.)
+    common = val_loader.common_batches()
     for i, batch in enumerate(val_loader):
         if should_stop is not None and i < common and should_stop():
             D.train()

@@ -2,7 +2,9 @@
 
 Epoch plan: every rank yields exactly `(N // world_size) // batch_size` batches per epoch, whatever
 the shard sizes, because DDP hangs when one rank runs a step the others do not. The samples past that
-are dropped for the epoch; which ones changes with the epoch's order.
+are dropped for the epoch; which ones changes with the epoch's order. Without `drop_last` (validation,
+evaluation) each rank reads its whole part instead, the last batch padded (`Batch.valid`), and the ranks'
+batch counts differ by one at most (`ShardLoader.common_batches`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ run, and the global batch at step t draws from other runs every epoch. An unshuf
 evaluation) reads the same part at every epoch instead (`stick_to_shard`), so what a rank validates on never
 depends on how many validations came before: a resumed run calibrates on the same faces and self-blends as an
 uninterrupted one. The reader's epochs end on a batch boundary (`pad_last_batch`). An epoch of ours is the
-loader's common batch count (`ShardLoader.batches`, equal on all ranks): the 0-2 batches the reader's epoch
+loader's batch count (`ShardLoader.batches`: equal on all ranks with drop_last, else this rank's part): the 0-2 batches the reader's epoch
 holds beyond it are run and dropped, so that every epoch starts at the reader's epoch start and reads each
 sample at most once. The order is a pure function of (data.seed, epoch, rank).
 
