@@ -11,11 +11,11 @@
 # preemption where the site sets PreemptParameters=send_user_signal). The trap passes it to srun, which
 # passes it to torchrun on every node; torchrun 2.15 passes on only the signals named in
 # --signals-to-handle, so USR1 is added there. The trap also writes a file that the ranks take as the signal
-# (train.stop_request), as srun passes nothing on to tasks it has not yet heard start. The ranks agree to stop at their next logging boundary
-# (train.log_every_steps; validation and evaluation stop early too), save a checkpoint (seconds) and exit 0;
-# only then does this script requeue the job, which resumes from that checkpoint with the same wandb run (a
-# job started again goes on from its run's newest checkpoint, whatever train.resume says:
-# pipeline/checkpoint.py). Ranks that fail instead are not requeued.
+# (train.stop_request), as srun passes nothing on to tasks it has not yet heard start. The ranks agree to stop
+# at their next logging boundary (train.log_every_steps; validation and evaluation stop early too), save a
+# checkpoint (seconds) and exit 0; only then does this script requeue the job, which resumes from that
+# checkpoint with the same wandb run (a job started again goes on from its run's newest checkpoint, whatever
+# train.resume says: pipeline/checkpoint.py). Ranks that fail instead are not requeued.
 # SIGTERM to this shell (scancel --batch --signal=TERM, or a site's preemption that signals the batch shell)
 # stops the ranks the same way, and the shell waits for their checkpoint instead of dying at once, but does not
 # requeue (it may be a person's scancel; PreemptMode=REQUEUE requeues a job itself) and exits 143, so that
