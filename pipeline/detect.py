@@ -74,6 +74,28 @@ def media_kind(head: bytes) -> str | None:
     return None
 
 
+# Images that are not read here (the decoders are kept to JPEG, PNG and FFmpeg's videos), told by their first 12 bytes so
+# that a phone's HEIC photo or a browser's WebP is named as what it is, with the fix, not called "neither image nor video".
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def unread_image_format(head: bytes) -> str | None:
+    """The name of an image format that `media_kind` refuses, from a file's first 12 bytes."""
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:  # media_kind would take any ftyp box for a video
+        return "HEIC"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"BM") and head[6:10] == b"\0\0\0\0":  # BITMAPFILEHEADER's reserved words
+        return "BMP"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "TIFF"
+    return None
+
+
 def check_media_path(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a folder: pass a video or an image file.")
@@ -105,6 +127,8 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
                         "readable.") from None
     not_media = NotMediaError(f"{path} is neither an image nor a video that can be decoded: pass a JPEG/PNG image or an "
                               "MP4/MOV, AVI or WebM/MKV video.")
+    if fmt := unread_image_format(head):
+        raise NotMediaError(f"{path} is a {fmt} image, which is not read here: save it as JPEG or PNG first.")
     if kind is None:
         raise not_media
     if kind == "image":

@@ -188,7 +188,8 @@ def test_content_is_judged_by_its_first_bytes_and_its_size_before_decoding(serve
         ("wide.png", _png_header(9000, 5000), 413, "more pixels than the limit of 40 megapixels a frame (at least 9000x5000)"),
         ("photo.jpg", b"Just some text that pretends to be a JPEG", 415, "neither an image nor a video"),
         # OpenCV decodes BMP, and this one shows a face, but it is not a type the app takes.
-        ("face.jpg", cv2.imencode(".bmp", cv2.imread(str(photo_paths()[0])))[1].tobytes(), 415, "neither an image nor a video"),
+        ("face.jpg", cv2.imencode(".bmp", cv2.imread(str(photo_paths()[0])))[1].tobytes(), 415,
+         "the upload is a BMP image, which is not read here: save it as JPEG or PNG first."),
         ("clip.mp4", b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000), 415, "neither an image nor a video"),
         ("claims.avi", _avi_claiming(tmp_path / "claims.avi", 1_000_000).read_bytes(), 413, "claims 1000000 frames"),
     ]

@@ -157,6 +157,41 @@ def test_a_video_whose_frames_do_not_convert_is_not_media(tmp_path, celebdf_root
         read_frames(video, 4)
 
 
+def _image_bytes(fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rgb = cv2.imread(str(photo_paths()[0]))  # a real face: each of these decodes, and is still refused by name
+    if fmt == "GIF":
+        out = io.BytesIO()
+        Image.fromarray(rgb[:, :, ::-1]).save(out, "GIF")
+        return out.getvalue()
+    if fmt in ("HEIC", "AVIF"):  # no encoder here: an ISO-BMFF file type box with the phone's brands, then junk
+        brand = b"heic" if fmt == "HEIC" else b"avif"
+        return b"\0\0\0\x1cftyp" + brand + b"\0\0\0\0mif1" + brand + b"\0" * 64
+    return cv2.imencode({"WebP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}[fmt], rgb)[1].tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["HEIC", "AVIF", "WebP", "GIF", "BMP", "TIFF"])
+def test_an_image_in_a_format_not_read_here_is_named_with_the_fix(tmp_path, fmt):
+    from pipeline.detect import NotMediaError, read_frames
+
+    path = tmp_path / "photo.jpg"  # the name says JPEG; the content decides
+    path.write_bytes(_image_bytes(fmt))
+    with pytest.raises(NotMediaError, match=rf"photo.jpg is a {fmt} image, which is not read here: save it as JPEG or PNG first\."):
+        read_frames(path, 4)
+
+
+def test_text_that_begins_as_a_bmp_would_is_not_called_one(tmp_path):
+    from pipeline.detect import NotMediaError, read_frames
+
+    path = tmp_path / "notes.jpg"
+    path.write_bytes(b"BMW service notes: oil, brakes, tyres")  # "BM", but no zero reserved words after the size
+    with pytest.raises(NotMediaError, match="notes.jpg is neither an image nor a video that can be decoded"):
+        read_frames(path, 4)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"just text", "is neither an image nor a video"),
     (None, "no face was found"),
