@@ -85,11 +85,10 @@ def validate(step, val_loader, calibrates: bool, seed: int, rank: int, val_split
             fake = D(step.G_ema(z), gan=True)[:n, 1].float()  # the GAN's logit: D's own for G's samples, where it has one
         # The faces in float32, as evaluation and detection score them: the threshold calibrated here is theirs
         # (a bf16 score is off by up to 2e-3, and ties).
-        all_real_both = D(batch.images.float(), gan=True).float()
-        real_both = all_real_both[:n]
+        real_both = D(batch.images.float(), gan=True).float()[:n]
         if pairs is not None:
-            real = (all_real_both[:, 0] if detector is D else detector(batch.images.float()).float())[:n]
-            blend = detector(pairs.fake).float()[pairs.valid & (torch.arange(size, device=pairs.valid.device) < n)]
+            real = real_both[:, 0] if detector is D else detector(batch.images.float()).float()[:n]
+            blend = detector(pairs.fake).float()[:n][pairs.valid[:n]]
             real_scores.append(fake_score(real))
             blend_scores.append(fake_score(blend))
         # The GAN's loss and accuracies on its own logit: reals and G_ema's samples (one logit: the detector's).
