@@ -42,7 +42,9 @@ setup(
         "uvicorn>=0.29",
         "python-multipart>=0.0.9",
     ],
-    # schemathesis fuzzes the API against its schema; selenium drives Debian's chromium.
-    extras_require={"test": ["pytest>=8", "httpx>=0.27", "schemathesis>=4.0", "selenium>=4.20"]},
+    # schemathesis fuzzes the API against its schema; selenium drives Debian's chromium. imageio-ffmpeg ships a static
+    # FFmpeg with the encoders OpenCV's wheel lacks (H.264 as Celeb-DF is encoded, a phone's HEVC and AV1), so the
+    # tests read such files (tests/test_real_media.py); nothing outside the tests runs it.
+    extras_require={"test": ["pytest>=8", "httpx>=0.27", "schemathesis>=4.0", "selenium>=4.20", "imageio-ffmpeg>=0.5"]},
     entry_points={"console_scripts": ["deepfake-shards=shards.cli:main"]},
 )

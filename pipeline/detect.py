@@ -96,6 +96,12 @@ def unread_image_format(head: bytes) -> str | None:
     return None
 
 
+# Video codecs that OpenCV's FFmpeg opens but cannot decode (opencv-python-headless 4.x has no AV1 decoder: FFmpeg's
+# own needs a hardware decoder, and the wheel links neither libdav1d nor libaom), by the tag CAP_PROP_FOURCC gives.
+# Phones and YouTube make such videos; they are named, with the fix, where a file that decodes no frame is refused.
+UNDECODED_CODECS = {"AV01": "AV1", "av01": "AV1"}
+
+
 def check_media_path(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a folder: pass a video or an image file.")
@@ -113,7 +119,7 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
     frame decodes, so that only one whole frame is held at a time however many are asked for."""
     from PIL import Image
 
-    from shards.video import PAST_DEADLINE, VideoError, probe, sample_frames, shrink
+    from shards.video import NO_FRAME, PAST_DEADLINE, VideoError, codec_tag, probe, sample_frames, shrink
 
     keep = keep or (lambda rgb: rgb)
 
@@ -166,6 +172,9 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
                                      "--max-video-frames") from None
         if e.reason == PAST_DEADLINE:
             raise TooSlowError(f"{path} took too long to check: send a shorter or smaller video.") from None
+        if e.reason == NO_FRAME and (codec := UNDECODED_CODECS.get(codec_tag(str(path)))):
+            raise NotMediaError(f"{path} is an {codec} video, whose frames are not decoded here: re-encode it as H.264 "
+                                "first (ffmpeg's -c:v libx264).") from None
         raise not_media from None
 
 

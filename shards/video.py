@@ -17,6 +17,7 @@ import numpy as np
 
 
 PAST_DEADLINE = "decoding ran past its deadline"
+NO_FRAME = "no frame decoded"
 MAX_VIDEO_FRAMES = 100_000  # frames decoded at most: about 55 minutes at 30 fps (a damaged file may never end)
 DEADLINE_EVERY_FRAMES = 16  # the clock is read this often: about a second of 8K video at worst
 # Kept frames are shrunk to this long side (pixels) as they decode: 32 frames of 8K video would hold 3.2 GB and cost
@@ -63,6 +64,9 @@ def shrink(rgb: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
 def _open(path: str) -> cv2.VideoCapture:
     # By its absolute path: FFmpeg reads a relative name with a colon (`take:2.mp4`, `10:30.mov`) as a protocol's URL.
     cap = cv2.VideoCapture(os.path.abspath(path))
+    # Upright as the video is shown: a phone's portrait clip is stored sideways with a rotation to apply (OpenCV's
+    # default, said here so that no build or version can turn it off under us).
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     if not cap.isOpened():
         raise VideoError("unreadable video")
     return cap
@@ -104,6 +108,18 @@ def probe(path: str) -> tuple[int, float, int, int]:
         cap.release()
 
 
+def codec_tag(path: str) -> str:
+    """The video's codec as the container tags it ('h264', 'hevc', 'AV01'), or '' where it has none or cannot be read."""
+    try:
+        cap = _open(path)
+    except VideoError:
+        return ""
+    try:
+        return max(0, int(cap.get(cv2.CAP_PROP_FOURCC))).to_bytes(4, "little").decode("latin-1").strip("\0 ")
+    finally:
+        cap.release()
+
+
 def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: float | None = None,
                   keep: Callable[[np.ndarray], object] | None = None, count_first: bool = False) -> SampledFrames:
     """`max_frames` bounds the decoding, whatever the container claims: a longer video is a VideoError; so is
@@ -117,7 +133,7 @@ def sample_frames(path: str, k: int, max_frames: int | None = None, deadline: fl
     plan = _decode(path, set(), max_frames, deadline)[1] if count_first else claimed
     frames, decoded = _decode(path, set(even_indices(plan, k)), max_frames, deadline, keep)
     if decoded == 0:
-        raise VideoError("no frame decoded")
+        raise VideoError(NO_FRAME)
     wanted = even_indices(decoded, k)
     if set(wanted) != set(frames):
         missing, decoded_again = _decode(path, set(wanted) - set(frames), deadline=deadline, keep=keep)
