@@ -34,8 +34,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--log-to-run", action="store_true", help="also log to the checkpoint's TensorBoard and wandb run")
     args = parser.parse_args()
-    info = dist.init_distributed()
     try:
+        info = dist.init_distributed()  # its refusals (a driver too old for torch's CUDA, a rank without a GPU) too
         D, meta = load_discriminator(args.checkpoint, info.device)
         # The run's folder, for the default --out and for --log-to-run, only where the checkpoint sits in one.
         run_dir = args.checkpoint.resolve().parent.parent if args.checkpoint.resolve().parent.name == "checkpoints" else None

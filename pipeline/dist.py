@@ -47,9 +47,9 @@ def cuda_available() -> bool:
     except Exception as e:
         why = str(e).split(". ")[0].strip()
         if "too old" in why or "insufficient" in why:
-            raise UserError(f"torch {torch.__version__} cannot use this machine's GPUs ({why}), so this run would "
-                            "train on the CPU: update the NVIDIA driver or install a torch built for it, or set "
-                            "CUDA_VISIBLE_DEVICES= (empty) to train on the CPU on purpose.") from None
+            raise UserError(f"torch {torch.__version__} cannot use this machine's GPUs ({why}), so this would run "
+                            "on the CPU, many times slower: update the NVIDIA driver or install a torch built for it, or set "
+                            "CUDA_VISIBLE_DEVICES= (empty) to run on the CPU on purpose.") from None
     return False
 
 

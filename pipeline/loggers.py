@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
+
 WANDB_MODES = ("offline", "online", "disabled")  # log.wandb; wandb.init's own modes, less its aliases
 
 
@@ -36,11 +38,18 @@ class RunLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
-            self._wandb = wandb.init(
-                project=cfg.log.project, group=cfg.log.group, name=cfg.train.name, job_type=cfg.log.job_type,
-                tags=list(cfg.log.tags), config=config_dict, dir=str(run_dir), mode=cfg.log.wandb,
-                id=run_id, resume="allow" if resumed else None,
-            )
+            try:
+                self._wandb = wandb.init(
+                    project=cfg.log.project, group=cfg.log.group, name=cfg.train.name, job_type=cfg.log.job_type,
+                    tags=list(cfg.log.tags), config=config_dict, dir=str(run_dir), mode=cfg.log.wandb,
+                    id=run_id, resume="allow" if resumed else None,
+                )
+            except wandb.Error as e:  # no API key on a compute node, no network to wandb's servers, a bad entity
+                self.close()
+                why = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"wandb could not start the run in log.wandb={cfg.log.wandb} mode ({type(e).__name__}: "
+                                f"{why}): log in where the run starts (`wandb login`, or WANDB_API_KEY), or set "
+                                "log.wandb=offline and `wandb sync` its folder later, or log.wandb=disabled.") from None
 
     @property
     def wandb_dir(self) -> str | None:

@@ -48,7 +48,7 @@ from pipeline.models import D_GAN_HEADS, D_NORMS, SIZES, has_gan_head
 from pipeline.periodic import Calibration, Every
 from pipeline.progress import Meter, hms
 from pipeline.step import GANStep
-from shards.manifest import detection_geometry
+from shards.manifest import detection_geometry, synthetic
 
 log = logging.getLogger(__name__)
 SAMPLE_GRID = 64  # fixed-noise images in a sample grid
@@ -193,6 +193,9 @@ class Trainer:
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
         self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
+        if info.is_main and (made_up := [f for f in shard_folders(d) if synthetic(f)]):  # the configs' default shards
+            log.warning("data.shards %s holds synthetic data (shards/synth, as `make demo` writes it), not CelebA or "
+                        "Celeb-DF: set data.shards to your own shards for a real run", ", ".join(made_up))
         self.global_batch = d.batch_size * info.world_size
         total = t.epochs * len(self.loader)
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -205,8 +208,12 @@ class Trainer:
         def start() -> str:  # on rank 0; a failure (wandb.init, a full disk) stops every rank, not rank 0 alone
             import yaml
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())
+            except OSError as e:  # a runs_dir on a read-only mount, through a file, or on a full disk
+                raise UserError(f"cannot write the run folder {self.run_dir} ({e.strerror or e}): set train.runs_dir to a "
+                                "folder you can write to, with room for checkpoints.") from None
             self.logger = RunLogger(self.run_dir, self.cfg, to_dict(self.cfg), run_id or new_run_id(), run_id is not None,
                                     purge_step=self.step + 1 if resumed else None)  # what the checkpoint's step logged stays
             return self.logger.run_id

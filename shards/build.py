@@ -9,6 +9,7 @@ only on the input and the arguments: shards can be written in parallel, checked 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -232,9 +233,27 @@ def build(
     items_by_split, plan_skips = source.plan()  # raises UserError before anything is written
     plans = make_plans(source, items_by_split)
     out = Path(out_root) / source.dataset
-    out.mkdir(parents=True, exist_ok=True)
-    with _sole_writer(out):
-        return _build_in(source, out, plans, plan_skips, workers, arguments, progress, t0)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _sole_writer(out):
+            return _build_in(source, out, plans, plan_skips, workers, arguments, progress, t0)
+    except OSError as e:
+        if sentence := _write_failure(e, out):
+            raise UserError(sentence) from e
+        raise
+
+
+def _write_failure(e: OSError, out: Path) -> str | None:
+    """One sentence for a write that failed in `out` (or creating it): a full disk, a read-only mount, a path through a
+    file. Shards are written under temporary names and renamed, and the manifest after each, so what it lists stays
+    whole. None for an error elsewhere (reading the dataset)."""
+    where = Path(e.filename) if e.filename else out  # a write() to an open file names none
+    if where != out and out not in where.parents and where not in out.parents:
+        return None
+    kept = "; the shards already written are kept, and the same command goes on from them" if out.is_dir() else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left to write {where} ({e.strerror}): free some, or pass another --out{kept}."
+    return f"cannot write {where} ({e.strerror or e}): pass an --out folder you can write to{kept}."
 
 
 def _build_in(source: Source, out: Path, plans: list[ShardPlan], plan_skips: list[dict[str, Any]], workers: int,

@@ -60,6 +60,8 @@ def find_layout(root: Path) -> Layout:
     if not root.is_dir():
         raise UserError(f"CelebA root {root} is not a folder: pass the folder that holds img_align_celeba/.")
     nested = root / "img_align_celeba" / "img_align_celeba"
+    # Kaggle's copy nests the images; so does the official zip unpacked into a folder of its own name (many unzip tools
+    # do): the list files, CSV or text, tell the two apart.
     if nested.is_dir():
         name, images, suffix = "kaggle", nested, "csv"
     elif (root / "img_align_celeba").is_dir():
@@ -77,6 +79,8 @@ def find_layout(root: Path) -> Layout:
             f"{root / f'list_eval_partition.{suffix}'} is missing: the {name} CelebA layout needs it to assign "
             "images to train/val/test; put it in the root (it ships in the dataset's Eval folder)."
         )
+    suffix = partition.suffix[1:]
+    name = "kaggle" if suffix == "csv" else "official"
     return Layout(
         name,
         images,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_shards
+from conftest import REPO, run_shards, shard_bytes, small_disk
 
 from pipeline.errors import UserError
 from shards.build import LOCK_FILE, SHARD_FILE, build
@@ -97,3 +97,27 @@ def test_a_shard_whose_every_item_is_now_skipped_leaves_no_old_file_behind(tmp_p
     assert report.shards_written == 1
     assert [e["samples"] for e in report.manifest["shards"] if e["file"] == "test-000000.tar"] == [0]
     assert not (out / "test-000000.tar").exists() and not (out / "test-000000.idx").exists()
+
+
+def test_a_full_disk_or_an_out_through_a_file_is_one_sentence_and_a_rerun_goes_on(tmp_path, celeba_root, celeba_shards):
+    args = ["celeba", "--root", str(celeba_root), "--maxcount", "16", "--workers", "1", "--no-progress"]
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    through_a_file = run_shards(*args, "--out", str(tmp_path / "notes.txt" / "shards"))
+    assert through_a_file.returncode == 2 and through_a_file.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'notes.txt' / 'shards' / 'celeba'} (Not a directory): pass an --out folder you can write to.")
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        full = run_shards(*args, "--out", str(disk))  # the shards take 1.7 MB
+        out = disk / "celeba"
+        assert full.returncode == 2, full.stderr[-2000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left to write {out}") and last.endswith(
+            "(No space left on device): free some, or pass another --out; the shards already written are kept, and the "
+            "same command goes on from them."), full.stderr[-2000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        written = {e["file"] for e in manifest["shards"]}
+        assert written and not manifest["complete"] and not [p for p in out.iterdir() if ".tmp-" in p.name]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        again = run_shards(*args, "--out", str(disk))
+        assert again.returncode == 0 and f", {len(written)} reused" in again.stdout, again.stderr[-2000:]
+        assert shard_bytes(out) == shard_bytes(celeba_shards.out_dir)

@@ -311,3 +311,14 @@ def test_a_negative_upsample_is_refused_by_the_command_line(capsys):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args([dataset, "--root", "r", "--out", "o", "--upsample", "-1"])
         assert stop.value.code == 2 and "argument --upsample: -1 is below zero" in capsys.readouterr().err
+
+
+def test_the_official_zip_unpacked_into_a_folder_of_its_name_is_the_official_layout(tmp_path, celeba_root, celeba_shards):
+    root = tmp_path / "unzipped"
+    shutil.copytree(celeba_root, root)
+    (root / "img_align_celeba").rename(tmp_path / "images")
+    (root / "img_align_celeba").mkdir()
+    (tmp_path / "images").rename(root / "img_align_celeba" / "img_align_celeba")  # as `unzip -d img_align_celeba` leaves it
+    report = build(CelebASource(root, maxcount=16), tmp_path / "out", progress=False)
+    assert report.manifest["source"]["layout"] == "official"
+    assert shard_bytes(report.out_dir) == shard_bytes(celeba_shards.out_dir)

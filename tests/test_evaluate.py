@@ -210,6 +210,23 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(celebdf_shards, tmp_pa
     assert result.returncode == 2 and "does not load as a training checkpoint" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+def test_a_driver_too_old_for_torch_is_one_sentence_from_evaluate_too(celebdf_shards, tmp_path, monkeypatch, capsys):
+    # No such machine is lent: torch's answer on one is put in its place (as test_trainer_rules does for training).
+    import runpy
+
+    def too_old():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12080). Please update your GPU driver.")
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "init", too_old)
+    monkeypatch.setattr(sys, "argv", ["launch/evaluate.py", "--checkpoint", str(tmp_path / "step-1.pt"), "--shards",
+                                      str(celebdf_shards.out_dir)])
+    assert runpy.run_path(str(REPO / "launch" / "evaluate.py"))["main"]() == 2
+    assert re.fullmatch(r"error: torch .* cannot use this machine's GPUs \(The NVIDIA driver on your system is too old "
+                        r"\(found version 12080\)\), so this would run on the CPU, many times slower: .*\n", capsys.readouterr().err)
+
+
 def test_training_can_evaluate_the_detector_every_epoch(celeba_shards, celebdf_shards, tmp_path):
     # Validation on a clock of its own that never falls due here: an evaluation calibrates before it scores, so that
     # its accuracies are at the threshold of its own step (not 0.5, nor an older step's).

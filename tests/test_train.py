@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, free_port
+from conftest import REPO, free_port, small_disk
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_records import history, run_info
 
@@ -401,12 +401,7 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint_loses_nothing_older(celeba
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_loses_nothing(celeba_shards, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill ({mounted.stderr.strip()})")
-    try:
+    with small_disk(tmp_path / "disk", "24m") as disk:
         common = ("train.epochs=1000", "train.ckpt_every_epochs=0", "train.sample_every_epochs=0", "log.wandb=disabled",
                   "log.tensorboard=false")
         first = train(1, _overrides(celeba_shards.out_dir, disk, "full", "train.max_steps=2", *common))
@@ -424,8 +419,6 @@ def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_loses_nothi
         (disk / "filler").unlink()
         again = train(1, _overrides(celeba_shards.out_dir, disk, "full", "train.max_steps=4", *common))
         assert again.returncode == 0 and "resumed from" in again.stdout and (folder / "step-00000004.pt").is_file()
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def _two_nodes(overrides, log_dir, script="launch/train.py", agent_args=(), env=None):

@@ -447,8 +447,8 @@ def test_a_driver_older_than_torchs_cuda_is_one_sentence_not_training_on_the_cpu
             monkeypatch.setenv(key, str(value))
     monkeypatch.setattr(torch.cuda, "init", too_old)
     with pytest.raises(UserError, match=r"^torch .* cannot use this machine's GPUs \(The NVIDIA driver on your system is "
-                                        r"too old \(found version 12080\)\), so this run would train on the CPU: update "
-                                        r"the NVIDIA driver .*CUDA_VISIBLE_DEVICES= \(empty\) to train on the CPU on "
+                                        r"too old \(found version 12080\)\), so this would run on the CPU, many times slower: update "
+                                        r"the NVIDIA driver .*CUDA_VISIBLE_DEVICES= \(empty\) to run on the CPU on "
                                         r"purpose.$"):
         dist.init_distributed()
     monkeypatch.delenv("RANK", raising=False)
@@ -506,3 +506,42 @@ def test_reduce_overhead_validates_samples_checkpoints_and_resumes_as_the_defaul
     moved = sum((plain["D"][k].float() - start[k].float()).square().sum() for k in start)
     apart = sum((graphs["D"][k].float() - plain["D"][k].float()).square().sum() for k in start)
     assert apart < 0.05 * moved, (apart, moved)
+
+
+def test_a_run_folder_or_a_wandb_run_that_cannot_start_is_one_sentence(celeba_shards, tmp_path, monkeypatch):
+    # Both fail on rank 0 alone, which on_main turns into every rank's error: a UserError there is a sentence on each.
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    cfg = _config(celeba_shards, tmp_path / "notes.txt", "through-a-file", "train.max_steps=1")
+    with pytest.raises(UserError) as error:
+        Trainer(cfg, ONE_CPU)
+    assert str(error.value) == (f"cannot write the run folder {tmp_path / 'notes.txt' / 'through-a-file'} (Not a "
+                                "directory): set train.runs_dir to a folder you can write to, with room for checkpoints.")
+
+    # A compute node where nobody ran `wandb login`: no key in the environment or in ~/.netrc.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = _config(celeba_shards, tmp_path, "online", "train.max_steps=1", "log.wandb=online", "log.tensorboard=true")
+    with pytest.raises(UserError) as error:
+        Trainer(cfg, ONE_CPU)
+    sentence = str(error.value)  # wandb's own words in the middle (0.2x: "No API key configured. ...")
+    assert sentence.startswith("wandb could not start the run in log.wandb=online mode (") and "API key" in sentence
+    assert sentence.endswith("): log in where the run starts (`wandb login`, or WANDB_API_KEY), or set log.wandb=offline "
+                             "and `wandb sync` its folder later, or log.wandb=disabled.")
+
+
+def test_training_on_synthetic_shards_says_so(celeba_shards, tmp_path, caplog):
+    # The configs' data.shards point at `make demo`'s folder: a cluster job without data.shards would train on it.
+    real = tmp_path / "celeba"
+    shutil.copytree(celeba_shards.out_dir, real)
+    manifest = json.loads((real / "manifest.json").read_text())
+    manifest["source"]["synthetic"] = False  # as the real CelebA's manifest says
+    (real / "manifest.json").write_text(json.dumps(manifest))
+    warned = []
+    for shards in (celeba_shards.out_dir, real):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.trainer"):
+            Trainer(_config(celeba_shards, tmp_path, "synthetic", "train.max_steps=1", f"data.shards={shards}"), ONE_CPU).close()
+        warned.append([r.getMessage() for r in caplog.records if "synthetic data" in r.getMessage()])
+    assert warned == [[f"data.shards {celeba_shards.out_dir} holds synthetic data (shards/synth, as `make demo` writes it), "
+                       "not CelebA or Celeb-DF: set data.shards to your own shards for a real run"], []]
