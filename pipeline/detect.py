@@ -96,8 +96,8 @@ def unread_image_format(head: bytes) -> str | None:
     return None
 
 
-# Video codecs that OpenCV's FFmpeg opens but cannot decode (opencv-python-headless 4.x has no AV1 decoder: FFmpeg's
-# own needs a hardware decoder, and the wheel links neither libdav1d nor libaom), by the tag CAP_PROP_FOURCC gives.
+# Video codecs that OpenCV's FFmpeg opens but cannot decode (the opencv-python-headless wheels, 4.x and 5.0, have no
+# AV1 decoder: FFmpeg's own needs a hardware decoder, and they link neither libdav1d nor libaom), by CAP_PROP_FOURCC's tag.
 # Phones and YouTube make such videos; they are named, with the fix, where a file that decodes no frame is refused.
 UNDECODED_CODECS = {"AV01": "AV1", "av01": "AV1"}
 

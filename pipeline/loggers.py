@@ -44,12 +44,14 @@ class RunLogger:
                     tags=list(cfg.log.tags), config=config_dict, dir=str(run_dir), mode=cfg.log.wandb,
                     id=run_id, resume="allow" if resumed else None,
                 )
-            except wandb.Error as e:  # no API key on a compute node, no network to wandb's servers, a bad entity
+            except (wandb.Error, TimeoutError) as e:  # no API key on a compute node, no route to wandb's servers
                 self.close()
                 why = (str(e).strip().splitlines() or [""])[0]
+                fix = ("log in where the run starts (`wandb login`, or WANDB_API_KEY), or set log.wandb=offline and "
+                       "`wandb sync` its folder later, or log.wandb=disabled" if cfg.log.wandb == "online" else
+                       "set log.wandb=disabled to train without it")
                 raise UserError(f"wandb could not start the run in log.wandb={cfg.log.wandb} mode ({type(e).__name__}: "
-                                f"{why}): log in where the run starts (`wandb login`, or WANDB_API_KEY), or set "
-                                "log.wandb=offline and `wandb sync` its folder later, or log.wandb=disabled.") from None
+                                f"{why}): {fix}.") from None
 
     @property
     def wandb_dir(self) -> str | None:

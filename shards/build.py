@@ -30,7 +30,7 @@ from tqdm import tqdm
 import shards
 from pipeline.errors import UserError
 from pipeline.faces import DEFAULT_GEOMETRY
-from pipeline.fsutil import remove_stale_tmp, write_json_atomic
+from pipeline.fsutil import TMP_MARKER, remove_stale_tmp, write_json_atomic
 from shards.manifest import FORMAT_VERSION, GEOMETRY, SYNTHETIC_MARK, manifest_path, read_previous, shard_is_intact
 from shards.tarwriter import Sample, write_shard
 
@@ -198,6 +198,8 @@ def _sole_writer(out: Path) -> Iterator[None]:
             raise UserError(f"another run of `python -m shards` is writing {out} (it holds {path}): wait for it to end, "
                             "or stop it, then run this command again.") from None
         except OSError as e:
+            if e.errno in WRITE_ERRNOS:  # not a file system without locks: one that takes no writes at all
+                raise
             log.warning("cannot lock %s (%s): a second run into %s at the same time would not be refused", path,
                         e.strerror or e, out)
         yield
@@ -246,14 +248,24 @@ def build(
 def _write_failure(e: OSError, out: Path) -> str | None:
     """One sentence for a write that failed in `out` (or creating it): a full disk, a read-only mount, a path through a
     file. Shards are written under temporary names and renamed, and the manifest after each, so what it lists stays
-    whole. None for an error elsewhere (reading the dataset)."""
-    where = Path(e.filename) if e.filename else out  # a write() to an open file names none
-    if where != out and out not in where.parents and where not in out.parents:
+    whole. None for any other error (reading the dataset, starting the workers)."""
+    if e.filename:
+        where = Path(e.filename)
+        if where.name.startswith(".") and TMP_MARKER in where.name:  # atomic_path's temporary file: name the file it makes
+            where = where.with_name(where.name[1:where.name.index(TMP_MARKER)])
+        if where != out and out not in where.parents and where not in out.parents:
+            return None
+    elif e.errno in WRITE_ERRNOS:  # a write() to an open file names none
+        where = out
+    else:
         return None
-    kept = "; the shards already written are kept, and the same command goes on from them" if out.is_dir() else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left to write {where} ({e.strerror}): free some, or pass another --out{kept}."
-    return f"cannot write {where} ({e.strerror or e}): pass an --out folder you can write to{kept}."
+        return (f"no space left to write {where} ({e.strerror}): free some and run the same command again (it reuses the "
+                "shards written so far), or pass another --out.")
+    return f"cannot write {where} ({e.strerror or e}): pass an --out folder you can write to."
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def _build_in(source: Source, out: Path, plans: list[ShardPlan], plan_skips: list[dict[str, Any]], workers: int,

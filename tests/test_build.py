@@ -1,8 +1,10 @@
 """The sharding driver's own failures: a worker that dies, two runs into one folder, a run killed while it tidies."""
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,13 +113,28 @@ def test_a_full_disk_or_an_out_through_a_file_is_one_sentence_and_a_rerun_goes_o
         out = disk / "celeba"
         assert full.returncode == 2, full.stderr[-2000:]
         last = full.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: no space left to write {out}") and last.endswith(
-            "(No space left on device): free some, or pass another --out; the shards already written are kept, and the "
-            "same command goes on from them."), full.stderr[-2000:]
+        assert re.fullmatch(rf"error: no space left to write {re.escape(str(out))}(/\w[-\w.]*\.(tar|idx|json))? \(No space left "
+                            r"on device\): free some and run the same command again \(it reuses the shards written so "
+                            r"far\), or pass another --out\.", last), full.stderr[-2000:]  # the folder: a write() names no file
         manifest = json.loads((out / "manifest.json").read_text())
         written = {e["file"] for e in manifest["shards"]}
         assert written and not manifest["complete"] and not [p for p in out.iterdir() if ".tmp-" in p.name]
-        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # a read-only mount: no lock, no shard
+        read_only = run_shards(*args, "--out", str(disk))
+        assert read_only.returncode == 2 and read_only.stderr.strip().splitlines()[-1] == (
+            f"error: cannot write {out / '.shards.lock'} (Read-only file system): pass an --out folder you can write to.")
+        subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
         again = run_shards(*args, "--out", str(disk))
         assert again.returncode == 0 and f", {len(written)} reused" in again.stdout, again.stderr[-2000:]
         assert shard_bytes(out) == shard_bytes(celeba_shards.out_dir)
+
+
+def test_a_write_failure_names_the_file_being_made_and_leaves_other_errors_alone(tmp_path):
+    from shards.build import _write_failure
+
+    out = tmp_path / "celeba"
+    temporary = out / ".manifest.json.tmp-4242"  # atomic_path's name, gone by the time the sentence is read
+    assert _write_failure(OSError(errno.EROFS, "Read-only file system", str(temporary)), out) == (
+        f"cannot write {out / 'manifest.json'} (Read-only file system): pass an --out folder you can write to.")
+    assert _write_failure(OSError(errno.EACCES, "Permission denied", str(tmp_path / "dataset" / "1.jpg")), out) is None
+    assert _write_failure(BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"), out) is None  # a worker's start

@@ -219,6 +219,7 @@ def test_a_driver_too_old_for_torch_is_one_sentence_from_evaluate_too(celebdf_sh
         raise RuntimeError("The NVIDIA driver on your system is too old (found version 12080). Please update your GPU driver.")
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")  # a CUDA build of torch, as installed
     monkeypatch.setattr(torch.cuda, "init", too_old)
     monkeypatch.setattr(sys, "argv", ["launch/evaluate.py", "--checkpoint", str(tmp_path / "step-1.pt"), "--shards",
                                       str(celebdf_shards.out_dir)])

@@ -53,10 +53,11 @@ def test_a_video_gives_the_frames_ffmpeg_gives_at_the_sampled_indices(tmp_path, 
     encode(path, frames, *codec)
     truth = ffmpeg_frames(path, 96, 64)
     sampled = sample_frames(str(path), 7)
-    assert sampled.decoded == sampled.container_count == len(truth) == 40
+    assert sampled.decoded == len(truth) == 40  # (WebM's count is estimated from its duration, the others' stored)
     assert [i for i, _ in sampled.frames] == even_indices(40, 7)
-    for i, rgb in sampled.frames:
-        assert np.abs(rgb.astype(int) - truth[i]).mean() < 3, i  # neighbouring frames differ by about 85
+    for i, rgb in sampled.frames:  # two FFmpeg builds convert colours apart by a level or two; frames differ by about 85
+        distances = [np.abs(rgb.astype(int) - frame).mean() for frame in truth]
+        assert np.argmin(distances) == i and distances[i] < 20, (i, distances[i])
 
 
 def test_a_phones_portrait_hevc_clip_is_looked_at_upright(smoke_checkpoint, tmp_path):
