@@ -117,7 +117,7 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
     (time.monotonic()) is a TooSlowError. Frames come shrunk to a long side of 1920 px at most (shards.video.shrink:
     memory and dlib's time), as the shards' video frames do. With `keep`, each frame is `keep(RGB)`, made as the
     frame decodes, so that only one whole frame is held at a time however many are asked for."""
-    from PIL import Image
+    from PIL import JpegImagePlugin, PngImagePlugin
 
     from shards.video import NO_FRAME, PAST_DEADLINE, VideoError, codec_tag, probe, sample_frames, shrink
 
@@ -138,11 +138,12 @@ def read_frames(path: Path, frames: int, max_pixels: int = MAX_PIXELS, max_video
     if kind is None:
         raise not_media
     if kind == "image":
+        # The header alone, by the format's own reader: Image.open refuses images over twice PIL's bomb limit (179
+        # megapixels) before their size is known, and --max-pixels may be raised beyond it.
+        opener = PngImagePlugin.PngImageFile if head.startswith(b"\x89PNG") else JpegImagePlugin.JpegImageFile
         try:
-            with Image.open(path) as im:  # reads the header only
+            with opener(path) as im:
                 width, height = im.size
-        except Image.DecompressionBombError:  # PIL's own limit, far above ours, says so before we can
-            width = height = int(max_pixels**0.5) + 1
         except Exception:
             raise not_media from None
         _check_pixels(path, width, height, max_pixels)

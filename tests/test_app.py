@@ -181,10 +181,10 @@ def _avi_claiming(path, frames_claimed):
 
 
 def test_content_is_judged_by_its_first_bytes_and_its_size_before_decoding(server, tmp_path):
-    from pipeline.detect import MediaTooLargeError, read_frames
+    from pipeline.detect import MediaTooLargeError, NotMediaError, read_frames
 
     cases = [
-        ("huge.png", _png_header(30000, 30000), 413, "more pixels than the limit of 40 megapixels a frame"),
+        ("huge.png", _png_header(30000, 30000), 413, "more pixels than the limit of 40 megapixels a frame (at least 30000x30000)"),
         ("wide.png", _png_header(9000, 5000), 413, "more pixels than the limit of 40 megapixels a frame (at least 9000x5000)"),
         ("photo.jpg", b"Just some text that pretends to be a JPEG", 415, "neither an image nor a video"),
         # OpenCV decodes BMP, and this one shows a face, but it is not a type the app takes.
@@ -201,6 +201,12 @@ def test_content_is_judged_by_its_first_bytes_and_its_size_before_decoding(serve
     with pytest.raises(MediaTooLargeError, match="has more than 3 frames, the limit"):
         read_frames(understated, 2, max_video_frames=3)
     assert read_frames(understated, 2, max_video_frames=5)[0] == "video"
+    # Beyond PIL's own bomb limit (179 megapixels), the size is read all the same, and a limit raised above it holds.
+    (tmp_path / "panorama.png").write_bytes(_png_header(20000, 10000))
+    with pytest.raises(MediaTooLargeError, match=r"the limit of 190 megapixels a frame \(at least 20000x10000\)"):
+        read_frames(tmp_path / "panorama.png", 1, max_pixels=190_000_000)
+    with pytest.raises(NotMediaError):  # past the size check, to a decoder that finds no rows in it
+        read_frames(tmp_path / "panorama.png", 1, max_pixels=250_000_000)
 
 
 @pytest.fixture(scope="module")
