@@ -194,8 +194,9 @@ class Trainer:
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
         self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
         if info.is_main and (made_up := [f for f in shard_folders(d) if synthetic(f)]):  # the configs' default shards
-            log.warning("data.shards %s holds synthetic data (shards/synth, as `make demo` writes it), not CelebA or "
-                        "Celeb-DF: set data.shards to your own shards for a real run", ", ".join(made_up))
+            log.warning("data.shards %s %s synthetic data (shards/synth, as `make demo` writes it), not CelebA or "
+                        "Celeb-DF: set data.shards to your own shards for a real run", ", ".join(made_up),
+                        "holds" if len(made_up) == 1 else "hold")
         self.global_batch = d.batch_size * info.world_size
         total = t.epochs * len(self.loader)
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
