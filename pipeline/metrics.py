@@ -43,7 +43,9 @@ def auc(labels, scores) -> float:
 
 
 def eer(labels, scores) -> float:
-    """Equal error rate: where the false-positive rate meets the false-negative rate (interpolated)."""
+    """Equal error rate: where the false-positive rate meets the false-negative rate, interpolated along the ROC segment
+    that crosses (the brentq/interp1d convention). DeepfakeBench takes the nearest ROC point instead, which differs by
+    under 0.003 at Celeb-DF's 518 test videos (simulated)."""
     labels, _ = _check(labels, scores)
     if labels.min() == labels.max():
         return float("nan")
