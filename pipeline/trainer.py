@@ -192,8 +192,9 @@ class Trainer:
                           hw_decoder_load=SCORING_HW_DECODER_LOAD, dtype="float32", drop_last=False)
             self.val_loader = build_loader(val, info.rank, info.world_size, self.device, fit_batch=True)
         # How the training faces were cropped, saved with every checkpoint: detection must crop alike.
-        self.face_geometry = detection_geometry(shard_folders(d)) if d.crop == "face" else None
-        if info.is_main and (made_up := [f for f in shard_folders(d) if synthetic(f)]):  # the configs' default shards
+        folders = shard_folders(d)
+        self.face_geometry = detection_geometry(folders) if d.crop == "face" else None
+        if info.is_main and (made_up := [f for f in folders if synthetic(f)]):  # the configs' default shards
             log.warning("data.shards %s %s synthetic data (shards/synth, as `make demo` writes it), not CelebA or "
                         "Celeb-DF: set data.shards to your own shards for a real run", ", ".join(made_up),
                         "holds" if len(made_up) == 1 else "hold")

@@ -37,6 +37,7 @@ from shards.tarwriter import Sample, write_shard
 SPLITS = ("train", "val", "test")
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
 LOCK_FILE = ".shards.lock"  # in OUT/<dataset>/, held by the run writing there
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # a file system that takes no more writes
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +264,6 @@ def _write_failure(e: OSError, out: Path) -> str | None:
         return (f"no space left to write {where} ({e.strerror}): free some and run the same command again (it reuses the "
                 "shards written so far), or pass another --out.")
     return f"cannot write {where} ({e.strerror or e}): pass an --out folder you can write to."
-
-
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def _build_in(source: Source, out: Path, plans: list[ShardPlan], plan_skips: list[dict[str, Any]], workers: int,
